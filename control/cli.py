@@ -1,0 +1,187 @@
+"""``./pacs``: run, stop, inspect and test the portal from a shell.
+
+The bash script ``pacs`` installs what is missing and then hands over to this module, so every
+command here can assume the Debian packages and the virtual environment are in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from control import db, settings as site_settings, stack
+from control.site import REPOSITORY, Site
+
+
+def _fail(message: str) -> None:
+    click.echo(f"pacs: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--data",
+    "data",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The data directory (default: PACS_DATA, else ./data).",
+)
+@click.pass_context
+def main(context: click.Context, data: Path | None) -> None:
+    """The PACS web portal: Orthanc, the control plane and Caddy on one machine."""
+    context.obj = Site(data)
+    os.environ["PACS_DATA"] = str(context.obj.data)
+
+
+def local_address() -> str:
+    """The address other machines on the local network reach this one at, best effort."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            # Connecting a UDP socket sends nothing; it only picks the outgoing interface.
+            probe.connect(("10.255.255.255", 1))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def banner(site: Site, prepared: stack.Prepared) -> str:
+    values = prepared.settings
+    lines = [f"The PACS web portal of {values['institution']} is running."]
+    if values["web_port"]:
+        port = values["web_port"]
+        lines.append(f"  Web:    http://{local_address()}:{port}/  (on this machine: http://127.0.0.1:{port}/)")
+    else:
+        lines.append("  Web:    off (web port 0)")
+    lines.append(f"  DICOM:  AE title {values['dicom_aet']}, port {values['dicom_port']}")
+    if prepared.admin_password:
+        lines.append(
+            f"  Admin:  user {stack.ADMIN_USERNAME!r}, password {prepared.admin_password}  "
+            "(shown this once: note it now)"
+        )
+    lines.append(f"  Data:   {site.data}  (logs in {site.logs})")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--detach", is_flag=True, help="Run in the background; stop with ./pacs down.")
+@click.option("--quiet", is_flag=True, hidden=True)
+@click.pass_obj
+def up(site: Site, detach: bool, quiet: bool) -> None:
+    """Set up what is missing and run the portal (Ctrl-C stops it)."""
+    try:
+        prepared = stack.prepare(site)
+        if detach:
+            running = stack.running_supervisor(site)
+            if running:
+                _fail(f"the portal of {site.data} already runs (pid {running}); ./pacs down stops it")
+            stack.check_ports(prepared.settings)
+            pid = stack.start_detached(site)
+            click.echo(banner(site, prepared))
+            click.echo(f"  Runs in the background (pid {pid}); ./pacs down stops it.")
+            return
+        supervisor = stack.Supervisor(site, prepared)
+
+        def ready() -> None:
+            if not quiet:
+                click.echo(banner(site, prepared))
+                click.echo("  Press Ctrl-C to stop.")
+            sys.stdout.flush()
+
+        code = supervisor.run(on_ready=ready)
+        if not quiet:
+            click.echo("pacs: stopped.")
+        sys.exit(code)
+    except stack.StackError as error:
+        _fail(str(error))
+
+
+@main.command()
+@click.pass_obj
+def down(site: Site) -> None:
+    """Stop a portal started with ``up --detach``."""
+    if stack.stop_detached(site):
+        click.echo("pacs: stopped.")
+    else:
+        click.echo("pacs: the portal was not running.")
+
+
+@main.command()
+@click.pass_obj
+def status(site: Site) -> None:
+    """Say what runs; exit 0 when the portal runs, 3 when it does not."""
+    supervisor = stack.running_supervisor(site)
+    parts = dict(stack.leftover_processes(site))
+    click.echo(f"portal ({site.data}): " + (f"running, pid {supervisor}" if supervisor else "not running"))
+    for name in ("orthanc", "control", "caddy"):
+        click.echo(f"  {name:8} " + (f"running, pid {parts[name]}" if name in parts else "not running"))
+    if parts.get("control"):
+        try:
+            code, body = stack.get_over_unix_socket(site.run / "control.sock", "/healthz")
+            click.echo(f"  health   {json.loads(body).get('status', code)}")
+        except OSError as error:
+            click.echo(f"  health   unknown ({error})")
+    sys.exit(0 if supervisor else 3)
+
+
+@main.command()
+@click.pass_obj
+def prepare(site: Site) -> None:
+    """Set up the data directory and generated configs, then exit."""
+    stack.prepare(site)
+
+
+@main.command()
+@click.pass_obj
+def serve(site: Site) -> None:
+    """Set up, then run the control plane alone in the foreground (the control container's command)."""
+    prepared = stack.prepare(site)
+    argv = stack.gunicorn_argv(site, prepared.topology)
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+def test(pytest_args: tuple[str, ...]) -> None:
+    """Run the whole test suite (pytest); extra arguments go to pytest."""
+    code = subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=REPOSITORY)
+    sys.exit(code)
+
+
+@main.group()
+def config() -> None:
+    """Show or change site settings."""
+
+
+@config.command("show")
+@click.pass_obj
+def config_show(site: Site) -> None:
+    """Print every setting with its value."""
+    db.migrate(site.engine)
+    values = site.load_settings()
+    for setting in site_settings.SETTINGS:
+        click.echo(f"{setting.name} = {json.dumps(values[setting.name], ensure_ascii=False)}")
+
+
+@config.command("set")
+@click.argument("name")
+@click.argument("value")
+@click.pass_obj
+def config_set(site: Site, name: str, value: str) -> None:
+    """Change one setting; a running portal takes it at its next start."""
+    setting = site_settings.BY_NAME.get(name)
+    if not setting:
+        _fail(f"no setting {name!r}; ./pacs config show lists them")
+    try:
+        parsed = setting.parse(value)
+    except ValueError as error:
+        _fail(str(error))
+    db.migrate(site.engine)
+    with site.engine.begin() as connection:
+        db.put_settings(connection, {name: parsed})
+    click.echo(f"{name} = {json.dumps(parsed, ensure_ascii=False)}")

@@ -1,0 +1,128 @@
+"""Generated configuration: the templates orthanc/orthanc.json and proxy/Caddyfile, filled in.
+
+Both are rendered into the data directory's ``run/`` folder from the site settings, the
+installation's secrets and the topology (how the parts reach each other). The native runner puts
+everything on one machine: Orthanc on a loopback port, gunicorn on a unix socket. The containers of
+compose.yaml describe their own topology with the environment variables read by ``Topology``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from control.site import REPOSITORY, Site
+
+ORTHANC_TEMPLATE = REPOSITORY / "orthanc" / "orthanc.json"
+CADDY_TEMPLATE = REPOSITORY / "proxy" / "Caddyfile"
+OHIF_PIN = json.loads((REPOSITORY / "ohif" / "pin.json").read_text())
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where each part of the stack listens and how the others reach it."""
+
+    orthanc_host: str
+    orthanc_remote_access: bool
+    control_listen: str
+    control_upstream: str
+    ohif_root: Path
+    ohif_managed: bool
+
+    @classmethod
+    def from_environment(cls, site: Site) -> Topology:
+        socket = site.run / "control.sock"
+        ohif_root = os.environ.get("PACS_OHIF_ROOT")
+        return cls(
+            orthanc_host=os.environ.get("PACS_ORTHANC_HOST", "127.0.0.1"),
+            orthanc_remote_access=os.environ.get("PACS_ORTHANC_REMOTE_ACCESS", "") == "1",
+            control_listen=os.environ.get("PACS_CONTROL_LISTEN", f"unix:{socket}"),
+            control_upstream=os.environ.get("PACS_CONTROL_UPSTREAM", f"unix/{socket}"),
+            ohif_root=Path(ohif_root) if ohif_root else viewer_directory(site),
+            # With PACS_OHIF_ROOT the viewer comes from elsewhere (the caddy image); else set-up fetches it.
+            ohif_managed=not ohif_root,
+        )
+
+
+def viewer_directory(site: Site) -> Path:
+    """Where set-up unpacks the pinned OHIF build."""
+    return site.cache / f"ohif-{OHIF_PIN['version']}" / "dist"
+
+
+def orthanc_url(settings: dict[str, Any], topology: Topology) -> str:
+    return f"http://{topology.orthanc_host}:{settings['orthanc_http_port']}"
+
+
+_PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+
+
+def _fill(node: Any, values: dict[str, Any]) -> Any:
+    """Replace ``${name}`` in every string of a parsed JSON document.
+
+    A string that is exactly one placeholder takes the value with its type (a port stays a number,
+    a flag a boolean); placeholders inside longer strings are replaced by text. An unknown name is
+    an error rather than an empty value.
+    """
+    if isinstance(node, dict):
+        return {_fill(key, values): _fill(value, values) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_fill(item, values) for item in node]
+    if isinstance(node, str):
+        whole = _PLACEHOLDER.fullmatch(node)
+        if whole:
+            return values[whole.group(1)]
+        return _PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), node)
+    return node
+
+
+def render_orthanc(site: Site, settings: dict[str, Any], topology: Topology) -> str:
+    template = json.loads(ORTHANC_TEMPLATE.read_text())
+    values = {
+        "dicom_aet": settings["dicom_aet"],
+        "dicom_port": settings["dicom_port"],
+        "orthanc_http_port": settings["orthanc_http_port"],
+        "remote_access": topology.orthanc_remote_access,
+        "orthanc_user": site.secrets.orthanc_user,
+        "orthanc_password": site.secrets.orthanc_password,
+        "storage": str(site.orthanc_storage),
+        "worklists": str(site.worklists),
+    }
+    return json.dumps(_fill(template, values), indent=2) + "\n"
+
+
+def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> str:
+    environment = jinja2.Environment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+    )
+    template = environment.from_string(CADDY_TEMPLATE.read_text())
+    return template.render(
+        admin_socket=site.run / "caddy-admin.sock",
+        logs=site.logs,
+        web_port=settings["web_port"],
+        ohif_root=topology.ohif_root,
+        control_upstream=topology.control_upstream,
+    )
+
+
+def write_private(path: Path, text: str) -> bool:
+    """Write ``text`` readable by the service only; True when the content changed."""
+    if path.exists() and path.read_text() == text:
+        return False
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    temporary.replace(path)
+    return True
+
+
+def write_all(site: Site, settings: dict[str, Any], topology: Topology) -> None:
+    """Render both configurations into ``run/``."""
+    write_private(site.run / "orthanc.json", render_orthanc(site, settings, topology))
+    write_private(site.run / "Caddyfile", render_caddy(site, settings, topology))

@@ -1,0 +1,143 @@
+"""The control plane's store: accounts, sessions, settings and the activity log.
+
+One module owns the database. Tables are declared here with SQLAlchemy Core, queries elsewhere are
+plain Core expressions a reader can see, and the schema is created and changed only by the numbered
+Alembic migrations in ``control/migrations/versions``. The same code runs on SQLite (a file in the
+data directory, the default) and on PostgreSQL (``PACS_DATABASE_URL=postgresql+psycopg://...``),
+which several portal instances can share: nothing else about an instance is stateful.
+
+Times are stored as naive UTC ``datetime`` values on both back-ends.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+metadata = sa.MetaData()
+
+settings = sa.Table(
+    "settings",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("username", sa.String(64), nullable=False),
+    # Usernames are unique whatever their case: the key is the case-folded name.
+    sa.Column("username_key", sa.String(64), nullable=False, unique=True),
+    sa.Column("real_name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("phone", sa.String(100), nullable=False, server_default=""),
+    sa.Column("email", sa.String(200), nullable=False, server_default=""),
+    sa.Column("notes", sa.Text, nullable=False, server_default=""),
+    sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("can_upload", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("password_hash", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("last_login_at", sa.DateTime),
+)
+
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    # Only a hash of the session id is stored: a copy of the database does not sign anyone in.
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("last_seen_at", sa.DateTime, nullable=False),
+    sa.Column("ended_at", sa.DateTime),
+    sa.Column("client_address", sa.String(64), nullable=False, server_default=""),
+    sa.Index("ix_web_sessions_user_id", "user_id"),
+)
+
+activity = sa.Table(
+    "activity",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("action", sa.String(40), nullable=False),
+    sa.Column("outcome", sa.String(20), nullable=False),
+    # Who: a user (kept by id and by the name they had then, so deleting a user keeps their
+    # history), or a study token's public id for patients. Never a token itself.
+    sa.Column("user_id", sa.Integer),
+    sa.Column("username", sa.String(64), nullable=False, server_default=""),
+    sa.Column("token_id", sa.String(32), nullable=False, server_default=""),
+    sa.Column("client_address", sa.String(64), nullable=False, server_default=""),
+    sa.Column("user_agent", sa.String(300), nullable=False, server_default=""),
+    sa.Column("patient", sa.String(200), nullable=False, server_default=""),
+    sa.Column("study", sa.String(100), nullable=False, server_default=""),
+    sa.Column("detail", sa.Text, nullable=False, server_default="{}"),
+    sa.Index("ix_activity_at", "at"),
+    sa.Index("ix_activity_user_id_at", "user_id", "at"),
+    sa.Index("ix_activity_client_address_at", "client_address", "at"),
+)
+
+
+def utcnow() -> dt.datetime:
+    """The current time as the store keeps it: naive UTC."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def default_url(data_dir: Path) -> str:
+    """The SQLite database of an installation that has not been pointed at PostgreSQL."""
+    return f"sqlite:///{data_dir / 'control.sqlite3'}"
+
+
+def make_engine(url: str) -> sa.Engine:
+    """An engine for ``url``, with the SQLite settings that make one file safe for many workers."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Bring the schema to the newest migration. Safe to run on every start."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def get_settings(connection: sa.Connection) -> dict[str, Any]:
+    """All stored settings as a name -> value mapping."""
+    rows = connection.execute(sa.select(settings.c.name, settings.c.value))
+    return {name: json.loads(value) for name, value in rows}
+
+
+def put_settings(connection: sa.Connection, values: dict[str, Any]) -> None:
+    """Store (insert or replace) the given settings."""
+    now = utcnow()
+    stored = get_settings(connection)
+    for name, value in values.items():
+        encoded = json.dumps(value)
+        if name in stored:
+            connection.execute(
+                settings.update()
+                .where(settings.c.name == name)
+                .values(value=encoded, updated_at=now)
+            )
+        else:
+            connection.execute(settings.insert().values(name=name, value=encoded, updated_at=now))

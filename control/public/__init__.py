@@ -1,0 +1,36 @@
+"""Pages anyone may open: the branded landing page and the health check."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, render_template
+import sqlalchemy as sa
+
+from control import __version__
+from control.orthanc import OrthancError, OrthancUnavailable
+
+bp = Blueprint("public", __name__)
+
+
+@bp.route("/")
+def index():
+    return render_template("public/index.html")
+
+
+@bp.route("/healthz")
+def healthz():
+    """The state of the archive, the control plane and its database, for monitoring (no secrets)."""
+    report: dict = {"control": {"ok": True, "version": __version__}}
+    try:
+        with current_app.extensions["site"].engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        report["database"] = {"ok": True}
+    except sa.exc.SQLAlchemyError as error:
+        report["database"] = {"ok": False, "error": type(error).__name__}
+    try:
+        system = current_app.extensions["orthanc"].system()
+        report["orthanc"] = {"ok": True, "version": system.get("Version"), "aet": system.get("DicomAet")}
+    except (OrthancUnavailable, OrthancError) as error:
+        report["orthanc"] = {"ok": False, "error": "not reachable" if isinstance(error, OrthancUnavailable) else str(error)}
+    healthy = all(part["ok"] for part in report.values())
+    report = {"status": "ok" if healthy else "degraded", **report}
+    return jsonify(report), 200 if healthy else 503

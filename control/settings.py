@@ -1,0 +1,149 @@
+"""Every site setting of the portal, declared once.
+
+A setting has a name, a type, a default, a label and help text. The admin's setup page, the
+``./pacs config`` commands and the settings section of the documentation are all built from the
+``SETTINGS`` list below, so a setting added here appears everywhere at once.
+
+Values live in the ``settings`` table of the control plane's database (see ``control.db``): the
+running portal and every instance sharing that database read the same values. On the first run the
+defaults can be given by environment variables (``PACS_WEB_PORT=8443 ./pacs up``); after that the
+database wins, so a second ``up`` keeps what the admin chose.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One site setting: what it is called, what it holds and what it means to an admin."""
+
+    name: str
+    kind: type
+    default: Any
+    label: str
+    help: str
+    env: str | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+
+    def parse(self, text: str) -> Any:
+        """Turn text from a form, a shell or the environment into a value, or raise ValueError."""
+        text = text.strip()
+        if self.kind is bool:
+            lowered = text.lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(f"{self.label}: expected yes or no, got {text!r}")
+        if self.kind is int:
+            try:
+                value = int(text)
+            except ValueError:
+                raise ValueError(f"{self.label}: expected a whole number, got {text!r}") from None
+            if self.minimum is not None and value < self.minimum:
+                raise ValueError(f"{self.label}: must be at least {self.minimum}")
+            if self.maximum is not None and value > self.maximum:
+                raise ValueError(f"{self.label}: must be at most {self.maximum}")
+            return value
+        return text
+
+
+def _port(name: str, default: int, label: str, help: str, env: str, minimum: int = 1) -> Setting:
+    return Setting(name, int, default, label, help, env=env, minimum=minimum, maximum=65535)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "institution",
+        str,
+        "Sante Radiology",
+        "Institution",
+        "Shown on every page so that users know which archive they reached.",
+        env="PACS_INSTITUTION",
+    ),
+    Setting(
+        "department",
+        str,
+        "Imaging Department",
+        "Department",
+        "Shown beside the institution on every page.",
+        env="PACS_DEPARTMENT",
+    ),
+    _port(
+        "web_port",
+        3000,
+        "Web port",
+        "The port browsers connect to; forward it on the router for access from outside. "
+        "0 turns web access off entirely (the DICOM port keeps working).",
+        "PACS_WEB_PORT",
+        minimum=0,
+    ),
+    _port(
+        "dicom_port",
+        4242,
+        "DICOM port",
+        "The port modalities send studies to and query (C-STORE, C-FIND, worklist).",
+        "PACS_DICOM_PORT",
+    ),
+    Setting(
+        "dicom_aet",
+        str,
+        "ORTHANC",
+        "DICOM AE title",
+        "The archive's application entity title, as modalities must call it.",
+        env="PACS_DICOM_AET",
+    ),
+    _port(
+        "orthanc_http_port",
+        8042,
+        "Archive's internal HTTP port",
+        "Loopback port of the archive's own HTTP interface. Only the portal reaches it, with "
+        "credentials of its own; browsers never do.",
+        "PACS_ORTHANC_HTTP_PORT",
+    ),
+    Setting(
+        "session_idle_minutes",
+        int,
+        30,
+        "Idle sign-out (minutes)",
+        "A signed-in user who does nothing for this long must sign in again.",
+        minimum=1,
+        maximum=24 * 60,
+    ),
+    Setting(
+        "session_lifetime_hours",
+        int,
+        12,
+        "Longest session (hours)",
+        "However active, a session ends this long after sign-in.",
+        minimum=1,
+        maximum=24 * 30,
+    ),
+)
+
+BY_NAME: Mapping[str, Setting] = {setting.name: setting for setting in SETTINGS}
+
+
+def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """Stored values over the declared defaults; names no longer declared are left out."""
+    values = {setting.name: setting.default for setting in SETTINGS}
+    values.update({name: value for name, value in stored.items() if name in BY_NAME})
+    return values
+
+
+def first_run_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The values a new installation starts with: defaults, overridden by the environment."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for setting in SETTINGS:
+        if setting.env and environ.get(setting.env, "").strip():
+            values[setting.name] = setting.parse(environ[setting.env])
+        else:
+            values[setting.name] = setting.default
+    return values

@@ -1,0 +1,136 @@
+"""One installation of the portal: its data directory, its secrets and its database.
+
+Everything an installation writes lives under one data directory (``./data`` unless ``--data DIR``
+or ``PACS_DATA`` say otherwise)::
+
+    control.sqlite3     accounts, sessions, settings, activity (unless PACS_DATABASE_URL is set)
+    orthanc/            the archive's storage and index
+    worklists/          modality worklist entries served by Orthanc
+    secrets/            generated credentials, readable by the service only
+    run/                generated configs, sockets and pid files of the running stack
+    logs/               one log per process
+    cache/              the OHIF viewer build and other downloads
+
+Two installations with two data directories and different ports run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from control import db, settings
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def default_data_dir() -> Path:
+    """``PACS_DATA`` when set, else ``data/`` beside the program."""
+    return Path(os.environ.get("PACS_DATA") or REPOSITORY / "data").resolve()
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Credentials generated once per installation.
+
+    ``orthanc_password`` is known to the control plane and Caddy only; ``session_key`` signs the
+    session cookies; ``token_key`` derives study tokens and never goes into the database, so that a
+    copy of the database alone does not reveal a working token link. Each may instead come from the
+    environment (``PACS_SECRET_SESSION_KEY`` ...) so that several portal instances share them.
+    """
+
+    orthanc_user: str
+    orthanc_password: str
+    session_key: str
+    token_key: str
+
+
+class Site:
+    """Paths, secrets and the database of the installation rooted at ``data``."""
+
+    def __init__(self, data: Path | str | None = None) -> None:
+        self.data = Path(data).resolve() if data else default_data_dir()
+
+    def __repr__(self) -> str:
+        return f"Site({str(self.data)!r})"
+
+    @property
+    def run(self) -> Path:
+        return self.data / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.data / "logs"
+
+    @property
+    def cache(self) -> Path:
+        """Downloads that can be made again; ``PACS_CACHE`` lets test stacks share one."""
+        return Path(os.environ.get("PACS_CACHE") or self.data / "cache").resolve()
+
+    @property
+    def orthanc_storage(self) -> Path:
+        return self.data / "orthanc"
+
+    @property
+    def worklists(self) -> Path:
+        return self.data / "worklists"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data / "secrets"
+
+    @property
+    def database_url(self) -> str:
+        return os.environ.get("PACS_DATABASE_URL") or db.default_url(self.data)
+
+    def make_directories(self) -> None:
+        """Create the data directory's folders; secrets and run files are private to the service."""
+        for path in (self.data, self.orthanc_storage, self.worklists, self.logs, self.cache):
+            path.mkdir(parents=True, exist_ok=True)
+        for path in (self.secrets_dir, self.run):
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o700)
+
+    @cached_property
+    def secrets(self) -> Secrets:
+        """The installation's secrets, generated on first use and kept in ``secrets/``."""
+        path = self.secrets_dir / "secrets.json"
+        stored: dict[str, str] = {}
+        if path.exists():
+            stored = json.loads(path.read_text())
+        wanted = {
+            "orthanc_user": lambda: "pacs-" + secrets.token_hex(4),
+            "orthanc_password": lambda: secrets.token_urlsafe(32),
+            "session_key": lambda: secrets.token_urlsafe(48),
+            "token_key": lambda: secrets.token_urlsafe(48),
+        }
+        missing = {name: make() for name, make in wanted.items() if name not in stored}
+        if missing:
+            stored.update(missing)
+            self.secrets_dir.mkdir(parents=True, exist_ok=True)
+            self.secrets_dir.chmod(0o700)
+            temporary = path.with_suffix(".tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as file:
+                json.dump(stored, file, indent=2)
+            temporary.replace(path)
+        values = {
+            name: os.environ.get(f"PACS_SECRET_{name.upper()}") or stored[name] for name in wanted
+        }
+        return Secrets(**values)
+
+    @cached_property
+    def engine(self) -> sa.Engine:
+        return db.make_engine(self.database_url)
+
+    def load_settings(self) -> dict[str, Any]:
+        """The site settings: stored values over the declared defaults."""
+        with self.engine.connect() as connection:
+            return settings.with_defaults(db.get_settings(connection))

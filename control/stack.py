@@ -1,0 +1,424 @@
+"""The native runner: set-up, then Orthanc, the control plane and Caddy as supervised processes.
+
+``prepare`` makes an installation ready (folders, secrets, database, settings, first admin, viewer,
+generated configs) and is idempotent. ``Supervisor`` starts the three processes in order, waits
+until each answers, and stops them all (terminate, wait, kill) when one of them dies or when it is
+told to stop. ``./pacs up --detach`` runs the same supervisor as a background process whose pid is
+kept in ``run/pacs.pid``; ``./pacs down`` signals it and makes sure nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import http.client
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from control import accounts, configs, db, settings as site_settings
+from control.site import REPOSITORY, Site
+from control.viewer import ensure_viewer
+
+ADMIN_USERNAME = "admin"
+
+
+class StackError(RuntimeError):
+    """Something that keeps the stack from starting, with a message for the admin."""
+
+
+@dataclass
+class Prepared:
+    """What ``prepare`` found or made."""
+
+    settings: dict[str, Any]
+    topology: configs.Topology
+    admin_password: str | None = None
+
+
+def prepare(site: Site, *, fetch_viewer: bool = True, say: Callable[..., None] = print) -> Prepared:
+    """Make the installation at ``site`` ready to run; safe to call on every start."""
+    site.make_directories()
+    site.secrets  # noqa: B018 - generated on first use
+    db.migrate(site.engine)
+    with site.engine.begin() as connection:
+        stored = db.get_settings(connection)
+        first_run = site_settings.first_run_values()
+        missing = {name: value for name, value in first_run.items() if name not in stored}
+        if missing:
+            db.put_settings(connection, missing)
+    topology = configs.Topology.from_environment(site)
+    if fetch_viewer and topology.ohif_managed:
+        ensure_viewer(site, say=say)
+    values = site.load_settings()
+    configs.write_all(site, values, topology)
+    return Prepared(values, topology, create_first_admin(site, say))
+
+
+def create_first_admin(site: Site, say: Callable[..., None]) -> str | None:
+    """Create the admin account of a new installation; return its password if it was generated.
+
+    The password comes from ``PACS_ADMIN_PASSWORD`` or is generated, and is shown at once: it is
+    never stored in clear, so this is the only moment it can be seen.
+    """
+    with site.engine.begin() as connection:
+        if accounts.count_users(connection):
+            return None
+        chosen = os.environ.get("PACS_ADMIN_PASSWORD")
+        password = chosen or secrets.token_urlsafe(12)
+        accounts.create_user(connection, ADMIN_USERNAME, password, is_admin=True)
+    if chosen:
+        say(f"pacs: created the admin account {ADMIN_USERNAME!r} with the password in PACS_ADMIN_PASSWORD")
+        return None
+    say(f"pacs: created the admin account {ADMIN_USERNAME!r} with the password {password}  (shown once)")
+    return password
+
+
+def _die_with_parent() -> None:
+    """In a child: receive SIGTERM when the supervisor dies, so nothing outlives it."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=3)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(3)
+        self.sock.connect(self.path)
+
+
+def get_over_unix_socket(path: Path, url: str) -> tuple[int, bytes]:
+    """A GET to an HTTP server on a unix socket (gunicorn's), for readiness and status checks."""
+    connection = _UnixConnection(str(path))
+    try:
+        connection.request("GET", url, headers={"Host": "localhost"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def check_ports(values: dict[str, Any]) -> None:
+    """Refuse to start when a port the stack needs is taken, naming the port and its setting."""
+    wanted = [
+        ("web_port", "web port"),
+        ("dicom_port", "DICOM port"),
+        ("orthanc_http_port", "archive's internal HTTP port"),
+    ]
+    for name, what in wanted:
+        port = values[name]
+        if port and not port_is_free(port):
+            raise StackError(
+                f"port {port} ({what}) is already in use by another program. Stop that program, "
+                f"or choose another port: ./pacs config set {name} PORT"
+            )
+
+
+@dataclass
+class Process:
+    """One supervised program: how to start it and how to tell that it answers."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    ready: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen | None = None
+
+    def start(self, pid_dir: Path) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                process_group=0,
+                preexec_fn=_die_with_parent,
+                cwd=REPOSITORY,
+            )
+        (pid_dir / f"{self.name}.pid").write_text(str(self.popen.pid))
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise StackError(
+                    f"{self.name} stopped while starting (exit code {self.popen.returncode}); "
+                    f"its log {self.log} ends with:\n{tail(self.log)}"
+                )
+            with contextlib.suppress(OSError, requests.RequestException):
+                if self.ready():
+                    return
+            time.sleep(0.1)
+        raise StackError(
+            f"{self.name} did not answer within {timeout:.0f} s; its log {self.log} ends with:\n"
+            f"{tail(self.log)}"
+        )
+
+    def stop(self, pid_dir: Path, timeout: float = 20) -> None:
+        if self.popen and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        with contextlib.suppress(FileNotFoundError):
+            (pid_dir / f"{self.name}.pid").unlink()
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def processes(site: Site, prepared: Prepared) -> list[Process]:
+    """The stack's programs in the order they start."""
+    values, topology = prepared.settings, prepared.topology
+    orthanc_auth = (site.secrets.orthanc_user, site.secrets.orthanc_password)
+    orthanc_base = configs.orthanc_url(values, topology)
+    control_socket = site.run / "control.sock"
+    admin_socket = site.run / "caddy-admin.sock"
+
+    def orthanc_ready() -> bool:
+        return requests.get(f"{orthanc_base}/system", auth=orthanc_auth, timeout=2).ok
+
+    def control_ready() -> bool:
+        return get_over_unix_socket(control_socket, "/healthz")[0] in (200, 503)
+
+    def caddy_ready() -> bool:
+        if values["web_port"]:
+            with socket.create_connection(("127.0.0.1", values["web_port"]), timeout=1):
+                return True
+        return admin_socket.exists()
+
+    caddy_home = site.cache / "caddy"
+    return [
+        Process("orthanc", ["Orthanc", str(site.run / "orthanc.json")], site.logs / "orthanc.log", orthanc_ready),
+        Process(
+            "control",
+            gunicorn_argv(site, topology),
+            site.logs / "control.log",
+            control_ready,
+            env={"PACS_DATA": str(site.data)},
+        ),
+        Process(
+            "caddy",
+            ["caddy", "run", "--config", str(site.run / "Caddyfile"), "--adapter", "caddyfile"],
+            site.logs / "caddy-process.log",
+            caddy_ready,
+            env={"XDG_CONFIG_HOME": str(caddy_home / "config"), "XDG_DATA_HOME": str(caddy_home / "data")},
+        ),
+    ]
+
+
+def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
+    """gunicorn serving the control plane.
+
+    ``gthread`` workers, because ``sync`` workers are killed by the worker timeout in the middle of a
+    long zip download and the browser is left with a truncated file. The access log records the path
+    without its query string: token links carry the token there.
+    """
+    listen = topology.control_listen
+    if listen.startswith("unix:"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(listen[5:]).unlink()
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        listen,
+        "--worker-class",
+        "gthread",
+        "--workers",
+        os.environ.get("PACS_CONTROL_WORKERS", "2"),
+        "--threads",
+        os.environ.get("PACS_CONTROL_THREADS", "16"),
+        "--timeout",
+        "120",
+        "--graceful-timeout",
+        "30",
+        "--keep-alive",
+        "75",
+        "--access-logfile",
+        str(site.logs / "access.log"),
+        "--access-logformat",
+        '%({x-forwarded-for}i)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
+        "--error-logfile",
+        "-",
+        "control.app:create_app()",
+    ]
+
+
+class Supervisor:
+    """Runs the stack's processes until told to stop or until one of them dies."""
+
+    def __init__(self, site: Site, prepared: Prepared) -> None:
+        self.site = site
+        self.prepared = prepared
+        self.processes = processes(site, prepared)
+        self.stopping = False
+
+    @property
+    def pid_file(self) -> Path:
+        return self.site.run / "pacs.pid"
+
+    def run(self, on_ready: Callable[[], None]) -> int:
+        """Start everything, call ``on_ready``, then supervise; return an exit code."""
+        running = running_supervisor(self.site)
+        if running:
+            raise StackError(f"the portal of {self.site.data} already runs (pid {running})")
+        check_ports(self.prepared.settings)
+        self.pid_file.write_text(str(os.getpid()))
+        signal.signal(signal.SIGTERM, self._stop_signal)
+        signal.signal(signal.SIGINT, self._stop_signal)
+        signal.signal(signal.SIGHUP, self._stop_signal)
+        try:
+            for process in self.processes:
+                process.start(self.site.run)
+                process.wait_ready(timeout=60)
+            (self.site.run / "ready").write_text(json.dumps({"pid": os.getpid()}))
+            on_ready()
+            return self._watch()
+        except StackError:
+            raise
+        finally:
+            self.stop()
+
+    def _stop_signal(self, _signum: int, _frame: Any) -> None:
+        self.stopping = True
+
+    def _watch(self) -> int:
+        while not self.stopping:
+            for process in self.processes:
+                if process.popen.poll() is not None:
+                    print(
+                        f"pacs: {process.name} stopped unexpectedly (exit code "
+                        f"{process.popen.returncode}); stopping the portal. Its log ends with:\n"
+                        f"{tail(process.log)}",
+                        file=sys.stderr,
+                    )
+                    return 1
+            time.sleep(0.2)
+        return 0
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop(self.site.run)
+        for name in ("ready", "pacs.pid"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.site.run / name).unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited; it only waits for its parent to collect it.
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            return False
+    return True
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def running_supervisor(site: Site) -> int | None:
+    return read_pid(site.run / "pacs.pid")
+
+
+def leftover_processes(site: Site) -> Iterator[tuple[str, int]]:
+    for name in ("orthanc", "control", "caddy"):
+        pid = read_pid(site.run / f"{name}.pid")
+        if pid:
+            yield name, pid
+
+
+def stop_detached(site: Site, timeout: float = 60) -> bool:
+    """Stop a detached portal and anything it left behind; True when something was running."""
+    found = False
+    supervisor = running_supervisor(site)
+    if supervisor:
+        found = True
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while pid_alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    for _name, pid in leftover_processes(site):
+        found = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    for path in site.run.glob("*.pid"):
+        path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (site.run / "ready").unlink()
+    return found
+
+
+def start_detached(site: Site, timeout: float = 180) -> int:
+    """Run the supervisor in the background and wait until the stack answers; return its pid."""
+    with contextlib.suppress(FileNotFoundError):
+        (site.run / "ready").unlink()
+    log = site.logs / "pacs.log"
+    with log.open("ab") as output:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "control", "--data", str(site.data), "up", "--quiet"],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPOSITORY,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (site.run / "ready").exists():
+            return child.pid
+        if child.poll() is not None:
+            raise StackError(f"the portal did not start; {log} ends with:\n{tail(log)}")
+        time.sleep(0.1)
+    stop_detached(site)
+    raise StackError(f"the portal did not start within {timeout:.0f} s; see {log}")
