@@ -85,9 +85,7 @@ def create_user(
         raise AccountError("A username needs 1 to 64 characters.")
     check_new_password(password)
     key = username_key(username)
-    taken = connection.execute(
-        sa.select(db.users.c.id).where(db.users.c.username_key == key)
-    ).first()
+    taken = connection.execute(sa.select(db.users.c.id).where(db.users.c.username_key == key)).first()
     if taken:
         raise AccountError(f"The username {username!r} is taken.")
     result = connection.execute(
@@ -129,8 +127,6 @@ def authenticate(connection: sa.Connection, username: str, password: str) -> Use
         return None
     if _hasher.check_needs_rehash(stored_hash):
         connection.execute(
-            db.users.update()
-            .where(db.users.c.id == row.id)
-            .values(password_hash=hash_password(password))
+            db.users.update().where(db.users.c.id == row.id).values(password_hash=hash_password(password))
         )
     return _row_to_user(row)

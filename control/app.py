@@ -33,9 +33,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         WTF_CSRF_TIME_LIMIT=None,
         MAX_FORM_MEMORY_SIZE=64 * 1024,
-        JSON_SORT_KEYS=False,
     )
     app.config.from_mapping(config or {})
+    app.json.sort_keys = False  # type: ignore[attr-defined]
 
     settings = site.load_settings()
     topology = configs.Topology.from_environment(site)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import click
 
-from control import db, settings as site_settings, stack
+from control import db, stack
+from control import settings as site_settings
 from control.site import REPOSITORY, Site
 
 
@@ -54,7 +55,9 @@ def banner(site: Site, prepared: stack.Prepared) -> str:
     lines = [f"The PACS web portal of {values['institution']} is running."]
     if values["web_port"]:
         port = values["web_port"]
-        lines.append(f"  Web:    http://{local_address()}:{port}/  (on this machine: http://127.0.0.1:{port}/)")
+        lines.append(
+            f"  Web:    http://{local_address()}:{port}/  (on this machine: http://127.0.0.1:{port}/)"
+        )
     else:
         lines.append("  Web:    off (web port 0)")
     lines.append(f"  DICOM:  AE title {values['dicom_aet']}, port {values['dicom_port']}")
@@ -142,7 +145,7 @@ def serve(site: Site) -> None:
     prepared = stack.prepare(site)
     argv = stack.gunicorn_argv(site, prepared.topology)
     sys.stdout.flush()
-    os.execv(argv[0], argv)
+    os.execv(argv[0], argv)  # noqa: S606 - the container's main process becomes gunicorn
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -98,7 +98,9 @@ def render_orthanc(site: Site, settings: dict[str, Any], topology: Topology) -> 
 
 def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> str:
     environment = jinja2.Environment(
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # noqa: S701 - a Caddyfile, not HTML
     )
     template = environment.from_string(CADDY_TEMPLATE.read_text())
     return template.render(

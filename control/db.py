@@ -135,9 +135,7 @@ def put_settings(connection: sa.Connection, values: dict[str, Any]) -> None:
         encoded = json.dumps(value)
         if name in stored:
             connection.execute(
-                settings.update()
-                .where(settings.c.name == name)
-                .values(value=encoded, updated_at=now)
+                settings.update().where(settings.c.name == name).values(value=encoded, updated_at=now)
             )
         else:
             connection.execute(settings.insert().values(name=name, value=encoded, updated_at=now))

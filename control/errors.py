@@ -31,7 +31,9 @@ def wants_json() -> bool:
     if request.path.startswith(("/dicom-web", "/wado", "/api/", "/healthz")):
         return True
     best = request.accept_mimetypes.best_match(["text/html", "application/json"])
-    return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+    return (
+        best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+    )
 
 
 def error_response(status: int, detail: str | None = None):

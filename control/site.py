@@ -121,9 +121,7 @@ class Site:
             with os.fdopen(fd, "w") as file:
                 json.dump(stored, file, indent=2)
             temporary.replace(path)
-        values = {
-            name: os.environ.get(f"PACS_SECRET_{name.upper()}") or stored[name] for name in wanted
-        }
+        values = {name: os.environ.get(f"PACS_SECRET_{name.upper()}") or stored[name] for name in wanted}
         return Secrets(**values)
 
     @cached_property

@@ -2,9 +2,10 @@
 
 ``prepare`` makes an installation ready (folders, secrets, database, settings, first admin, viewer,
 generated configs) and is idempotent. ``Supervisor`` starts the three processes in order, waits
-until each answers, and stops them all (terminate, wait, kill) when one of them dies or when it is
-told to stop. ``./pacs up --detach`` runs the same supervisor as a background process whose pid is
-kept in ``run/pacs.pid``; ``./pacs down`` signals it and makes sure nothing is left behind.
+until each answers, starts again one that dies (the portal meanwhile answers "archive not
+reachable" rather than nothing), and stops them all (terminate, wait, kill) when told to.
+``./pacs up --detach`` runs the same supervisor as a background process whose pid is kept in
+``run/pacs.pid``; ``./pacs down`` signals it and makes sure nothing is left behind.
 """
 
 from __future__ import annotations
@@ -28,11 +29,18 @@ from typing import Any
 
 import requests
 
-from control import accounts, configs, db, settings as site_settings
+from control import accounts, configs, db
+from control import settings as site_settings
 from control.site import REPOSITORY, Site
 from control.viewer import ensure_viewer
 
 ADMIN_USERNAME = "admin"
+
+# A process that dies is started again after RESTART_DELAY seconds, unless it died more than
+# MAX_RESTARTS times within RESTART_WINDOW seconds: then something is wrong that a restart won't fix.
+RESTART_DELAY = 2.0
+MAX_RESTARTS = 5
+RESTART_WINDOW = 120
 
 
 class StackError(RuntimeError):
@@ -119,7 +127,7 @@ def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("0.0.0.0", port))
+            probe.bind(("0.0.0.0", port))  # noqa: S104 - the listeners bind there too
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 return False
@@ -153,6 +161,7 @@ class Process:
     ready: Callable[[], bool]
     env: dict[str, str] = field(default_factory=dict)
     popen: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
 
     def start(self, pid_dir: Path) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +236,9 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
 
     caddy_home = site.cache / "caddy"
     return [
-        Process("orthanc", ["Orthanc", str(site.run / "orthanc.json")], site.logs / "orthanc.log", orthanc_ready),
+        Process(
+            "orthanc", ["Orthanc", str(site.run / "orthanc.json")], site.logs / "orthanc.log", orthanc_ready
+        ),
         Process(
             "control",
             gunicorn_argv(site, topology),
@@ -314,8 +325,6 @@ class Supervisor:
             (self.site.run / "ready").write_text(json.dumps({"pid": os.getpid()}))
             on_ready()
             return self._watch()
-        except StackError:
-            raise
         finally:
             self.stop()
 
@@ -323,16 +332,34 @@ class Supervisor:
         self.stopping = True
 
     def _watch(self) -> int:
+        """Restart a process that died, unless it keeps dying; then stop everything."""
         while not self.stopping:
             for process in self.processes:
-                if process.popen.poll() is not None:
+                if process.popen.poll() is None:
+                    continue
+                now = time.monotonic()
+                process.restarts = [t for t in process.restarts if now - t < RESTART_WINDOW] + [now]
+                print(
+                    f"pacs: {process.name} stopped unexpectedly (exit code {process.popen.returncode}); "
+                    f"its log ends with:\n{tail(process.log)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if len(process.restarts) > MAX_RESTARTS:
                     print(
-                        f"pacs: {process.name} stopped unexpectedly (exit code "
-                        f"{process.popen.returncode}); stopping the portal. Its log ends with:\n"
-                        f"{tail(process.log)}",
+                        f"pacs: {process.name} stopped {len(process.restarts)} times within "
+                        f"{RESTART_WINDOW} s; stopping the portal.",
                         file=sys.stderr,
+                        flush=True,
                     )
                     return 1
+                time.sleep(RESTART_DELAY)
+                try:
+                    process.start(self.site.run)
+                    process.wait_ready(timeout=60)
+                    print(f"pacs: {process.name} restarted.", file=sys.stderr, flush=True)
+                except StackError as error:
+                    print(f"pacs: {error}", file=sys.stderr, flush=True)
             time.sleep(0.2)
         return 0
 

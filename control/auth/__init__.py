@@ -36,7 +36,13 @@ def safe_next(target: str | None) -> str:
     if not target:
         return url_for("public.index")
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    if (
+        parts.scheme
+        or parts.netloc
+        or not target.startswith("/")
+        or target.startswith("//")
+        or "\\" in target
+    ):
         return url_for("public.index")
     return target
 

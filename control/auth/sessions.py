@@ -106,7 +106,9 @@ def load_session(session_id: str) -> SignedInUser | None:
             return None
         if now - row.last_seen_at > LAST_SEEN_RESOLUTION:
             connection.execute(
-                db.web_sessions.update().where(db.web_sessions.c.id_hash == row.id_hash).values(last_seen_at=now)
+                db.web_sessions.update()
+                .where(db.web_sessions.c.id_hash == row.id_hash)
+                .values(last_seen_at=now)
             )
         account = accounts.get_user(connection, row.user_id)
     return SignedInUser(account, session_id) if account else None

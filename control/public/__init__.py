@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, render_template
 import sqlalchemy as sa
+from flask import Blueprint, current_app, jsonify, render_template
+from flask_login import current_user
 
 from control import __version__
 from control.orthanc import OrthancError, OrthancUnavailable
@@ -13,7 +14,11 @@ bp = Blueprint("public", __name__)
 
 @bp.route("/")
 def index():
-    return render_template("public/index.html")
+    archive = None
+    if current_user.is_authenticated:
+        # What a signed-in user first wants to know: is the archive there, and what does it hold.
+        archive = current_app.extensions["orthanc"].get_json("/statistics")
+    return render_template("public/index.html", archive=archive)
 
 
 @bp.route("/healthz")
@@ -30,7 +35,10 @@ def healthz():
         system = current_app.extensions["orthanc"].system()
         report["orthanc"] = {"ok": True, "version": system.get("Version"), "aet": system.get("DicomAet")}
     except (OrthancUnavailable, OrthancError) as error:
-        report["orthanc"] = {"ok": False, "error": "not reachable" if isinstance(error, OrthancUnavailable) else str(error)}
+        report["orthanc"] = {
+            "ok": False,
+            "error": "not reachable" if isinstance(error, OrthancUnavailable) else str(error),
+        }
     healthy = all(part["ok"] for part in report.values())
     report = {"status": "ok" if healthy else "degraded", **report}
     return jsonify(report), 200 if healthy else 503

@@ -37,9 +37,7 @@ def upgrade() -> None:
     op.create_table(
         "web_sessions",
         sa.Column("id_hash", sa.String(64), primary_key=True),
-        sa.Column(
-            "user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
         sa.Column("created_at", sa.DateTime, nullable=False),
         sa.Column("last_seen_at", sa.DateTime, nullable=False),
         sa.Column("ended_at", sa.DateTime),
