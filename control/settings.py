@@ -30,6 +30,7 @@ class Setting:
     env: str | None = None
     minimum: int | None = None
     maximum: int | None = None
+    choices: tuple[tuple[str, str], ...] = ()  # (value, what the admin sees)
 
     def parse(self, text: str) -> Any:
         """Turn text from a form, a shell or the environment into a value, or raise ValueError."""
@@ -51,6 +52,9 @@ class Setting:
             if self.maximum is not None and value > self.maximum:
                 raise ValueError(f"{self.label}: must be at most {self.maximum}")
             return value
+        if self.choices and text not in {value for value, _label in self.choices}:
+            allowed = ", ".join(value for value, _label in self.choices)
+            raise ValueError(f"{self.label}: expected one of {allowed}, got {text!r}")
         return text
 
 
@@ -106,6 +110,31 @@ SETTINGS: tuple[Setting, ...] = (
         "Loopback port of the archive's own HTTP interface. Only the portal reaches it, with "
         "credentials of its own; browsers never do.",
         "PACS_ORTHANC_HTTP_PORT",
+    ),
+    Setting(
+        "zip_content",
+        str,
+        "dicom",
+        "Zip files contain",
+        "What downloads hold: the DICOM files as stored, or recompressed to JPEG lossless "
+        "(transfer syntax 1.2.840.10008.1.2.4.70), smaller for most images and still exact.",
+        choices=(
+            ("dicom", "DICOM files as stored"),
+            ("jpeg-lossless", "DICOM files JPEG lossless compressed"),
+        ),
+    ),
+    Setting(
+        "date_format",
+        str,
+        "%Y-%m-%d",
+        "Date format",
+        "How dates are shown on every page.",
+        choices=(
+            ("%Y-%m-%d", "2024-03-31 (ISO)"),
+            ("%d/%m/%Y", "31/03/2024"),
+            ("%m/%d/%Y", "03/31/2024"),
+            ("%d.%m.%Y", "31.03.2024"),
+        ),
     ),
     Setting(
         "session_idle_minutes",

@@ -1,0 +1,56 @@
+"""The settings declaration: parsing what admins type, and the documentation that lists them."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPOSITORY
+from control import settings
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("web_port", "8443", 8443),
+        ("web_port", " 0 ", 0),
+        ("dicom_port", "104", 104),
+        ("institution", "  St. Mary's  ", "St. Mary's"),
+        ("zip_content", "jpeg-lossless", "jpeg-lossless"),
+        ("session_idle_minutes", "45", 45),
+    ],
+)
+def test_values_are_parsed(name: str, text: str, expected: object) -> None:
+    assert settings.BY_NAME[name].parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("web_port", "http", "expected a whole number"),
+        ("web_port", "70000", "at most 65535"),
+        ("web_port", "-1", "at least 0"),
+        ("dicom_port", "0", "at least 1"),
+        ("zip_content", "jpeg2000", "expected one of dicom, jpeg-lossless"),
+        ("session_lifetime_hours", "0", "at least 1"),
+    ],
+)
+def test_bad_values_are_refused_with_the_setting_named(name: str, text: str, message: str) -> None:
+    setting = settings.BY_NAME[name]
+    with pytest.raises(ValueError, match=message) as error:
+        setting.parse(text)
+    assert str(error.value).startswith(setting.label)
+
+
+def test_first_run_values_come_from_the_environment() -> None:
+    values = settings.first_run_values(
+        {"PACS_WEB_PORT": "8080", "PACS_INSTITUTION": "Clinic", "PACS_DICOM_AET": ""}
+    )
+    assert values["web_port"] == 8080
+    assert values["institution"] == "Clinic"
+    assert values["dicom_aet"] == "ORTHANC"
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (REPOSITORY / "README.md").read_text()
+    missing = [setting.name for setting in settings.SETTINGS if f"| `{setting.name}` |" not in readme]
+    assert not missing, f"README.md does not document: {missing}"
