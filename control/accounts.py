@@ -7,6 +7,7 @@ checking a known one, so the answer's timing does not tell which usernames exist
 
 from __future__ import annotations
 
+import datetime as dt
 import unicodedata
 from dataclasses import dataclass
 
@@ -23,7 +24,14 @@ _UNKNOWN_USER_HASH = _hasher.hash("an unknown user never signs in")
 
 
 class AccountError(ValueError):
-    """A request about accounts that cannot be carried out, with a message for the admin."""
+    """A request about accounts that cannot be carried out, with a message for the admin.
+
+    ``field`` names the form field the message belongs next to.
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -50,9 +58,9 @@ def username_key(username: str) -> str:
 def check_new_password(password: str, confirmation: str | None = None) -> None:
     """Raise AccountError when a new password is not acceptable."""
     if confirmation is not None and password != confirmation:
-        raise AccountError("The password and its confirmation differ.")
+        raise AccountError("The password and its confirmation differ.", "confirm")
     if len(_normalise(password)) < MINIMUM_PASSWORD_LENGTH:
-        raise AccountError(f"A password needs at least {MINIMUM_PASSWORD_LENGTH} characters.")
+        raise AccountError(f"A password needs at least {MINIMUM_PASSWORD_LENGTH} characters.", "password")
 
 
 def hash_password(password: str) -> str:
@@ -82,12 +90,12 @@ def create_user(
     """Create an account; raise AccountError for a taken or empty name or a weak password."""
     username = unicodedata.normalize("NFC", username.strip())
     if not username or len(username) > 64:
-        raise AccountError("A username needs 1 to 64 characters.")
+        raise AccountError("A username needs 1 to 64 characters.", "username")
     check_new_password(password)
     key = username_key(username)
     taken = connection.execute(sa.select(db.users.c.id).where(db.users.c.username_key == key)).first()
     if taken:
-        raise AccountError(f"The username {username!r} is taken.")
+        raise AccountError(f"The username {username!r} is taken.", "username")
     result = connection.execute(
         db.users.insert().values(
             username=username,
@@ -130,3 +138,158 @@ def authenticate(connection: sa.Connection, username: str, password: str) -> Use
             db.users.update().where(db.users.c.id == row.id).values(password_hash=hash_password(password))
         )
     return _row_to_user(row)
+
+
+@dataclass(frozen=True)
+class UserDetails:
+    """Everything an admin sees and edits about an account."""
+
+    id: int
+    username: str
+    real_name: str
+    phone: str
+    email: str
+    notes: str
+    is_admin: bool
+    is_active: bool
+    can_upload: bool
+    created_at: dt.datetime
+    last_login_at: dt.datetime | None
+    last_activity_at: dt.datetime | None
+
+
+def _details_query() -> sa.Select:
+    """Accounts with the time of each one's latest recorded activity."""
+    last_activity = (
+        sa.select(db.activity.c.user_id, sa.func.max(db.activity.c.at).label("last_activity_at"))
+        .where(db.activity.c.user_id.is_not(None))
+        .group_by(db.activity.c.user_id)
+        .subquery()
+    )
+    return sa.select(db.users, last_activity.c.last_activity_at).outerjoin(
+        last_activity, last_activity.c.user_id == db.users.c.id
+    )
+
+
+def list_users(connection: sa.Connection) -> list[UserDetails]:
+    """All accounts, by username."""
+    rows = connection.execute(_details_query().order_by(db.users.c.username_key))
+    return [_details(row) for row in rows]
+
+
+def get_details(connection: sa.Connection, user_id: int) -> UserDetails | None:
+    row = connection.execute(_details_query().where(db.users.c.id == user_id)).first()
+    return _details(row) if row else None
+
+
+def _details(row: sa.Row) -> UserDetails:
+    return UserDetails(
+        id=row.id,
+        username=row.username,
+        real_name=row.real_name,
+        phone=row.phone,
+        email=row.email,
+        notes=row.notes,
+        is_admin=row.is_admin,
+        is_active=row.is_active,
+        can_upload=row.can_upload,
+        created_at=row.created_at,
+        last_login_at=row.last_login_at,
+        last_activity_at=row.last_activity_at,
+    )
+
+
+def find_by_username(connection: sa.Connection, username: str) -> User | None:
+    row = connection.execute(
+        sa.select(db.users).where(db.users.c.username_key == username_key(username))
+    ).first()
+    return _row_to_user(row) if row else None
+
+
+def _other_active_admins(connection: sa.Connection, user_id: int) -> int:
+    return connection.execute(
+        sa.select(sa.func.count())
+        .select_from(db.users)
+        .where(db.users.c.is_admin, db.users.c.is_active, db.users.c.id != user_id)
+    ).scalar_one()
+
+
+def update_contact(connection: sa.Connection, user_id: int, **contact: str) -> None:
+    """Change real name, phone, e-mail or notes."""
+    allowed = {"real_name", "phone", "email", "notes"}
+    connection.execute(
+        db.users.update()
+        .where(db.users.c.id == user_id)
+        .values(**{name: (value or "").strip() for name, value in contact.items() if name in allowed})
+    )
+
+
+def set_flags(
+    connection: sa.Connection,
+    user_id: int,
+    acting_user_id: int,
+    *,
+    is_active: bool | None = None,
+    can_upload: bool | None = None,
+    is_admin: bool | None = None,
+) -> None:
+    """Turn an account's switches; the last active admin, and the acting admin, keep theirs."""
+    losing_admin = is_active is False or is_admin is False
+    if losing_admin:
+        if user_id == acting_user_id:
+            raise AccountError("You cannot deactivate yourself or remove your own admin right.")
+        target = get_user(connection, user_id)
+        if target and target.is_admin and target.is_active and not _other_active_admins(connection, user_id):
+            raise AccountError("This is the last active admin: make another admin first.")
+    values = {
+        name: value
+        for name, value in {"is_active": is_active, "can_upload": can_upload, "is_admin": is_admin}.items()
+        if value is not None
+    }
+    connection.execute(db.users.update().where(db.users.c.id == user_id).values(**values))
+    if is_active is False:
+        end_all_sessions(connection, user_id)
+
+
+def rename(connection: sa.Connection, user_id: int, new_username: str) -> None:
+    new_username = unicodedata.normalize("NFC", new_username.strip())
+    if not new_username or len(new_username) > 64:
+        raise AccountError("A username needs 1 to 64 characters.", "username")
+    taken = find_by_username(connection, new_username)
+    if taken and taken.id != user_id:
+        raise AccountError(f"The username {new_username!r} is taken.", "username")
+    connection.execute(
+        db.users.update()
+        .where(db.users.c.id == user_id)
+        .values(username=new_username, username_key=username_key(new_username))
+    )
+
+
+def set_password(
+    connection: sa.Connection, user_id: int, password: str, confirmation: str | None = None
+) -> None:
+    """Set a new password and end the account's sessions: whoever knew the old one is out."""
+    check_new_password(password, confirmation)
+    connection.execute(
+        db.users.update().where(db.users.c.id == user_id).values(password_hash=hash_password(password))
+    )
+    end_all_sessions(connection, user_id)
+
+
+def delete_user(connection: sa.Connection, user_id: int, acting_user_id: int) -> None:
+    """Delete an account; its activity history stays in the log under the name it had."""
+    if user_id == acting_user_id:
+        raise AccountError("You cannot delete your own account.")
+    target = get_user(connection, user_id)
+    if target and target.is_admin and target.is_active and not _other_active_admins(connection, user_id):
+        raise AccountError("This is the last active admin: make another admin first.")
+    connection.execute(db.web_sessions.delete().where(db.web_sessions.c.user_id == user_id))
+    connection.execute(db.users.delete().where(db.users.c.id == user_id))
+
+
+def end_all_sessions(connection: sa.Connection, user_id: int) -> None:
+    connection.execute(
+        db.web_sessions.update()
+        .where(db.web_sessions.c.user_id == user_id, db.web_sessions.c.ended_at.is_(None))
+        .values(ended_at=db.utcnow())
+    )

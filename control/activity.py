@@ -8,8 +8,11 @@ Caddy is the only listener, so its header is the only one trusted.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import json
+import zoneinfo
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,8 +27,13 @@ class Action(enum.StrEnum):
 
     SIGN_IN = "sign-in"
     SIGN_OUT = "sign-out"
+    LOCKED_OUT = "locked-out"
     SESSION_EXPIRED = "session-expired"
     ACCESS_DENIED = "access-denied"
+    USER_CREATED = "user-created"
+    USER_CHANGED = "user-changed"
+    USER_DELETED = "user-deleted"
+    SETTINGS_CHANGED = "settings-changed"
 
 
 class Outcome(enum.StrEnum):
@@ -72,3 +80,103 @@ def record_activity(
         return
     with current_app.extensions["site"].engine.begin() as own_connection:
         own_connection.execute(db.activity.insert().values(**row))
+
+
+class ActivityList(enum.StrEnum):
+    """The server activity lists of the admin's pages."""
+
+    USERS = "users"  # what web users did
+    TOKENS = "tokens"  # patients' access by study token
+    REFUSED = "refused"  # refused or failed connections, grouped by client address
+
+
+@dataclass(frozen=True)
+class ActivityFilter:
+    """What an admin narrowed the log to. Dates are local days in the site's time zone."""
+
+    listing: ActivityList = ActivityList.USERS
+    date_from: dt.date | None = None
+    date_to: dt.date | None = None
+    user: str = ""
+    action: str = ""
+    address: str = ""
+    user_id: int | None = None
+
+    def conditions(self, time_zone: str) -> list[sa.ColumnElement[bool]]:
+        table = db.activity
+        if self.user_id is not None:
+            conditions = [table.c.user_id == self.user_id]
+        elif self.listing is ActivityList.USERS:
+            conditions = [table.c.token_id == "", table.c.outcome == str(Outcome.OK)]
+        elif self.listing is ActivityList.TOKENS:
+            conditions = [table.c.token_id != ""]
+        else:
+            conditions = [table.c.outcome != str(Outcome.OK)]
+        zone = zoneinfo.ZoneInfo(time_zone)
+        if self.date_from:
+            conditions.append(table.c.at >= _utc(dt.datetime.combine(self.date_from, dt.time(), zone)))
+        if self.date_to:
+            next_day = self.date_to + dt.timedelta(days=1)
+            conditions.append(table.c.at < _utc(dt.datetime.combine(next_day, dt.time(), zone)))
+        if self.user:
+            conditions.append(sa.func.lower(table.c.username) == self.user.strip().lower())
+        if self.action:
+            conditions.append(table.c.action == self.action)
+        if self.address:
+            conditions.append(table.c.client_address == self.address.strip())
+        return conditions
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    return moment.astimezone(dt.UTC).replace(tzinfo=None)
+
+
+def count_activity(connection: sa.Connection, filters: ActivityFilter, time_zone: str) -> int:
+    query = sa.select(sa.func.count()).select_from(db.activity).where(*filters.conditions(time_zone))
+    return connection.execute(query).scalar_one()
+
+
+def list_activity(
+    connection: sa.Connection,
+    filters: ActivityFilter,
+    time_zone: str,
+    *,
+    offset: int = 0,
+    limit: int | None = 100,
+) -> sa.CursorResult:
+    """Matching rows, newest first."""
+    query = (
+        sa.select(db.activity)
+        .where(*filters.conditions(time_zone))
+        .order_by(db.activity.c.at.desc(), db.activity.c.id.desc())
+        .offset(offset)
+        .limit(limit)
+    )
+    return connection.execute(query)
+
+
+def refused_by_address(
+    connection: sa.Connection, filters: ActivityFilter, time_zone: str, *, offset: int = 0, limit: int = 100
+) -> tuple[int, list[sa.Row]]:
+    """Refused or failed events grouped by client address: how many, first, last, which actions."""
+    table = db.activity
+    grouped = (
+        sa.select(
+            table.c.client_address,
+            sa.func.count().label("count"),
+            sa.func.min(table.c.at).label("first_at"),
+            sa.func.max(table.c.at).label("last_at"),
+            sa.func.count(sa.distinct(table.c.username)).label("usernames"),
+        )
+        .where(*filters.conditions(time_zone))
+        .group_by(table.c.client_address)
+    )
+    total = connection.execute(sa.select(sa.func.count()).select_from(grouped.subquery())).scalar_one()
+    rows = connection.execute(
+        grouped.order_by(sa.desc("last_at"), table.c.client_address).offset(offset).limit(limit)
+    ).all()
+    return total, rows
+
+
+def get_event(connection: sa.Connection, event_id: int) -> sa.Row | None:
+    return connection.execute(sa.select(db.activity).where(db.activity.c.id == event_id)).first()

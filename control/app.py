@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from control import __version__, configs, errors
+from control import __version__, access, configs, errors, formatting
 from control.extensions import csrf, login_manager
 from control.orthanc import Orthanc
 from control.site import Site
@@ -51,16 +51,20 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from control import auth, public
+    from control import admin, auth, public
 
     app.register_blueprint(public.bp)
     app.register_blueprint(auth.bp)
+    app.register_blueprint(admin.bp)
     errors.init_app(app)
+    formatting.init_app(app)
 
     @app.before_request
     def load_site_settings() -> None:
         # Settings are read per request, so a change made by any instance shows at once.
         g.settings = site.load_settings()
+
+    access.init_app(app)
 
     @app.context_processor
     def page_context() -> dict[str, Any]:

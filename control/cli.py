@@ -6,6 +6,7 @@ command here can assume the Debian packages and the virtual environment are in p
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import socket
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import click
 
-from control import db, stack
+from control import accounts, db, stack
 from control import settings as site_settings
+from control.activity import Action, record_activity
 from control.site import REPOSITORY, Site
 
 
@@ -188,3 +190,94 @@ def config_set(site: Site, name: str, value: str) -> None:
     with site.engine.begin() as connection:
         db.put_settings(connection, {name: parsed})
     click.echo(f"{name} = {json.dumps(parsed, ensure_ascii=False)}")
+
+
+@main.group()
+def user() -> None:
+    """Manage web users from a shell (for scripts and recovery)."""
+
+
+def _read_new_password() -> str:
+    """A new password: asked twice on a terminal, else the first line of standard input."""
+    if sys.stdin.isatty():
+        return click.prompt("New password", hide_input=True, confirmation_prompt=True)
+    return sys.stdin.readline().rstrip("\n")
+
+
+def _ready_engine(site: Site):
+    db.migrate(site.engine)
+    return site.engine
+
+
+@user.command("add")
+@click.argument("username")
+@click.option("--admin", "is_admin", is_flag=True, help="The user manages users, settings and activity.")
+@click.option("--can-upload", is_flag=True, help="The user may upload files.")
+@click.option("--real-name", default="", help="The user's real name.")
+@click.pass_obj
+def user_add(site: Site, username: str, is_admin: bool, can_upload: bool, real_name: str) -> None:
+    """Create a web user; the password is asked for (or read from standard input)."""
+    password = _read_new_password()
+    try:
+        with _ready_engine(site).begin() as connection:
+            created = accounts.create_user(
+                connection, username, password, is_admin=is_admin, can_upload=can_upload, real_name=real_name
+            )
+            _record_shell_activity(
+                connection,
+                Action.USER_CREATED,
+                account=created.username,
+                is_admin=is_admin,
+                can_upload=can_upload,
+            )
+    except accounts.AccountError as error:
+        _fail(str(error))
+    click.echo(f"created {created.username}" + (" (admin)" if is_admin else ""))
+
+
+@user.command("passwd")
+@click.argument("username")
+@click.pass_obj
+def user_passwd(site: Site, username: str) -> None:
+    """Set a user's password (and sign them out everywhere); also re-activates a locked-out admin."""
+    password = _read_new_password()
+    try:
+        with _ready_engine(site).begin() as connection:
+            found = accounts.find_by_username(connection, username)
+            if not found:
+                raise accounts.AccountError(f"no user {username!r}")
+            accounts.set_password(connection, found.id, password)
+            _record_shell_activity(
+                connection, Action.USER_CHANGED, account=found.username, changed=["password"]
+            )
+    except accounts.AccountError as error:
+        _fail(str(error))
+    click.echo(f"password of {found.username} changed")
+
+
+@user.command("list")
+@click.pass_obj
+def user_list(site: Site) -> None:
+    """One line per user: name, flags, last sign-in (tab-separated, for scripts)."""
+    with _ready_engine(site).connect() as connection:
+        for account in accounts.list_users(connection):
+            flags = [
+                name
+                for name, on in (
+                    ("admin", account.is_admin),
+                    ("active", account.is_active),
+                    ("upload", account.can_upload),
+                )
+                if on
+            ]
+            last = (
+                account.last_login_at.isoformat(timespec="seconds") + "Z"
+                if account.last_login_at
+                else "never"
+            )
+            click.echo(f"{account.username}\t{','.join(flags) or '-'}\t{last}\t{account.real_name}")
+
+
+def _record_shell_activity(connection, action: Action, **detail) -> None:
+    """Shell changes are logged like the admin pages' ones, by the shell user's name."""
+    record_activity(action, connection=connection, username=f"shell:{getpass.getuser()}", **detail)

@@ -47,6 +47,8 @@ users = sa.Table(
     sa.Column("password_hash", sa.String(200), nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("last_login_at", sa.DateTime),
+    # The log keeps a deleted user's history under their id: an id must never be given out again.
+    sqlite_autoincrement=True,
 )
 
 web_sessions = sa.Table(

@@ -13,7 +13,8 @@ database wins, so a second ``up`` keeps what the admin chose.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import zoneinfo
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ class Setting:
     minimum: int | None = None
     maximum: int | None = None
     choices: tuple[tuple[str, str], ...] = ()  # (value, what the admin sees)
+    check: Callable[[str], None] | None = None  # raises ValueError for a value it refuses
 
     def parse(self, text: str) -> Any:
         """Turn text from a form, a shell or the environment into a value, or raise ValueError."""
@@ -55,7 +57,19 @@ class Setting:
         if self.choices and text not in {value for value, _label in self.choices}:
             allowed = ", ".join(value for value, _label in self.choices)
             raise ValueError(f"{self.label}: expected one of {allowed}, got {text!r}")
+        if self.check:
+            try:
+                self.check(text)
+            except ValueError as error:
+                raise ValueError(f"{self.label}: {error}") from None
         return text
+
+
+def _time_zone(name: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{name!r} is not a time zone name such as Europe/Athens or UTC") from None
 
 
 def _port(name: str, default: int, label: str, help: str, env: str, minimum: int = 1) -> Setting:
@@ -135,6 +149,16 @@ SETTINGS: tuple[Setting, ...] = (
             ("%m/%d/%Y", "03/31/2024"),
             ("%d.%m.%Y", "31.03.2024"),
         ),
+    ),
+    Setting(
+        "time_zone",
+        str,
+        "UTC",
+        "Time zone",
+        "Times in the activity log are stored in UTC and shown in this zone (an IANA name such as "
+        "Europe/Athens).",
+        env="PACS_TIME_ZONE",
+        check=_time_zone,
     ),
     Setting(
         "session_idle_minutes",

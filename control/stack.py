@@ -291,6 +291,9 @@ def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
         '%({x-forwarded-for}i)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
         "--error-logfile",
         "-",
+        # gunicorn 27 opens a control socket in the home folder by default: shared by every
+        # installation of the same user, and outside the data directory. The portal does not use it.
+        "--no-control-socket",
         "control.app:create_app()",
     ]
 

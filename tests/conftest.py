@@ -140,7 +140,7 @@ class Stack:
         session = requests.Session()
         response = sign_in(session, self.url, username, password)
         assert response.status_code == 200, response.text[:500]
-        assert f"Signed in as <strong>{username}</strong>" in response.text
+        assert f"signed in as <strong>{username.lower()}</strong>" in response.text.lower()
         return session
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPOSITORY
 from control import settings
+
+from conftest import REPOSITORY
 
 
 @pytest.mark.parametrize(

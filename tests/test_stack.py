@@ -12,9 +12,10 @@ import time
 
 import pytest
 import requests
-from conftest import REPOSITORY, Stack, free_port, sign_in
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
+
+from conftest import REPOSITORY, Stack, free_port, sign_in
 
 pytestmark = pytest.mark.stack
 

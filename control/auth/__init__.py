@@ -7,6 +7,7 @@ sign-in the browser goes to ``next`` only when that is a path on this site.
 
 from __future__ import annotations
 
+import math
 from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
@@ -17,7 +18,7 @@ from wtforms.validators import DataRequired, Length
 
 from control import accounts
 from control.activity import Action, Outcome, record_activity
-from control.auth import sessions
+from control.auth import sessions, throttle
 from control.auth.sessions import SignedInUser
 
 bp = Blueprint("auth", __name__)
@@ -52,27 +53,42 @@ def login():
     form = SignInForm()
     if request.method == "GET":
         form.next.data = request.args.get("next", "")
-    if form.validate_on_submit():
-        engine = current_app.extensions["site"].engine
-        with engine.begin() as connection:
-            account = accounts.authenticate(connection, form.username.data, form.password.data)
+        return render_template("auth/login.html", form=form)
+    if not form.validate_on_submit():
+        return render_template("auth/login.html", form=form), 400
+    client_address = request.remote_addr or ""
+    typed_name = form.username.data.strip()
+    engine = current_app.extensions["site"].engine
+    with engine.begin() as connection:
+        verdict = throttle.check(connection, typed_name, client_address)
+        if verdict.locked:
+            record_activity(Action.LOCKED_OUT, Outcome.REFUSED, username=typed_name, connection=connection)
+        else:
+            account = accounts.authenticate(connection, typed_name, form.password.data)
             if account is None:
-                record_activity(
-                    Action.SIGN_IN, Outcome.REFUSED, username=form.username.data, connection=connection
-                )
+                record_activity(Action.SIGN_IN, Outcome.REFUSED, username=typed_name, connection=connection)
             else:
-                user = sessions.start_session(connection, account, request.remote_addr or "")
+                user = sessions.start_session(connection, account, client_address)
                 record_activity(
                     Action.SIGN_IN, user_id=account.id, username=account.username, connection=connection
                 )
-        if account is None:
-            flash(GENERIC_FAILURE, "error")
-            return render_template("auth/login.html", form=form), 401
-        # A fresh cookie at every sign-in: nothing from before it carries over.
-        session.clear()
-        login_user(user)
-        return redirect(safe_next(form.next.data))
-    return render_template("auth/login.html", form=form)
+    if verdict.locked:
+        minutes = max(1, math.ceil(verdict.retry_after.total_seconds() / 60))
+        flash(
+            f"Too many failed sign-ins for this account or from your address. Sign-in is blocked for "
+            f"{minutes} more minute{'s' if minutes > 1 else ''}; ask the site's administrator if you "
+            "have forgotten your password.",
+            "error",
+        )
+        return render_template("auth/login.html", form=form), 429
+    if account is None:
+        throttle.slow_down(verdict)
+        flash(GENERIC_FAILURE, "error")
+        return render_template("auth/login.html", form=form), 401
+    # A fresh cookie at every sign-in: nothing from before it carries over.
+    session.clear()
+    login_user(user)
+    return redirect(safe_next(form.next.data))
 
 
 @bp.route("/logout", methods=["POST"])

@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("password_hash", sa.String(200), nullable=False),
         sa.Column("created_at", sa.DateTime, nullable=False),
         sa.Column("last_login_at", sa.DateTime),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "web_sessions",

@@ -1,0 +1,69 @@
+"""Who may reach what: the access rules of every page, kept as data, enforced in one place.
+
+Every endpoint of the app is listed below with its audience, either by name or by its blueprint
+(``"admin.*"``). ``enforce`` runs before every request and denies by default: an endpoint nobody
+listed is refused, so a new page is closed until someone decides who may see it. A test walks the
+URL map and checks each rule from each audience's side.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from flask import Flask, abort, flash, g, redirect, request, url_for
+from flask_login import current_user
+
+from control.activity import Action, Outcome, record_activity
+from control.errors import wants_json
+
+
+class Audience(enum.Enum):
+    PUBLIC = "anyone"
+    SIGNED_IN = "signed-in users"
+    ADMIN = "admins"
+
+
+RULES: dict[str, Audience] = {
+    "static": Audience.PUBLIC,
+    "public.*": Audience.PUBLIC,
+    "auth.login": Audience.PUBLIC,
+    "auth.logout": Audience.SIGNED_IN,
+    "query.*": Audience.SIGNED_IN,
+    "admin.*": Audience.ADMIN,
+}
+
+
+def audience_of(endpoint: str | None) -> Audience | None:
+    """The audience of an endpoint, or None when no rule names it (then nobody may reach it)."""
+    if endpoint is None:
+        return None
+    if endpoint in RULES:
+        return RULES[endpoint]
+    blueprint = endpoint.rpartition(".")[0]
+    return RULES.get(f"{blueprint}.*") if blueprint else None
+
+
+def enforce() -> object | None:
+    """Before every request: let it through, send it to sign-in, or refuse it."""
+    if request.endpoint is None:
+        return None  # no such page: the 404 handler answers
+    audience = audience_of(request.endpoint)
+    if audience is Audience.PUBLIC:
+        return None
+    if not current_user.is_authenticated:
+        if audience is None:
+            abort(404)
+        if g.pop("session_expired", False):
+            record_activity(Action.SESSION_EXPIRED, Outcome.REFUSED)
+            flash("Your session has ended. Please sign in again.", "info")
+        if wants_json():
+            abort(401)
+        return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+    if audience is Audience.SIGNED_IN or (audience is Audience.ADMIN and current_user.is_admin):
+        return None
+    record_activity(Action.ACCESS_DENIED, Outcome.REFUSED, path=request.path, method=request.method)
+    abort(403)
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(enforce)

@@ -1,0 +1,360 @@
+"""The admin's pages: web users and the server activity log.
+
+Only admins reach this blueprint (``control.access`` says so). Every change to an account is one
+activity event naming the account and what changed, never a password. Forms that change state are
+POSTs carrying a CSRF token; the account rules themselves (the last active admin stays, nobody
+deletes or deactivates themselves) live in ``control.accounts``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import math
+from collections.abc import Iterator
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
+)
+from flask_login import current_user
+
+from control import accounts
+from control.accounts import AccountError
+from control.activity import (
+    Action,
+    ActivityFilter,
+    ActivityList,
+    count_activity,
+    get_event,
+    list_activity,
+    record_activity,
+    refused_by_address,
+)
+from control.admin.forms import ActivityFilterForm, ContactForm, CredentialsForm, NewUserForm
+from control.formatting import local_time
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+PAGE_SIZE = 50
+
+
+def _engine():
+    return current_app.extensions["site"].engine
+
+
+def _user_or_404(connection, user_id: int) -> accounts.UserDetails:
+    user = accounts.get_details(connection, user_id)
+    if user is None:
+        abort(404)
+    return user
+
+
+@bp.route("/")
+def index():
+    return redirect(url_for("admin.users"))
+
+
+@bp.route("/users")
+def users():
+    with _engine().connect() as connection:
+        listed = accounts.list_users(connection)
+    return render_template("admin/users.html", users=listed)
+
+
+@bp.route("/users/new", methods=["GET", "POST"])
+def new_user():
+    form = NewUserForm()
+    if form.validate_on_submit():
+        try:
+            with _engine().begin() as connection:
+                accounts.check_new_password(form.password.data, form.confirm.data)
+                created = accounts.create_user(
+                    connection,
+                    form.username.data,
+                    form.password.data,
+                    is_admin=form.is_admin.data,
+                    can_upload=form.can_upload.data,
+                    real_name=form.real_name.data.strip(),
+                )
+                accounts.update_contact(
+                    connection,
+                    created.id,
+                    phone=form.phone.data,
+                    email=form.email.data,
+                    notes=form.notes.data,
+                )
+                record_activity(
+                    Action.USER_CREATED,
+                    connection=connection,
+                    account=created.username,
+                    is_admin=created.is_admin,
+                    can_upload=created.can_upload,
+                )
+        except AccountError as error:
+            getattr(form, error.field, form.username).errors.append(str(error))
+        else:
+            flash(f"Created the account {created.username}.", "info")
+            return redirect(url_for("admin.users"))
+    return render_template("admin/user_new.html", form=form)
+
+
+@bp.route("/users/<int:user_id>/edit", methods=["GET", "POST"])
+def edit_user(user_id: int):
+    with _engine().connect() as connection:
+        user = _user_or_404(connection, user_id)
+    form = ContactForm(obj=user)
+    if form.validate_on_submit():
+        fields = ("real_name", "phone", "email", "notes")
+        contact = {name: (getattr(form, name).data or "").strip() for name in fields}
+        changed = sorted(name for name, value in contact.items() if value != getattr(user, name))
+        with _engine().begin() as connection:
+            accounts.update_contact(connection, user_id, **contact)
+            if changed:
+                record_activity(
+                    Action.USER_CHANGED, connection=connection, account=user.username, changed=changed
+                )
+        flash(f"Saved the details of {user.username}.", "info")
+        return redirect(url_for("admin.users"))
+    return render_template("admin/user_edit.html", form=form, user=user)
+
+
+FLAGS = {"is_active": "Active", "can_upload": "Can upload files", "is_admin": "Admin"}
+
+
+@bp.route("/users/<int:user_id>/flags", methods=["POST"])
+def set_flag(user_id: int):
+    flag = request.form.get("flag", "")
+    value = request.form.get("value") == "1"
+    if flag not in FLAGS:
+        abort(400)
+    try:
+        with _engine().begin() as connection:
+            user = _user_or_404(connection, user_id)
+            accounts.set_flags(connection, user_id, current_user.id, **{flag: value})
+            record_activity(
+                Action.USER_CHANGED,
+                connection=connection,
+                account=user.username,
+                changed=[flag],
+                old={flag: getattr(user, flag)},
+                new={flag: value},
+            )
+    except AccountError as error:
+        flash(str(error), "error")
+    else:
+        flash(f"{FLAGS[flag]}: {'yes' if value else 'no'} for {user.username}.", "info")
+    return redirect(url_for("admin.users"))
+
+
+@bp.route("/users/<int:user_id>/credentials", methods=["GET", "POST"])
+def credentials(user_id: int):
+    with _engine().connect() as connection:
+        user = _user_or_404(connection, user_id)
+    form = CredentialsForm(username=user.username)
+    if form.validate_on_submit():
+        new_name = form.username.data.strip()
+        try:
+            with _engine().begin() as connection:
+                changed = []
+                if new_name != user.username:
+                    accounts.rename(connection, user_id, new_name)
+                    changed.append("username")
+                if form.password.data or form.confirm.data:
+                    accounts.set_password(connection, user_id, form.password.data, form.confirm.data)
+                    changed.append("password")
+                if not changed:
+                    raise AccountError(
+                        "Nothing to change: type a new username or a new password.", "username"
+                    )
+                detail = (
+                    {"old_username": user.username, "new_username": new_name} if "username" in changed else {}
+                )
+                record_activity(
+                    Action.USER_CHANGED, connection=connection, account=new_name, changed=changed, **detail
+                )
+        except AccountError as error:
+            getattr(form, error.field, form.username).errors.append(str(error))
+        else:
+            flash(f"Changed the {' and '.join(changed)} of {new_name}.", "info")
+            return redirect(url_for("admin.users"))
+    return render_template("admin/user_credentials.html", form=form, user=user)
+
+
+@bp.route("/users/<int:user_id>/delete", methods=["GET", "POST"])
+def delete_user(user_id: int):
+    with _engine().connect() as connection:
+        user = _user_or_404(connection, user_id)
+    if request.method == "POST":
+        try:
+            with _engine().begin() as connection:
+                accounts.delete_user(connection, user_id, current_user.id)
+                record_activity(Action.USER_DELETED, connection=connection, account=user.username)
+        except AccountError as error:
+            flash(str(error), "error")
+        else:
+            flash(f"Deleted the account {user.username}; its activity stays in the log.", "info")
+        return redirect(url_for("admin.users"))
+    return render_template("admin/user_delete.html", user=user)
+
+
+@bp.route("/users/<int:user_id>")
+def user_activity(user_id: int):
+    with _engine().connect() as connection:
+        user = accounts.get_details(connection, user_id)
+        if user is None:
+            abort(404)
+    return _activity_page(ActivityFilter(user_id=user_id), title=f"Activity of {user.username}", user=user)
+
+
+def _filters_from_request() -> tuple[ActivityFilterForm, ActivityFilter]:
+    """The filters in the query string; a bad value is shown next to its field and ignored."""
+    form = ActivityFilterForm(request.args, meta={"csrf": False})
+    listing = request.args.get("list", ActivityList.USERS.value)
+    if listing not in {member.value for member in ActivityList}:
+        abort(404)
+    user_id = request.args.get("user_id", "")
+    if user_id:
+        if not user_id.isdigit():
+            abort(404)
+        return form, ActivityFilter(user_id=int(user_id))
+    if not form.validate():
+        return form, ActivityFilter(listing=ActivityList(listing))
+    return form, ActivityFilter(
+        listing=ActivityList(listing),
+        date_from=form.date_from.data,
+        date_to=form.date_to.data,
+        user=form.user.data or "",
+        action=form.action.data or "",
+        address=form.address.data or "",
+    )
+
+
+def _page_number() -> int:
+    try:
+        return max(1, int(request.args.get("page", "1")))
+    except ValueError:
+        return 1
+
+
+@bp.route("/activity")
+def activity():
+    form, filters = _filters_from_request()
+    return _activity_page(filters, form=form)
+
+
+def _activity_page(
+    filters: ActivityFilter, *, form: ActivityFilterForm | None = None, title: str = "", user=None
+):
+    page = _page_number()
+    time_zone = g.settings["time_zone"]
+    with _engine().connect() as connection:
+        if filters.listing is ActivityList.REFUSED and filters.user_id is None and not filters.address:
+            total, groups = refused_by_address(
+                connection, filters, time_zone, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
+            )
+            rows = None
+        else:
+            total = count_activity(connection, filters, time_zone)
+            rows = list_activity(
+                connection, filters, time_zone, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
+            ).all()
+            groups = None
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    arguments = {key: value for key, value in request.args.items() if key != "page"}
+    return render_template(
+        "admin/activity.html",
+        form=form,
+        filters=filters,
+        rows=rows,
+        groups=groups,
+        total=total,
+        page=page,
+        pages=pages,
+        arguments=arguments,
+        title=title,
+        user=user,
+        lists=ActivityList,
+        actions=[action.value for action in Action],
+        json=json,
+    )
+
+
+CSV_COLUMNS = (
+    "time",
+    "action",
+    "outcome",
+    "user",
+    "token_id",
+    "client_address",
+    "user_agent",
+    "patient",
+    "study",
+    "detail",
+)
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """Text that a spreadsheet shows as text: a leading = + - @ would make it a formula.
+
+    Usernames typed at the sign-in page and DICOM values are attacker-controlled; an admin opening
+    the export must not run what they wrote.
+    """
+    return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
+
+
+@bp.route("/activity.csv")
+def activity_csv():
+    """The rows the activity page shows for the same filters (all pages), as CSV."""
+    _form, filters = _filters_from_request()
+    time_zone = g.settings["time_zone"]
+
+    def generate() -> Iterator[str]:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(CSV_COLUMNS)
+        with _engine().connect() as connection:
+            for row in list_activity(connection, filters, time_zone, limit=None):
+                cells = [
+                    local_time(row.at, time_zone, "%Y-%m-%d %H:%M:%S"),
+                    row.action,
+                    row.outcome,
+                    row.username,
+                    row.token_id,
+                    row.client_address,
+                    row.user_agent,
+                    row.patient,
+                    row.study,
+                    row.detail,
+                ]
+                writer.writerow([spreadsheet_safe(cell) for cell in cells])
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
+
+    name = f"activity-{filters.listing}-{dt.date.today().isoformat()}.csv"
+    return Response(
+        stream_with_context(generate()),
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+@bp.route("/activity/<int:event_id>")
+def event(event_id: int):
+    with _engine().connect() as connection:
+        row = get_event(connection, event_id)
+    if row is None:
+        abort(404)
+    return render_template("admin/event.html", row=row, detail=json.loads(row.detail or "{}"))

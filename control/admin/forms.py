@@ -1,0 +1,54 @@
+"""The admin pages' forms (Flask-WTF: every one that changes state carries a CSRF token)."""
+
+from __future__ import annotations
+
+from flask_wtf import FlaskForm
+from wtforms import BooleanField, DateField, PasswordField, StringField, TextAreaField
+from wtforms.validators import DataRequired, Length, Optional, Regexp
+
+from control.accounts import MINIMUM_PASSWORD_LENGTH
+
+PASSWORD_HELP = (
+    f"At least {MINIMUM_PASSWORD_LENGTH} characters. Use a mix of lower and upper case letters, digits "
+    "and symbols, or a long passphrase; any characters are accepted and none is cut off."
+)
+
+
+class ContactForm(FlaskForm):
+    real_name = StringField("Real name", validators=[Length(max=200)])
+    phone = StringField("Phone", validators=[Length(max=100)])
+    email = StringField(
+        "E-mail",
+        validators=[
+            Optional(),
+            Regexp(r"^[^@\s]+@[^@\s]+$", message="Not an e-mail address."),
+            Length(max=200),
+        ],
+    )
+    notes = TextAreaField("Notes", validators=[Length(max=2000)])
+
+
+class NewUserForm(ContactForm):
+    username = StringField("Username", validators=[DataRequired(), Length(max=64)])
+    password = PasswordField(
+        "Password", validators=[DataRequired(), Length(max=1024)], description=PASSWORD_HELP
+    )
+    confirm = PasswordField("Confirm password", validators=[DataRequired(), Length(max=1024)])
+    is_admin = BooleanField("Admin (manages users, settings and activity)")
+    can_upload = BooleanField("Can upload files (DICOM, zips of DICOM, HL7 orders, PDF reports)")
+
+
+class CredentialsForm(FlaskForm):
+    username = StringField("Username", validators=[DataRequired(), Length(max=64)])
+    password = PasswordField(
+        "New password", validators=[Length(max=1024)], description="Leave blank to keep it. " + PASSWORD_HELP
+    )
+    confirm = PasswordField("Confirm new password", validators=[Length(max=1024)])
+
+
+class ActivityFilterForm(FlaskForm):
+    date_from = DateField("From", validators=[Optional()])
+    date_to = DateField("To", validators=[Optional()])
+    user = StringField("User", validators=[Optional(), Length(max=64)])
+    action = StringField("Action", validators=[Optional(), Length(max=40)])
+    address = StringField("Client address", validators=[Optional(), Length(max=64)])
