@@ -188,7 +188,10 @@ def config_set(site: Site, name: str, value: str) -> None:
         _fail(str(error))
     db.migrate(site.engine)
     with site.engine.begin() as connection:
+        old = site_settings.with_defaults(db.get_settings(connection))[name]
         db.put_settings(connection, {name: parsed})
+        if parsed != old:
+            _record_shell_activity(connection, Action.SETTINGS_CHANGED, setting=name, old=old, new=parsed)
     click.echo(f"{name} = {json.dumps(parsed, ensure_ascii=False)}")
 
 

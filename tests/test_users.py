@@ -396,3 +396,11 @@ def test_no_password_or_session_cookie_reaches_the_log_or_the_process_logs(
         for word in secret_words:
             assert word not in text
         assert cookie not in text
+
+
+def test_a_user_needs_only_a_name_and_a_password(stack: Stack, admin: Browser) -> None:
+    response = admin.submit(
+        "/admin/users/new", {"username": "minimal", "password": "minimal pw", "confirm": "minimal pw"}
+    )
+    assert "Created the account minimal" in response.text
+    Browser(stack, "minimal", "minimal pw")

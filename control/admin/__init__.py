@@ -86,7 +86,7 @@ def new_user():
                     form.password.data,
                     is_admin=form.is_admin.data,
                     can_upload=form.can_upload.data,
-                    real_name=form.real_name.data.strip(),
+                    real_name=form.real_name.data,
                 )
                 accounts.update_contact(
                     connection,
@@ -117,7 +117,7 @@ def edit_user(user_id: int):
     form = ContactForm(obj=user)
     if form.validate_on_submit():
         fields = ("real_name", "phone", "email", "notes")
-        contact = {name: (getattr(form, name).data or "").strip() for name in fields}
+        contact = {name: getattr(form, name).data for name in fields}
         changed = sorted(name for name, value in contact.items() if value != getattr(user, name))
         with _engine().begin() as connection:
             accounts.update_contact(connection, user_id, **contact)
@@ -164,7 +164,7 @@ def credentials(user_id: int):
         user = _user_or_404(connection, user_id)
     form = CredentialsForm(username=user.username)
     if form.validate_on_submit():
-        new_name = form.username.data.strip()
+        new_name = form.username.data
         try:
             with _engine().begin() as connection:
                 changed = []

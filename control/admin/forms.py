@@ -14,22 +14,28 @@ PASSWORD_HELP = (
 )
 
 
+def _trimmed(value: str | None) -> str:
+    """Typed text without surrounding blanks; a field left out of the request reads as empty."""
+    return (value or "").strip()
+
+
 class ContactForm(FlaskForm):
-    real_name = StringField("Real name", validators=[Length(max=200)])
-    phone = StringField("Phone", validators=[Length(max=100)])
+    real_name = StringField("Real name", validators=[Length(max=200)], filters=[_trimmed])
+    phone = StringField("Phone", validators=[Length(max=100)], filters=[_trimmed])
     email = StringField(
         "E-mail",
+        filters=[_trimmed],
         validators=[
             Optional(),
             Regexp(r"^[^@\s]+@[^@\s]+$", message="Not an e-mail address."),
             Length(max=200),
         ],
     )
-    notes = TextAreaField("Notes", validators=[Length(max=2000)])
+    notes = TextAreaField("Notes", validators=[Length(max=2000)], filters=[_trimmed])
 
 
 class NewUserForm(ContactForm):
-    username = StringField("Username", validators=[DataRequired(), Length(max=64)])
+    username = StringField("Username", validators=[DataRequired(), Length(max=64)], filters=[_trimmed])
     password = PasswordField(
         "Password", validators=[DataRequired(), Length(max=1024)], description=PASSWORD_HELP
     )
@@ -39,7 +45,7 @@ class NewUserForm(ContactForm):
 
 
 class CredentialsForm(FlaskForm):
-    username = StringField("Username", validators=[DataRequired(), Length(max=64)])
+    username = StringField("Username", validators=[DataRequired(), Length(max=64)], filters=[_trimmed])
     password = PasswordField(
         "New password", validators=[Length(max=1024)], description="Leave blank to keep it. " + PASSWORD_HELP
     )
