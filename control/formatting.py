@@ -15,7 +15,20 @@ def local_time(moment: dt.datetime | None, time_zone: str, pattern: str) -> str:
     return moment.replace(tzinfo=dt.UTC).astimezone(zoneinfo.ZoneInfo(time_zone)).strftime(pattern)
 
 
+def detail_value(value: object) -> str:
+    """An activity detail as a person reads it: lists joined, mappings as name: value."""
+    if isinstance(value, list):
+        return ", ".join(detail_value(item) for item in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {detail_value(item)}" for key, item in value.items())
+    if value is True or value is False:
+        return "yes" if value else "no"
+    return "" if value is None else str(value)
+
+
 def init_app(app: Flask) -> None:
+    app.add_template_filter(detail_value)
+
     @app.template_filter("datetime")
     def datetime_filter(moment: dt.datetime | None) -> str:
         settings = g.settings
