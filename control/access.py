@@ -21,6 +21,7 @@ class Audience(enum.Enum):
     PUBLIC = "anyone"
     SIGNED_IN = "signed-in users"
     ADMIN = "admins"
+    UPLOADER = "signed-in users who may upload"
 
 
 RULES: dict[str, Audience] = {
@@ -29,7 +30,22 @@ RULES: dict[str, Audience] = {
     "auth.login": Audience.PUBLIC,
     "auth.logout": Audience.SIGNED_IN,
     "query.*": Audience.SIGNED_IN,
+    # The downloader program itself is offered on the landing page, to anyone.
+    "query.downloader_script": Audience.PUBLIC,
+    # Patients' pages: the token in the link is the key (control.tokens checks it).
+    "tokens.patient_page": Audience.PUBLIC,
+    "tokens.patient_viewer": Audience.PUBLIC,
+    "tokens.patient_download": Audience.PUBLIC,
+    "tokens.patient_handout": Audience.PUBLIC,
+    "tokens.study_link": Audience.SIGNED_IN,
+    # The DICOMweb gate decides itself: a signed-in user or a study grant (control.dicomweb.rules).
+    "dicomweb.*": Audience.PUBLIC,
     "admin.*": Audience.ADMIN,
+    # Uploads need the account's "can upload files" right; the worklist page is the admin's.
+    "uploads.*": Audience.UPLOADER,
+    "uploads.worklist": Audience.ADMIN,
+    "uploads.worklist_delete": Audience.ADMIN,
+    "uploads.worklist_modalities": Audience.ADMIN,
 }
 
 
@@ -59,7 +75,11 @@ def enforce() -> object | None:
         if wants_json():
             abort(401)
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
-    if audience is Audience.SIGNED_IN or (audience is Audience.ADMIN and current_user.is_admin):
+    if (
+        audience is Audience.SIGNED_IN
+        or (audience is Audience.ADMIN and current_user.is_admin)
+        or (audience is Audience.UPLOADER and current_user.can_upload)
+    ):
         return None
     record_activity(Action.ACCESS_DENIED, Outcome.REFUSED, path=request.path, method=request.method)
     abort(403)

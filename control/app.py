@@ -51,11 +51,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from control import admin, auth, public
+    from control import admin, auth, dicomweb, public, query, tokens
 
     app.register_blueprint(public.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(tokens.bp)
+    app.register_blueprint(dicomweb.bp)
+    app.register_blueprint(query.bp)
     errors.init_app(app)
     formatting.init_app(app)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import click
 from control import accounts, db, stack
 from control import settings as site_settings
 from control.activity import Action, record_activity
+from control.network import local_address
 from control.site import REPOSITORY, Site
 
 
@@ -39,17 +39,6 @@ def main(context: click.Context, data: Path | None) -> None:
     """The PACS web portal: Orthanc, the control plane and Caddy on one machine."""
     context.obj = Site(data)
     os.environ["PACS_DATA"] = str(context.obj.data)
-
-
-def local_address() -> str:
-    """The address other machines on the local network reach this one at, best effort."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            # Connecting a UDP socket sends nothing; it only picks the outgoing interface.
-            probe.connect(("10.255.255.255", 1))
-            return probe.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
 
 
 def banner(site: Site, prepared: stack.Prepared) -> str:
@@ -281,6 +270,56 @@ def user_list(site: Site) -> None:
             click.echo(f"{account.username}\t{','.join(flags) or '-'}\t{last}\t{account.real_name}")
 
 
-def _record_shell_activity(connection, action: Action, **detail) -> None:
+def _record_shell_activity(
+    connection, action: Action, *, token_id: str = "", patient: str = "", study: str = "", **detail
+) -> None:
     """Shell changes are logged like the admin pages' ones, by the shell user's name."""
-    record_activity(action, connection=connection, username=f"shell:{getpass.getuser()}", **detail)
+    record_activity(
+        action,
+        connection=connection,
+        username=f"shell:{getpass.getuser()}",
+        token_id=token_id,
+        patient=patient,
+        study=study,
+        **detail,
+    )
+
+
+@main.command("token")
+@click.argument("study")
+@click.pass_obj
+def token_command(site: Site, study: str) -> None:
+    """Print the patient's link of STUDY (a StudyInstanceUID or an Orthanc study id).
+
+    The portal must be running: the study is looked up in the archive.
+    """
+    from control import configs, network
+    from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
+    from control.tokens import store, study_facts
+
+    db.migrate(site.engine)
+    values = site.load_settings()
+    topology = configs.Topology.from_environment(site)
+    orthanc = Orthanc(
+        configs.orthanc_url(values, topology), site.secrets.orthanc_user, site.secrets.orthanc_password
+    )
+    try:
+        found = orthanc.request("POST", "/tools/lookup", data=study.strip().encode()).json()
+        orthanc_id = next((item["ID"] for item in found if item["Type"] == "Study"), study)
+        facts, _view = study_facts(orthanc, orthanc_id)
+    except OrthancUnavailable:
+        _fail("the archive is not reachable: start the portal first (./pacs up --detach)")
+    except OrthancError as error:
+        if error.status != 404:
+            raise
+        _fail(f"no study {study!r} in the archive")
+    with site.engine.begin() as connection:
+        token, new = store.issue(connection, site.secrets.token_key, facts, db.utcnow())
+        _record_shell_activity(
+            connection,
+            Action.TOKEN_MADE if new else Action.TOKEN_COPIED,
+            token_id=token.public_id,
+            patient=facts.patient_name,
+            study=facts.study_uid,
+        )
+    click.echo(network.token_link(values, token.token))

@@ -8,6 +8,7 @@ compose.yaml describe their own topology with the environment variables read by 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 
 import jinja2
 
+from control.settings import parse_modalities
 from control.site import REPOSITORY, Site
 
 ORTHANC_TEMPLATE = REPOSITORY / "orthanc" / "orthanc.json"
@@ -81,6 +83,14 @@ def _fill(node: Any, values: dict[str, Any]) -> Any:
     return node
 
 
+def orthanc_modalities(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Orthanc's ``DicomModalities`` from the ``dicom_modalities`` setting, named by AE title."""
+    return {
+        modality.aet: {"AET": modality.aet, "Host": modality.host, "Port": modality.port}
+        for modality in parse_modalities(settings["dicom_modalities"])
+    }
+
+
 def render_orthanc(site: Site, settings: dict[str, Any], topology: Topology) -> str:
     template = json.loads(ORTHANC_TEMPLATE.read_text())
     values = {
@@ -92,6 +102,7 @@ def render_orthanc(site: Site, settings: dict[str, Any], topology: Topology) -> 
         "orthanc_password": site.secrets.orthanc_password,
         "storage": str(site.orthanc_storage),
         "worklists": str(site.worklists),
+        "dicom_modalities": orthanc_modalities(settings),
     }
     return json.dumps(_fill(template, values), indent=2) + "\n"
 
@@ -103,7 +114,12 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         autoescape=False,  # noqa: S701 - a Caddyfile, not HTML
     )
     template = environment.from_string(CADDY_TEMPLATE.read_text())
+    credentials = f"{site.secrets.orthanc_user}:{site.secrets.orthanc_password}".encode()
     return template.render(
+        orthanc_upstream=f"{topology.orthanc_host}:{settings['orthanc_http_port']}",
+        orthanc_authorization="Basic " + base64.b64encode(credentials).decode(),
+        upload_max_bytes=settings["upload_max_mb"] * 1024 * 1024,
+        upload_max_mb=settings["upload_max_mb"],
         admin_socket=site.run / "caddy-admin.sock",
         logs=site.logs,
         web_port=settings["web_port"],

@@ -141,3 +141,33 @@ def put_settings(connection: sa.Connection, values: dict[str, Any]) -> None:
             )
         else:
             connection.execute(settings.insert().values(name=name, value=encoded, updated_at=now))
+
+
+study_tokens = sa.Table(
+    "study_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    # What the activity log and the admin pages show for a token: never the token itself.
+    sa.Column("public_id", sa.String(16), nullable=False, unique=True),
+    sa.Column("study_uid", sa.String(64), nullable=False),
+    sa.Column("orthanc_study_id", sa.String(64), nullable=False),
+    # The token is derived from the token key and (study, generation); revoking moves to the next
+    # generation. The database keeps only a SHA-256 of the token, to find it.
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("lookup_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("patient_name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("patient_id", sa.String(100), nullable=False, server_default=""),
+    sa.Column("patient_birth_date", sa.String(8), nullable=False, server_default=""),
+    sa.Column("study_date", sa.Date, nullable=False),
+    sa.Column("issued_at", sa.DateTime, nullable=False),
+    sa.Column("extended_until", sa.Date),
+    sa.Column("revoked_at", sa.DateTime),
+    sa.Column("uses", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_used_at", sa.DateTime),
+    sa.Column("last_used_from", sa.String(64), nullable=False, server_default=""),
+    sa.Column("identity_failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("identity_locked_until", sa.DateTime),
+    sa.UniqueConstraint("study_uid", "generation", name="uq_study_tokens_study_generation"),
+    sa.Index("ix_study_tokens_patient_id", "patient_id"),
+    sqlite_autoincrement=True,
+)

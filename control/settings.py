@@ -13,6 +13,7 @@ database wins, so a second ``up`` keeps what the admin chose.
 from __future__ import annotations
 
 import os
+import re
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ class Setting:
             if lowered in {"0", "false", "no", "off", ""}:
                 return False
             raise ValueError(f"{self.label}: expected yes or no, got {text!r}")
+        if self.choices and text not in {value for value, _label in self.choices}:
+            allowed = ", ".join(value for value, _label in self.choices)
+            raise ValueError(f"{self.label}: expected one of {allowed}, got {text!r}")
         if self.kind is int:
             try:
                 value = int(text)
@@ -54,9 +58,6 @@ class Setting:
             if self.maximum is not None and value > self.maximum:
                 raise ValueError(f"{self.label}: must be at most {self.maximum}")
             return value
-        if self.choices and text not in {value for value, _label in self.choices}:
-            allowed = ", ".join(value for value, _label in self.choices)
-            raise ValueError(f"{self.label}: expected one of {allowed}, got {text!r}")
         if self.check:
             try:
                 self.check(text)
@@ -70,6 +71,55 @@ def _time_zone(name: str) -> None:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"{name!r} is not a time zone name such as Europe/Athens or UTC") from None
+
+
+_HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$|^\[?[0-9A-Fa-f:.]+\]?$")
+
+
+def _host_name(text: str) -> None:
+    if text and not _HOST_NAME.match(text):
+        raise ValueError(f"{text!r} is not a host name or an address")
+
+
+@dataclass(frozen=True)
+class Modality:
+    """A DICOM modality allowed to query the worklist and the archive (``dicom_modalities``)."""
+
+    aet: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.aet}@{self.host}:{self.port}"
+
+
+# AE titles are kept to letters, digits and _ . - so that one can also name the modality in
+# Orthanc's REST API (``/modalities/{name}``) without any escaping.
+_MODALITY = re.compile(r"^([A-Za-z0-9_.-]{1,16})@([A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})$")
+
+
+def parse_modalities(text: str) -> list[Modality]:
+    """The modalities of ``text``: ``AET@host:port`` items separated by spaces or commas."""
+    found: list[Modality] = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        match = _MODALITY.match(item)
+        if not match:
+            raise ValueError(
+                f"{item!r} is not AET@host:port (an AE title of up to 16 letters, digits, _ . or -)"
+            )
+        modality = Modality(match.group(1), match.group(2), int(match.group(4)))
+        if not 1 <= modality.port <= 65535:
+            raise ValueError(f"{item!r}: the port must be between 1 and 65535")
+        if any(other.aet.upper() == modality.aet.upper() for other in found):
+            raise ValueError(f"the AE title {modality.aet} is listed twice")
+        found.append(modality)
+    return found
+
+
+def _modalities(text: str) -> None:
+    parse_modalities(text)
 
 
 def _port(name: str, default: int, label: str, help: str, env: str, minimum: int = 1) -> Setting:
@@ -126,6 +176,54 @@ SETTINGS: tuple[Setting, ...] = (
         "PACS_ORTHANC_HTTP_PORT",
     ),
     Setting(
+        "web_server_name",
+        str,
+        "",
+        "Web server name",
+        "The portal's DNS name (e.g. pacs.example.org), used in the links sent to patients. Keep it "
+        "blank when there is no valid DNS name: links then use the internet address.",
+        env="PACS_WEB_SERVER_NAME",
+        check=_host_name,
+    ),
+    Setting(
+        "public_address",
+        str,
+        "",
+        "Internet address (true IP)",
+        "The address the portal is reached at from the internet, used in patients' links when there "
+        "is no web server name. Blank: this machine's own address is used.",
+        env="PACS_PUBLIC_ADDRESS",
+        check=_host_name,
+    ),
+    Setting(
+        "token_days",
+        int,
+        60,
+        "Studies are accessible via tokens for",
+        "How long patients' links work, counted from the study date (or from the day the link was "
+        "first issued when the study has no date or a future one).",
+        choices=tuple(
+            (str(days), label)
+            for days, label in (
+                (7, "1 week"),
+                (14, "2 weeks"),
+                (30, "1 month (30 days)"),
+                (60, "2 months (60 days)"),
+                (90, "3 months (90 days)"),
+                (180, "6 months (180 days)"),
+                (365, "1 year"),
+            )
+        ),
+    ),
+    Setting(
+        "token_identity_check",
+        bool,
+        False,
+        "Ask patients for their birth date",
+        "Before a patient's link shows the study, ask for the patient's date of birth; repeated wrong "
+        "answers lock the link for a while.",
+    ),
+    Setting(
         "zip_content",
         str,
         "dicom",
@@ -177,6 +275,48 @@ SETTINGS: tuple[Setting, ...] = (
         "However active, a session ends this long after sign-in.",
         minimum=1,
         maximum=24 * 30,
+    ),
+    Setting(
+        "upload_max_mb",
+        int,
+        2048,
+        "Largest upload (MB)",
+        "The most one upload request may carry (a DICOM file, a zip, an HL7 file or a PDF report). "
+        "The web front and the control plane both refuse larger ones with a clear page.",
+        env="PACS_UPLOAD_MAX_MB",
+        minimum=1,
+        maximum=1024 * 1024,
+    ),
+    Setting(
+        "upload_max_unpacked_mb",
+        int,
+        16384,
+        "Largest unpacked zip (MB)",
+        "The most one uploaded zip may unpack to, counted as it is read (whatever its headers claim); "
+        "the members past it are refused.",
+        minimum=1,
+        maximum=1024 * 1024,
+    ),
+    Setting(
+        "disk_reserve_mb",
+        int,
+        2048,
+        "Free disk space kept (MB)",
+        "Uploads are refused while the archive's disk has less free space than this, so that the "
+        "archive never fills its disk.",
+        env="PACS_DISK_RESERVE_MB",
+        minimum=0,
+        maximum=1024 * 1024 * 1024,
+    ),
+    Setting(
+        "dicom_modalities",
+        str,
+        "",
+        "Registered modalities",
+        "The modalities that may query the worklist and the archive over DICOM (C-FIND, C-MOVE, "
+        "C-GET), as AET@host:port separated by spaces, e.g. CT1@10.0.0.21:104. Any modality may "
+        "store; only these may query.",
+        check=_modalities,
     ),
 )
 

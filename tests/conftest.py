@@ -8,6 +8,7 @@ by default the cache of the default data directory) so that every stack does not
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import signal
@@ -19,8 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
+from pydicom import Dataset
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from pynetdicom import AE
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
@@ -142,6 +148,45 @@ class Stack:
         assert response.status_code == 200, response.text[:500]
         assert f"signed in as <strong>{username.lower()}</strong>" in response.text.lower()
         return session
+
+
+def c_store(stack: Stack, dataset: Dataset | str | Path) -> int:
+    """Send one dataset (or file) to the archive's DICOM port as a modality would; return the status."""
+    if not isinstance(dataset, Dataset):
+        dataset = pydicom.dcmread(dataset)
+    ae = AE(ae_title="TESTMODALITY")
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    association = ae.associate("127.0.0.1", stack.dicom_port, ae_title=stack.aet)
+    assert association.is_established, "the archive refused the association"
+    try:
+        return association.send_c_store(dataset).Status
+    finally:
+        association.release()
+
+
+def fresh_study(
+    sample: str,
+    *,
+    study_date: str | None = None,
+    patient_id: str | None = None,
+    patient_name: str | None = None,
+) -> Dataset:
+    """A pydicom sample file made into a new study of its own (new UIDs), dated today by default."""
+    dataset = pydicom.dcmread(get_testdata_file(sample))
+    dataset.StudyInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.StudyDate = study_date if study_date is not None else dt.date.today().strftime("%Y%m%d")
+    dataset.PatientID = patient_id or "TEST-" + generate_uid()[-12:]
+    if patient_name:
+        dataset.PatientName = patient_name
+    return dataset
+
+
+def orthanc_id(stack: Stack, study_uid: str) -> str:
+    """The archive's id of a study, from its StudyInstanceUID."""
+    found = requests.post(f"{stack.orthanc_url}/tools/lookup", data=study_uid, auth=stack.orthanc_auth).json()
+    return next(item["ID"] for item in found if item["Type"] == "Study")
 
 
 def csrf_token(html: str) -> str:

@@ -13,27 +13,10 @@ import time
 import pytest
 import requests
 from pydicom.data import get_testdata_file
-from pynetdicom import AE
 
-from conftest import REPOSITORY, Stack, free_port, sign_in
+from conftest import REPOSITORY, Stack, c_store, free_port, sign_in
 
 pytestmark = pytest.mark.stack
-
-
-def c_store(stack: Stack, path: str) -> int:
-    """Send one file to the archive's DICOM port as a modality would; return the C-STORE status."""
-    import pydicom
-
-    dataset = pydicom.dcmread(path)
-    ae = AE(ae_title="TESTMODALITY")
-    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
-    association = ae.associate("127.0.0.1", stack.dicom_port, ae_title=stack.aet)
-    assert association.is_established, "the archive refused the association"
-    try:
-        status = association.send_c_store(dataset)
-        return status.Status
-    finally:
-        association.release()
 
 
 def test_landing_page_is_branded_and_asks_for_an_account(stack: Stack) -> None:

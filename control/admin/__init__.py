@@ -30,7 +30,7 @@ from flask import (
 )
 from flask_login import current_user
 
-from control import accounts
+from control import accounts, db
 from control.accounts import AccountError
 from control.activity import (
     Action,
@@ -42,8 +42,9 @@ from control.activity import (
     record_activity,
     refused_by_address,
 )
-from control.admin.forms import ActivityFilterForm, ContactForm, CredentialsForm, NewUserForm
+from control.admin.forms import ActivityFilterForm, ContactForm, CredentialsForm, NewUserForm, TokenForm
 from control.formatting import local_time
+from control.tokens import store
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -358,3 +359,82 @@ def event(event_id: int):
     if row is None:
         abort(404)
     return render_template("admin/event.html", row=row, detail=json.loads(row.detail or "{}"))
+
+
+@bp.route("/tokens")
+def tokens():
+    """Every study token: for whom, issued, last used, uses, from where, and its state."""
+    patient_id = request.args.get("patient_id", "").strip()
+    page = _page_number()
+    with _engine().connect() as connection:
+        total, listed = store.list_tokens(
+            connection, patient_id=patient_id, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
+        )
+    today = dt.date.today()
+    return render_template(
+        "admin/tokens.html",
+        tokens=listed,
+        total=total,
+        page=page,
+        pages=max(1, math.ceil(total / PAGE_SIZE)),
+        patient_id=patient_id,
+        token_days=g.settings["token_days"],
+        today=today,
+        arguments={"patient_id": patient_id} if patient_id else {},
+    )
+
+
+@bp.route("/tokens/<int:token_id>", methods=["GET", "POST"])
+def token(token_id: int):
+    """One token: its uses, and the admin's two levers: extend it, or revoke it."""
+    with _engine().connect() as connection:
+        found = store.get(connection, token_id)
+    if found is None:
+        abort(404)
+    form = TokenForm()
+    if form.validate_on_submit():
+        with _engine().begin() as connection:
+            detail = {
+                "token_id": found.public_id,
+                "patient": found.row.patient_name,
+                "study": found.row.study_uid,
+            }
+            if form.revoke.data:
+                store.revoke(connection, token_id, db.utcnow())
+                record_activity(Action.TOKEN_REVOKED, connection=connection, **detail)
+                flash(
+                    "Revoked: the link no longer works. The next link made for this study will be new.",
+                    "info",
+                )
+            elif form.extend_until.data:
+                old = found.accessible_until(g.settings["token_days"])
+                store.extend(connection, token_id, form.extend_until.data)
+                record_activity(
+                    Action.TOKEN_EXTENDED,
+                    connection=connection,
+                    old=old.isoformat(),
+                    new=form.extend_until.data.isoformat(),
+                    **detail,
+                )
+                flash(f"The link now works until {form.extend_until.data.isoformat()}.", "info")
+        return redirect(url_for("admin.token", token_id=token_id))
+    return render_template(
+        "admin/token.html",
+        token=found,
+        form=form,
+        token_days=g.settings["token_days"],
+        state=found.state(g.settings["token_days"], dt.date.today()),
+    )
+
+
+@bp.route("/tokens/revoke-patient", methods=["POST"])
+def revoke_patient():
+    """Revoke every live link to one patient's studies."""
+    patient_id = request.form.get("patient_id", "").strip()
+    if not patient_id:
+        abort(400)
+    with _engine().begin() as connection:
+        count = store.revoke_patient(connection, patient_id, db.utcnow())
+        record_activity(Action.TOKEN_REVOKED, connection=connection, patient_id=patient_id, revoked=count)
+    flash(f"Revoked {count} link{'s' if count != 1 else ''} of patient {patient_id}.", "info")
+    return redirect(url_for("admin.tokens", patient_id=patient_id))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import BooleanField, DateField, PasswordField, StringField, TextAreaField
+from wtforms import BooleanField, DateField, PasswordField, StringField, SubmitField, TextAreaField
 from wtforms.validators import DataRequired, Length, Optional, Regexp
 
 from control.accounts import MINIMUM_PASSWORD_LENGTH
@@ -58,3 +58,9 @@ class ActivityFilterForm(FlaskForm):
     user = StringField("User", validators=[Optional(), Length(max=64)])
     action = StringField("Action", validators=[Optional(), Length(max=40)])
     address = StringField("Client address", validators=[Optional(), Length(max=64)])
+
+
+class TokenForm(FlaskForm):
+    extend_until = DateField("Works until", validators=[Optional()])
+    revoke = SubmitField("Revoke this link")
+    save = SubmitField("Extend")

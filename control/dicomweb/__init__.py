@@ -1,0 +1,141 @@
+"""The DICOMweb gate: who may read the archive through ``/dicom-web`` (the viewer's data source).
+
+Bulk traffic does not pass through Python: Caddy asks ``/internal/gate/dicom-web`` before it
+proxies a DICOMweb request (``forward_auth``), then streams Orthanc's answer itself, adding
+Orthanc's credentials and a ``Forwarded`` header so that the URLs in Orthanc's answers point back
+through the portal. Only searches at the top (``/dicom-web/studies``, ``/series``, ``/instances``)
+come here, because a patient's grant must see its own study whatever the search asks for.
+
+The decision itself is ``rules.decide``; this module finds out who is asking.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Blueprint, Response, current_app, g, request, stream_with_context
+from flask_login import current_user
+
+from control import db
+from control.activity import Action, Outcome, record_activity
+from control.dicomweb import rules
+from control.orthanc import STREAM_CHUNK
+from control.tokens import grants, store
+
+bp = Blueprint("dicomweb", __name__)
+
+# Headers of Orthanc's answer that describe the body and go back to the client.
+PASSED_BACK = ("Content-Type", "Content-Length", "Content-Disposition", "ETag", "Last-Modified")
+
+
+def valid_grants() -> list[grants.Grant]:
+    """The browser's study grants whose tokens still work (revoked or expired ones end at once)."""
+    presented = grants.read(request)
+    if not presented:
+        return []
+    with current_app.extensions["site"].engine.connect() as connection:
+        rows = {
+            row.id: store.StudyToken(row)
+            for row in connection.execute(
+                sa.select(db.study_tokens).where(
+                    db.study_tokens.c.id.in_([grant.token_id for grant in presented])
+                )
+            )
+        }
+    today = db.utcnow().date()
+    return [
+        grant
+        for grant in presented
+        if grant.token_id in rows
+        and rows[grant.token_id].row.study_uid == grant.study_uid
+        and rows[grant.token_id].state(g.settings["token_days"], today) is store.TokenState.VALID
+    ]
+
+
+def visitor() -> tuple[rules.Visitor, list[grants.Grant]]:
+    if current_user.is_authenticated:
+        return rules.Visitor(signed_in=True, can_upload=current_user.can_upload), []
+    held = valid_grants()
+    return rules.Visitor(granted_studies=frozenset(grant.study_uid for grant in held)), held
+
+
+def _denied(decision: rules.Decision, method: str, path: str) -> None:
+    if decision.verdict is rules.Verdict.NOT_FOUND:
+        return
+    record_activity(
+        Action.DICOMWEB_DENIED,
+        Outcome.REFUSED,
+        study=decision.study_uid,
+        method=method,
+        path=path[:200],
+        reason=decision.reason,
+    )
+
+
+@bp.route("/internal/gate/dicom-web")
+def gate():
+    """Caddy's ``forward_auth`` question: may this DICOMweb request through? (2xx = yes)"""
+    method = request.headers.get("X-Forwarded-Method", "GET").upper()
+    uri = request.headers.get("X-Forwarded-Uri", "")
+    asking, _held = visitor()
+    decision = rules.decide(method, uri, asking)
+    if decision.verdict is not rules.Verdict.ALLOW:
+        _denied(decision, method, rules.split_uri(uri)[0])
+    status = decision.verdict.value
+    body = {200: "", 401: "Sign-in needed", 403: "Not allowed", 404: "Not found"}[status]
+    return Response(body, status=status, mimetype="text/plain")
+
+
+@bp.route("/dicom-web/studies", methods=["GET"])
+@bp.route("/dicom-web/series", methods=["GET"])
+@bp.route("/dicom-web/instances", methods=["GET"])
+def search():
+    """QIDO-RS searches: unchanged for signed-in users, narrowed to the granted studies for patients."""
+    raw_query = request.query_string.decode("latin-1")
+    asking, held = visitor()
+    decision = rules.decide("GET", request.path, asking)
+    if asking.signed_in:
+        return _relay(request.path, raw_query)
+    if decision.verdict is rules.Verdict.SIGN_IN:
+        _denied(decision, "GET", request.path)
+        return Response("Sign-in needed", status=401, mimetype="text/plain")
+    answers: list[Any] = []
+    for study_uid in dict.fromkeys(grant.study_uid for grant in held):
+        narrowed = rules.narrowed_query(raw_query, study_uid)
+        if narrowed is None:
+            continue
+        upstream = _orthanc_get(request.path, narrowed)
+        with upstream:
+            if upstream.status_code == 200 and upstream.content:
+                # Whatever the query did, only the granted study's entries leave the portal.
+                answers.extend(
+                    item for item in upstream.json() if item.get("0020000D", {}).get("Value") == [study_uid]
+                )
+    return Response(json.dumps(answers), status=200, mimetype="application/dicom+json")
+
+
+def _orthanc_get(path: str, raw_query: str):
+    orthanc = current_app.extensions["orthanc"]
+    query = rules.orthanc_query(raw_query)
+    url = path + (f"?{query}" if query else "")
+    headers = {
+        "Accept": request.headers.get("Accept", "application/dicom+json"),
+        "Forwarded": f"host={request.host};proto={request.scheme}",
+    }
+    # requests would re-encode a query given as params; the raw string must reach Orthanc as is.
+    return orthanc.request("GET", url, headers=headers, stream=True)
+
+
+def _relay(path: str, raw_query: str) -> Response:
+    upstream = _orthanc_get(path, raw_query)
+
+    def body():
+        try:
+            yield from upstream.iter_content(STREAM_CHUNK)
+        finally:
+            upstream.close()
+
+    headers = {name: upstream.headers[name] for name in PASSED_BACK if name in upstream.headers}
+    return Response(stream_with_context(body()), status=upstream.status_code, headers=headers)

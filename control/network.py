@@ -1,0 +1,36 @@
+"""Where this portal is reachable: its addresses and the fully qualified links built on them."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+
+def local_address() -> str:
+    """The address other machines on the local network reach this one at, best effort."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            # Connecting a UDP socket sends nothing; it only picks the outgoing interface.
+            probe.connect(("10.255.255.255", 1))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def public_origin(settings: dict[str, Any]) -> str:
+    """``scheme://host:port`` of the portal as the outside world reaches it.
+
+    The host is the web server name, else the internet address, else this machine's address; the
+    scheme is https when SSL is on. Built from the settings alone, so a link made from a page opened
+    on a local address, or from a shell, still works for a patient at home.
+    """
+    host = settings.get("web_server_name") or settings.get("public_address") or local_address()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    scheme = "https" if settings.get("ssl_enabled") else "http"
+    return f"{scheme}://{host}:{settings['web_port']}"
+
+
+def token_link(settings: dict[str, Any], token: str) -> str:
+    """The fully qualified link a patient opens: ``{origin}/token?{token}``."""
+    return f"{public_origin(settings)}/token?{token}"

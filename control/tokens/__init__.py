@@ -1,0 +1,322 @@
+"""Patients' pages, reached by a study token link: ``/token?{token}``.
+
+A patient needs no account: the 64-character token in the link is the key to one study. The page
+shows the institution and the study, and offers the viewer, a zip of the study, and a printable
+handout. An expired link says so and whom to contact; an unknown or revoked one gets the same page
+as any made-up token. Refused attempts are recorded and, past a limit per client address, refused
+outright for a while. Every use is an activity event naming the token's public id, never the token.
+
+Signed-in users get a study's link from the study results (``POST /tokens/studies/<id>/link``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any
+from urllib.parse import quote
+
+import segno
+import sqlalchemy as sa
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    g,
+    jsonify,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    session,
+)
+from flask_wtf import FlaskForm
+from markupsafe import Markup
+from wtforms import StringField
+from wtforms.validators import DataRequired, Length
+
+from control import db, network
+from control.activity import Action, Outcome, record_activity
+from control.orthanc import Orthanc, OrthancError
+from control.tokens import grants, store
+
+bp = Blueprint("tokens", __name__)
+
+REFUSAL_WINDOW = dt.timedelta(minutes=15)
+REFUSAL_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class StudyView:
+    """What the patient's page shows of the study, read from the archive."""
+
+    patient_name: str
+    study_id: str
+    description: str
+    date: str
+    time: str
+    modalities: list[str]
+    study_uid: str
+    orthanc_id: str
+
+
+def study_facts(orthanc: Orthanc, orthanc_id: str) -> tuple[store.StudyFacts, StudyView]:
+    """Read a study from Orthanc, for the token store and for the page."""
+    study = orthanc.get_json(f"/studies/{orthanc_id}")
+    series = orthanc.get_json(f"/studies/{orthanc_id}/series")
+    tags, patient = study.get("MainDicomTags", {}), study.get("PatientMainDicomTags", {})
+    modalities = sorted({item.get("MainDicomTags", {}).get("Modality", "") for item in series} - {""})
+    facts = store.StudyFacts(
+        study_uid=tags.get("StudyInstanceUID", ""),
+        orthanc_study_id=orthanc_id,
+        patient_name=patient.get("PatientName", ""),
+        patient_id=patient.get("PatientID", ""),
+        patient_birth_date=patient.get("PatientBirthDate", ""),
+        study_date=tags.get("StudyDate", ""),
+    )
+    view = StudyView(
+        patient_name=facts.patient_name,
+        study_id=tags.get("StudyID", ""),
+        description=tags.get("StudyDescription", ""),
+        date=tags.get("StudyDate", ""),
+        time=tags.get("StudyTime", ""),
+        modalities=modalities,
+        study_uid=facts.study_uid,
+        orthanc_id=orthanc_id,
+    )
+    return facts, view
+
+
+def _engine() -> sa.Engine:
+    return current_app.extensions["site"].engine
+
+
+def _recent_refusals(connection: sa.Connection, client_address: str) -> int:
+    return connection.execute(
+        sa.select(sa.func.count()).where(
+            db.activity.c.action == str(Action.TOKEN_REFUSED),
+            db.activity.c.client_address == client_address,
+            db.activity.c.at > db.utcnow() - REFUSAL_WINDOW,
+        )
+    ).scalar_one()
+
+
+def _refuse(connection: sa.Connection, reason: str, token: store.StudyToken | None = None) -> None:
+    record_activity(
+        Action.TOKEN_REFUSED,
+        Outcome.REFUSED,
+        connection=connection,
+        token_id=token.public_id if token else "",
+        patient=token.row.patient_name if token else "",
+        study=token.row.study_uid if token else "",
+        reason=reason,
+        path=request.path,
+    )
+
+
+def _presented_token() -> str:
+    # The link is /token?{token}: the whole query string is the token.
+    return request.query_string.decode("ascii", "replace")
+
+
+def _status_page(template: str, status: int, **context: Any):
+    response = make_response(render_template(template, **context), status)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def with_token(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Let a request through only with a valid token for a study still in the archive.
+
+    Passes the token and the study's facts to the view; answers the refusal pages otherwise.
+    """
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any):
+        settings = g.settings
+        now = db.utcnow()
+        client_address = request.remote_addr or ""
+        with _engine().begin() as connection:
+            if _recent_refusals(connection, client_address) >= REFUSAL_LIMIT:
+                _refuse(connection, "too many refused links from this address")
+                return _status_page("tokens/blocked.html", 429)
+            token = store.find(connection, _presented_token())
+            state = token.state(settings["token_days"], now.date()) if token else None
+            if token is None or state is store.TokenState.REVOKED:
+                _refuse(connection, "unknown link" if token is None else "revoked link", token)
+                return _status_page("tokens/invalid.html", 404)
+            if state is store.TokenState.EXPIRED:
+                _refuse(connection, "expired link", token)
+                return _status_page(
+                    "tokens/expired.html", 410, until=token.accessible_until(settings["token_days"])
+                )
+        try:
+            _facts, study = study_facts(current_app.extensions["orthanc"], token.row.orthanc_study_id)
+        except OrthancError as error:
+            if error.status != 404:
+                raise
+            with _engine().begin() as connection:
+                _refuse(connection, "study no longer in the archive", token)
+            return _status_page("tokens/invalid.html", 404)
+        if needs_identity_check(token) and token.id not in session.get("verified_tokens", []):
+            return identity_check(token)
+        return view(token, study, *args, **kwargs)
+
+    return wrapper
+
+
+def needs_identity_check(token: store.StudyToken) -> bool:
+    # Without a birth date on file there is nothing to ask; the admin's token page says so.
+    return bool(g.settings["token_identity_check"] and token.row.patient_birth_date)
+
+
+class IdentityForm(FlaskForm):
+    birth_date = StringField("Date of birth", validators=[DataRequired(), Length(max=10)])
+
+
+def _parse_birth_date(text: str) -> str | None:
+    """A typed birth date as DICOM ``YYYYMMDD``; accepts the HTML date input's ``YYYY-MM-DD`` too."""
+    for pattern in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return dt.datetime.strptime(text.strip(), pattern).strftime("%Y%m%d")
+        except ValueError:
+            continue
+    return None
+
+
+def identity_check(token: store.StudyToken):
+    """Ask for the patient's birth date; count wrong answers towards a lock of this link."""
+    form = IdentityForm()
+    now = db.utcnow()
+    if token.identity_locked(now):
+        return _status_page("tokens/identity_locked.html", 429)
+    if request.method == "POST" and form.validate_on_submit():
+        correct = _parse_birth_date(form.birth_date.data) == token.row.patient_birth_date
+        with _engine().begin() as connection:
+            locked = store.identity_answer(connection, token, correct, now)
+            record_activity(
+                Action.TOKEN_IDENTITY,
+                Outcome.OK if correct else Outcome.REFUSED,
+                connection=connection,
+                token_id=token.public_id,
+                patient=token.row.patient_name,
+                study=token.row.study_uid,
+            )
+        if correct:
+            session["verified_tokens"] = [token.id, *session.get("verified_tokens", [])][:8]
+            return redirect(request.full_path)
+        if locked:
+            return _status_page("tokens/identity_locked.html", 429)
+        form.birth_date.errors.append("That is not the date of birth we have for this study.")
+    return _status_page("tokens/identity.html", 200 if request.method == "GET" else 403, form=form)
+
+
+def _used(token: store.StudyToken, action: Action, **detail: Any) -> None:
+    with _engine().begin() as connection:
+        store.record_use(connection, token.id, request.remote_addr or "", db.utcnow())
+        record_activity(
+            action,
+            connection=connection,
+            token_id=token.public_id,
+            patient=token.row.patient_name,
+            study=token.row.study_uid,
+            **detail,
+        )
+
+
+@bp.route("/token", methods=["GET", "POST"])
+@with_token
+def patient_page(token: store.StudyToken, study: StudyView):
+    _used(token, Action.TOKEN_USED, page="study")
+    token_query = _presented_token()
+    return _status_page(
+        "tokens/patient.html",
+        200,
+        study=study,
+        token_query=token_query,
+        until=token.accessible_until(g.settings["token_days"]),
+    )
+
+
+@bp.route("/token/viewer")
+@with_token
+def patient_viewer(token: store.StudyToken, study: StudyView):
+    """Grant this browser the study for the viewer, then open it."""
+    _used(token, Action.VIEWER_OPENED)
+    response = redirect(f"/viewer?StudyInstanceUIDs={quote(study.study_uid)}")
+    grants.add(
+        request, response, grants.Grant(token.id, study.study_uid), secure=bool(g.settings.get("ssl_enabled"))
+    )
+    return response
+
+
+@bp.route("/token/handout")
+@with_token
+def patient_handout(token: store.StudyToken, study: StudyView):
+    """A printable page for the patient: the link, a QR code of it, and until when it works."""
+    _used(token, Action.TOKEN_USED, page="handout")
+    link = network.token_link(g.settings, token.token)
+    qr_svg = segno.make(link, error="m").svg_inline(scale=4, dark="#000", light="#fff", omitsize=False)
+    return _status_page(
+        "tokens/handout.html",
+        200,
+        study=study,
+        link=link,
+        qr_svg=Markup(qr_svg),  # noqa: S704 - generated by segno from the link, no outside markup
+        until=token.accessible_until(g.settings["token_days"]),
+    )
+
+
+@bp.route("/tokens/studies/<orthanc_id>/link", methods=["POST"])
+def study_link(orthanc_id: str):
+    """The fully qualified link of a study's token, for a signed-in user to copy and send.
+
+    Answers JSON: ``{"link", "token_id", "accessible_until", "new"}``. The first request for a
+    study makes its token.
+    """
+    try:
+        facts, _study = study_facts(current_app.extensions["orthanc"], orthanc_id)
+    except OrthancError as error:
+        if error.status == 404:
+            abort(404)
+        raise
+    with _engine().begin() as connection:
+        token, new = store.issue(
+            connection, current_app.extensions["site"].secrets.token_key, facts, db.utcnow()
+        )
+        record_activity(
+            Action.TOKEN_MADE if new else Action.TOKEN_COPIED,
+            connection=connection,
+            token_id=token.public_id,
+            patient=facts.patient_name,
+            study=facts.study_uid,
+        )
+    until = token.accessible_until(g.settings["token_days"])
+    return jsonify(
+        link=network.token_link(g.settings, token.token),
+        token_id=token.public_id,
+        accessible_until=until.isoformat(),
+        new=new,
+    )
+
+
+@bp.route("/token/download")
+@with_token
+def patient_download(token: store.StudyToken, study: StudyView):
+    """The study as a zip, streamed from the archive."""
+    _used(token, Action.TOKEN_USED, page="download")
+    from control.query.downloads import archive_response
+
+    return archive_response(
+        "studies",
+        study.orthanc_id,
+        patient_name=study.patient_name,
+        study_date=study.date,
+        activity={
+            "token_id": token.public_id,
+            "patient": token.row.patient_name,
+            "study": token.row.study_uid,
+        },
+    )
