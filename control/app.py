@@ -12,12 +12,21 @@ import datetime as dt
 from typing import Any
 
 from flask import Flask, g, request
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from control import __version__, access, configs, errors, formatting
 from control.extensions import csrf, login_manager
 from control.orthanc import Orthanc
 from control.site import Site
+
+
+class SiteSessionInterface(SecureCookieSessionInterface):
+    """Session cookies marked Secure exactly when the site serves https (a setting that can change
+    while the portal runs)."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(g.get("settings", {}).get("ssl_enabled"))
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -36,6 +45,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     )
     app.config.from_mapping(config or {})
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.session_interface = SiteSessionInterface()
 
     settings = site.load_settings()
     topology = configs.Topology.from_environment(site)
@@ -51,7 +61,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from control import admin, auth, dicomweb, public, query, tokens
+    from control import admin, auth, dicomweb, public, query, tokens, uploads
 
     app.register_blueprint(public.bp)
     app.register_blueprint(auth.bp)
@@ -59,6 +69,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(tokens.bp)
     app.register_blueprint(dicomweb.bp)
     app.register_blueprint(query.bp)
+    app.register_blueprint(uploads.bp)
     errors.init_app(app)
     formatting.init_app(app)
 

@@ -30,6 +30,14 @@ class OrthancError(RuntimeError):
         self.status = status
 
 
+class OrthancRefused(OrthancError):
+    """Orthanc refused what it was sent; ``reason`` is its own explanation."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.reason = reason
+
+
 class Orthanc:
     """A small client for the parts of Orthanc's REST API the portal uses."""
 
@@ -65,3 +73,66 @@ class Orthanc:
     def system(self) -> dict[str, Any]:
         """Orthanc's ``/system`` answer: name, version, AE title, ports."""
         return self.get_json("/system", timeout=3)
+
+    def find(self, level: str, query: dict[str, str], *, expand: bool = False, limit: int = 0) -> list[Any]:
+        """``POST /tools/find``: the ids (or, with ``expand``, the resources) of ``level`` matching ``query``.
+
+        Matching is case-insensitive. ``limit`` 0 means no limit. (``Since`` exists too, but costs
+        as much as reading everything before it, and 1.10.1 ignores ``OrderBy``; see control.query.finder.)
+        """
+        body: dict[str, Any] = {"Level": level, "Query": query, "Expand": expand}
+        if limit:
+            body["Limit"] = limit
+        return self.post_json("/tools/find", body)
+
+    def open_stream(self, path: str, params: dict[str, str] | None = None) -> requests.Response:
+        """A GET whose body is read as it arrives (an archive); the caller must close it.
+
+        Raises ``OrthancError`` when Orthanc refuses, before any byte of the body is read.
+        """
+        response = self.request("GET", path, params=params, stream=True)
+        if response.status_code >= 400:
+            message = response.text[:300]
+            response.close()
+            raise OrthancError(response.status_code, message)
+        return response
+
+    def store_instance(self, body: Any) -> dict[str, Any]:
+        """Store one DICOM file (bytes or a binary file at its start); Orthanc's answer.
+
+        ``Status`` is ``Success`` or ``AlreadyStored``. A refusal raises OrthancRefused with Orthanc's
+        own explanation (its ``Details``, else its ``Message``).
+        """
+        response = self.request(
+            "POST", "/instances", data=body, headers={"Content-Type": "application/dicom"}, stream=True
+        )
+        with response:
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = {}
+        if response.status_code >= 400:
+            reason = answer.get("Details") or answer.get("Message") or response.reason
+            raise OrthancRefused(response.status_code, str(reason))
+        return answer
+
+    def create_dicom(self, body: Any) -> dict[str, Any]:
+        """``POST /tools/create-dicom`` with a JSON body given as a binary file (see control.uploads.pdf)."""
+        return self.request(
+            "POST", "/tools/create-dicom", data=body, headers={"Content-Type": "application/json"}
+        ).json()
+
+    def find_studies(self, query: dict[str, str]) -> list[str]:
+        """The Orthanc ids of the studies matching ``query`` (DICOM keywords to values)."""
+        return self.post_json("/tools/find", {"Level": "Study", "Query": query})
+
+    def modalities(self) -> dict[str, dict[str, Any]]:
+        """The registered DICOM modalities, by name."""
+        return self.get_json("/modalities", params={"expand": ""})
+
+    def put_modality(self, name: str, aet: str, host: str, port: int) -> None:
+        """Register (or change) a modality; Orthanc keeps it until it restarts."""
+        self.request("PUT", f"/modalities/{name}", json={"AET": aet, "Host": host, "Port": port})
+
+    def delete_modality(self, name: str) -> None:
+        self.request("DELETE", f"/modalities/{name}")

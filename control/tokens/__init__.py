@@ -31,6 +31,7 @@ from flask import (
     render_template,
     request,
     session,
+    url_for,
 )
 from flask_wtf import FlaskForm
 from markupsafe import Markup
@@ -39,6 +40,7 @@ from wtforms.validators import DataRequired, Length
 
 from control import db, network
 from control.activity import Action, Outcome, record_activity
+from control.errors import wants_json
 from control.orthanc import Orthanc, OrthancError
 from control.tokens import grants, store
 
@@ -231,6 +233,9 @@ def _used(token: store.StudyToken, action: Action, **detail: Any) -> None:
 def patient_page(token: store.StudyToken, study: StudyView):
     _used(token, Action.TOKEN_USED, page="study")
     token_query = _presented_token()
+    if wants_json():
+        # The downloader (downloader/) given this link: where the list of the study's series is.
+        return jsonify(manifest=f"{url_for('tokens.patient_manifest', _external=True)}?{token_query}")
     return _status_page(
         "tokens/patient.html",
         200,
@@ -312,8 +317,51 @@ def patient_download(token: store.StudyToken, study: StudyView):
     return archive_response(
         "studies",
         study.orthanc_id,
-        patient_name=study.patient_name,
-        study_date=study.date,
+        activity={
+            "token_id": token.public_id,
+            "patient": token.row.patient_name,
+            "study": token.row.study_uid,
+        },
+    )
+
+
+@bp.route("/token/manifest")
+@with_token
+def patient_manifest(token: store.StudyToken, study: StudyView):
+    """The downloader's list of the study's series, each zip link carrying this same token."""
+    from control.query.downloads import manifest_response
+    from control.query.present import PLACEHOLDER
+
+    _used(token, Action.TOKEN_USED, page="downloader")
+    pattern = url_for("tokens.patient_series_download", series_id=PLACEHOLDER, _external=True)
+    token_query = _presented_token()
+    return manifest_response(
+        "studies",
+        study.orthanc_id,
+        lambda series_id: f"{pattern.replace(PLACEHOLDER, series_id)}?{token_query}",
+    )
+
+
+@bp.route("/token/series/<series_id>/download")
+@with_token
+def patient_series_download(token: store.StudyToken, study: StudyView, series_id: str):
+    """One series of the study as a zip: the downloader fetches a study series by series."""
+    from control.query.downloads import archive_response
+    from control.query.views import check_id
+
+    check_id(series_id)
+    try:
+        series = current_app.extensions["orthanc"].get_json(f"/series/{series_id}")
+    except OrthancError as error:
+        if error.status == 404:
+            abort(404)
+        raise
+    if series.get("ParentStudy") != study.orthanc_id:
+        abort(404)  # the token opens its own study only
+    _used(token, Action.TOKEN_USED, page="series download")
+    return archive_response(
+        "series",
+        series_id,
         activity={
             "token_id": token.public_id,
             "patient": token.row.patient_name,

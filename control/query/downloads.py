@@ -1,0 +1,361 @@
+"""Downloads: zip files of a patient, a study or a series, and what the downloader needs.
+
+A zip is Orthanc's own archive (``GET /{patients,studies,series}/{id}/archive``), streamed through
+in fixed chunks: the control plane never holds a study in memory or on disk, and a client that
+goes away closes the upstream response, which stops Orthanc zipping. Orthanc's zips are made on
+the fly, so they have no length and cannot be resumed; the zip page therefore states the expected
+size (the DICOM files' size from Orthanc's statistics; the zip is usually smaller) before the
+download starts, and the downloader (``downloader/``) resumes series by series, reading the list of
+series to fetch from ``manifest``. What a zip holds follows the ``zip_content`` site setting, read
+at each request. Each download is one activity event, with the bytes sent and whether it completed.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from flask import (
+    Response,
+    current_app,
+    g,
+    jsonify,
+    render_template,
+    request,
+    send_file,
+    stream_with_context,
+    url_for,
+)
+from flask_login import current_user, login_required
+
+from control.activity import Action, Outcome, record_activity
+from control.errors import wants_json
+from control.orthanc import STREAM_CHUNK
+from control.query import bp, present
+from control.query.views import check_id, get_or_404, orthanc, safe_back
+from control.site import REPOSITORY
+
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"
+DOWNLOADER_SCRIPT = REPOSITORY / "downloader" / "pacs_download.py"
+MANIFEST_FORMAT = "pacs-download-manifest/1"
+LEVEL = "<any(patients, studies, series):level>/<orthanc_id>"
+NOUNS = {"patients": "patient", "studies": "study", "series": "series"}
+
+# Characters no common file system takes, and names Windows keeps for devices.
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f"*/:<>?\\|]')
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL"} | {
+    f"{name}{n}" for name in ("COM", "LPT") for n in range(1, 10)
+}
+
+
+def safe_file_name(parts: Iterable[str], fallback: str, suffix: str = ".zip", max_bytes: int = 150) -> str:
+    """A file name any OS accepts, made of ``parts`` joined by ``_`` (spaces become ``-``).
+
+    Invisible formatting characters go too: a right-to-left override could disguise the extension.
+    """
+    cleaned = []
+    for part in parts:
+        text = "".join(
+            " " if _UNSAFE.match(char) or unicodedata.category(char)[0] in "CZ" else char
+            for char in unicodedata.normalize("NFC", part)
+        )
+        text = "-".join(text.split()).strip(".-_")
+        if text:
+            cleaned.append(text)
+    stem = "_".join(cleaned).encode()[:max_bytes].decode("utf-8", "ignore").rstrip(".-_") or fallback
+    if stem.split(".")[0].upper() in _WINDOWS_DEVICES:
+        stem = "_" + stem
+    return stem + suffix
+
+
+def content_disposition(file_name: str, fallback: str) -> str:
+    """An attachment header with an ASCII name for old clients and the UTF-8 name (RFC 6266/5987)."""
+    ascii_parts = unicodedata.normalize("NFKD", file_name).encode("ascii", "ignore").decode()
+    ascii_name = safe_file_name([ascii_parts.removesuffix(".zip")], fallback)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(file_name, safe='')}"
+
+
+def iso_date(value: str | None) -> str:
+    if value and len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return ""
+
+
+def first_name_group(value: str | None) -> str:
+    """The first written form of a person name (``Yamada^Tarou=山田^太郎`` gives ``Yamada Tarou``)."""
+    return next((group for group in present.format_name(value).split(" = ") if group), "")
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A patient, study or series to download, with what names it for people."""
+
+    level: str
+    orthanc_id: str
+    patient: dict[str, str]
+    study: dict[str, str]
+    series: dict[str, Any]
+
+    @property
+    def noun(self) -> str:
+        return NOUNS[self.level]
+
+    @property
+    def title(self) -> str:
+        """What the download holds, in words: "Buc Jérôme, study of 2004-08-26: Whole Body Bone"."""
+        words = self.patient["name_display"] or "Unnamed patient"
+        if self.level == "patients":
+            return (
+                f"{words} ({self.patient['patient_id']}): all studies"
+                if self.patient["patient_id"]
+                else words
+            )
+        words += f", study of {iso_date(self.study.get('StudyDate')) or 'unknown date'}"
+        if self.study.get("StudyDescription"):
+            words += f": {self.study['StudyDescription']}"
+        if self.level == "series":
+            tags = self.series["MainDicomTags"]
+            words += f", series {tags.get('SeriesNumber') or '?'} {tags.get('Modality') or ''}".rstrip()
+            if tags.get("SeriesDescription"):
+                words += f" ({tags['SeriesDescription']})"
+        return words
+
+    @property
+    def file_name(self) -> str:
+        parts = [first_name_group(self.patient["name"])]
+        if self.level == "patients":
+            parts.append(self.patient["patient_id"])
+        else:
+            parts += [iso_date(self.study.get("StudyDate")), self.study.get("StudyDescription") or ""]
+        if self.level == "series":
+            tags = self.series["MainDicomTags"]
+            parts += [f"series-{tags.get('SeriesNumber') or ''}".rstrip("-"), tags.get("Modality") or ""]
+        return safe_file_name(parts, self.noun)
+
+    def record(self, outcome: Outcome, who: dict[str, str], **detail: Any) -> None:
+        """The activity event of a download of this resource; ``who`` overrides its columns."""
+        columns = {
+            "patient": present.patient_label(self.patient),
+            "study": self.study.get("StudyInstanceUID") or "",
+        }
+        record_activity(
+            Action.DOWNLOAD,
+            outcome,
+            **(columns | who),
+            level=self.level,
+            orthanc_id=self.orthanc_id,
+            **detail,
+        )
+
+
+def describe(level: str, orthanc_id: str) -> Resource:
+    """The resource a download URL names (404 when Orthanc has no such thing)."""
+    check_id(orthanc_id)
+    date_format = g.settings["date_format"]
+    series: dict[str, Any] = {}  # a study or a patient has no series of its own
+    if level == "patients":
+        patient = get_or_404(f"/patients/{orthanc_id}")
+        return Resource(
+            level, orthanc_id, present.patient_fields(patient["MainDicomTags"], date_format), {}, {}
+        )
+    if level == "series":
+        series = get_or_404(f"/series/{orthanc_id}")
+        study = orthanc().get_json(f"/studies/{series['ParentStudy']}")
+    else:
+        study = get_or_404(f"/studies/{orthanc_id}")
+    patient = present.patient_fields(study.get("PatientMainDicomTags", {}), date_format)
+    return Resource(level, orthanc_id, patient, study["MainDicomTags"], series)
+
+
+def zip_content() -> tuple[str, dict[str, str]]:
+    """The ``zip_content`` setting and the archive parameters that give it."""
+    content = g.settings["zip_content"]
+    return content, ({"transcode": JPEG_LOSSLESS} if content == "jpeg-lossless" else {})
+
+
+def statistics(level: str, orthanc_id: str) -> dict[str, int]:
+    """Counts and the DICOM files' size of a resource, from Orthanc's statistics."""
+    answer = orthanc().get_json(f"/{level}/{orthanc_id}/statistics")
+    return {
+        "studies": int(answer.get("CountStudies", 1)),
+        "series": int(answer.get("CountSeries", 1)),
+        "instances": int(answer["CountInstances"]),
+        "expected_size": int(answer["DicomUncompressedSize"]),
+    }
+
+
+@bp.get(f"/query/{LEVEL}/zip")
+@login_required
+def zip_page(level: str, orthanc_id: str):
+    """What a zip will hold and how large it is, before it starts (the page then starts it)."""
+    resource = describe(level, orthanc_id)
+    counts = statistics(level, orthanc_id)
+    content, _params = zip_content()
+    archive_url = url_for("query.archive", level=level, orthanc_id=orthanc_id)
+    manifest_url = url_for("query.manifest", level=level, orthanc_id=orthanc_id)
+    if wants_json():
+        base = request.host_url.rstrip("/")
+        return jsonify(
+            {
+                "level": level,
+                "id": orthanc_id,
+                "title": resource.title,
+                "file_name": resource.file_name,
+                "content": content,
+                **counts,
+                "archive": base + archive_url,
+                "manifest": base + manifest_url,
+            }
+        )
+    return render_template(
+        "query/zip.html",
+        resource=resource,
+        counts=counts,
+        content=content,
+        archive_url=archive_url,
+        downloader_url=url_for("query.downloader_page", level=level, orthanc_id=orthanc_id),
+        back=safe_back(""),
+    )
+
+
+@bp.get(f"/query/{LEVEL}/archive")
+@login_required
+def archive(level: str, orthanc_id: str):
+    """The zip itself, streamed from Orthanc chunk by chunk."""
+    return archive_response(level, orthanc_id)
+
+
+def archive_response(level: str, orthanc_id: str, *, activity: dict[str, str] | None = None) -> Response:
+    """The zip of a patient, study or series as a streamed response, and its activity event.
+
+    Any page that offers a zip answers with this (the patients' token page too); ``activity``
+    overrides the event's columns (``token_id``, ``patient``, ``study``).
+    """
+    resource = describe(level, orthanc_id)
+    content, params = zip_content()
+    upstream = orthanc().open_stream(f"/{level}/{orthanc_id}/archive", params)
+
+    def relay() -> Iterator[bytes]:
+        sent, completed, stopped_by = 0, False, "client"
+        try:
+            for chunk in upstream.iter_content(STREAM_CHUNK):
+                sent += len(chunk)
+                yield chunk
+            completed = True
+        except requests.RequestException:
+            # The archive broke off: end the response without its last chunk, so that the client
+            # sees a failed download rather than a complete-looking, truncated zip.
+            stopped_by = "archive"
+            current_app.logger.warning("Orthanc stopped sending the archive of %s %s", level, orthanc_id)
+            raise
+        finally:
+            upstream.close()
+            detail: dict[str, Any] = {"content": content, "bytes_sent": sent, "completed": completed}
+            if not completed:
+                detail["stopped_by"] = stopped_by
+            resource.record(Outcome.OK if completed else Outcome.FAILED, activity or {}, **detail)
+
+    response = Response(stream_with_context(relay()), mimetype="application/zip", direct_passthrough=True)
+    # Closing the response closes the upstream too, even if no byte was ever asked for.
+    response.call_on_close(upstream.close)
+    response.headers["Content-Disposition"] = content_disposition(resource.file_name, resource.noun)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get(f"/query/{LEVEL}/manifest")
+@login_required
+def manifest(level: str, orthanc_id: str):
+    """What the downloader fetches: every series of the resource, with its zip URL, count and size."""
+    pattern = url_for("query.archive", level="series", orthanc_id=present.PLACEHOLDER, _external=True)
+    return manifest_response(
+        level, orthanc_id, lambda series_id: pattern.replace(present.PLACEHOLDER, series_id)
+    )
+
+
+def manifest_response(level: str, orthanc_id: str, series_archive: Callable[[str], str]):
+    """The downloader's manifest of a patient, study or series (``MANIFEST_FORMAT``).
+
+    ``series_archive`` gives the URL of a series' zip: any page that offers the downloader (the
+    patients' token page too) answers with this, with zip URLs its visitor may fetch.
+    """
+    resource = describe(level, orthanc_id)
+    if level == "series":
+        found = [resource.series]
+    else:
+        found = sorted(orthanc().get_json(f"/{level}/{orthanc_id}/series"), key=present.series_sort_key)
+    if level == "patients":
+        study_uids = {
+            study["ID"]: study["MainDicomTags"].get("StudyInstanceUID")
+            for study in orthanc().get_json(f"/patients/{orthanc_id}/studies")
+        }
+    else:
+        study_uids = {series["ParentStudy"]: resource.study.get("StudyInstanceUID") for series in found}
+    content, _params = zip_content()
+    series_list = []
+    for series in found:
+        tags = series["MainDicomTags"]
+        # One statistics call per series: the manifest is asked for once per download, not per page.
+        counts = statistics("series", series["ID"])
+        series_list.append(
+            {
+                "id": series["ID"],
+                "series_instance_uid": tags.get("SeriesInstanceUID") or "",
+                "study_instance_uid": study_uids.get(series["ParentStudy"]) or "",
+                "modality": tags.get("Modality") or "",
+                "number": tags.get("SeriesNumber") or "",
+                "description": tags.get("SeriesDescription") or "",
+                "instances": counts["instances"],
+                "size": counts["expected_size"],
+                "archive": series_archive(series["ID"]),
+            }
+        )
+    return jsonify(
+        {
+            "format": MANIFEST_FORMAT,
+            "level": level,
+            "id": orthanc_id,
+            "title": resource.title,
+            "file_name": resource.file_name,
+            "content": content,
+            "expected_instances": sum(series["instances"] for series in series_list),
+            "expected_size": sum(series["size"] for series in series_list),
+            "series": series_list,
+        }
+    )
+
+
+@bp.get(f"/query/{LEVEL}/downloader")
+@login_required
+def downloader_page(level: str, orthanc_id: str):
+    """How to fetch this patient, study or series with the downloader: the exact command line."""
+    resource = describe(level, orthanc_id)
+    manifest_url = url_for("query.manifest", level=level, orthanc_id=orthanc_id, _external=True)
+    script_url = url_for("query.downloader_script", _external=True)
+    command = shlex.join(["python3", "pacs_download.py", "--user", current_user.username, manifest_url])
+    if wants_json():
+        return jsonify(
+            {"title": resource.title, "manifest": manifest_url, "script": script_url, "command": command}
+        )
+    return render_template(
+        "query/downloader.html",
+        resource=resource,
+        command=command,
+        script_url=script_url,
+        zip_url=url_for("query.zip_page", level=level, orthanc_id=orthanc_id),
+        back=safe_back(""),
+    )
+
+
+@bp.get("/downloader/pacs_download.py")
+def downloader_script():
+    """The downloader as one file, for anyone (it needs only Python 3.9 or later)."""
+    return send_file(
+        DOWNLOADER_SCRIPT, mimetype="text/x-python", as_attachment=True, download_name="pacs_download.py"
+    )
