@@ -37,13 +37,15 @@ RULES: dict[str, Audience] = {
     "tokens.patient_viewer": Audience.PUBLIC,
     "tokens.patient_download": Audience.PUBLIC,
     "tokens.patient_handout": Audience.PUBLIC,
+    "tokens.patient_manifest": Audience.PUBLIC,
+    "tokens.patient_series_download": Audience.PUBLIC,
     "tokens.study_link": Audience.SIGNED_IN,
     # The DICOMweb gate decides itself: a signed-in user or a study grant (control.dicomweb.rules).
     "dicomweb.*": Audience.PUBLIC,
     "admin.*": Audience.ADMIN,
     # Uploads need the account's "can upload files" right; the worklist page is the admin's.
     "uploads.*": Audience.UPLOADER,
-    "uploads.worklist": Audience.ADMIN,
+    "uploads.worklist_page": Audience.ADMIN,
     "uploads.worklist_delete": Audience.ADMIN,
     "uploads.worklist_modalities": Audience.ADMIN,
 }

@@ -1,0 +1,361 @@
+"""Uploads: DICOM files, zips of DICOM, HL7 orders into the worklist, PDF reports into studies.
+
+Only users whose account may upload reach these pages (``control.access``: ``Audience.UPLOADER``);
+the worklist page and its changes are the admin's. Every POST here passes ``guard`` first, in this
+order: access control (already done by then), the size limit (``upload_max_mb``, also enforced by
+Caddy), the disk reserve (``disk_reserve_mb``), and only then the CSRF check, whose reading of the
+form is what makes Werkzeug spool the body. So a refused upload costs nothing, and the limits are
+in force before a byte is stored.
+
+Answers are JSON for ``Accept: application/json`` (the page's script) and pages or redirects with a
+message for browsers. Every upload is one activity event with its counts; every worklist change and
+every attached PDF is one event too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flask import (
+    Blueprint,
+    current_app,
+    flash,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from control.activity import Action, Outcome, record_activity
+from control.auth import safe_next
+from control.errors import error_response, wants_json
+from control.extensions import csrf
+from control.orthanc import OrthancError, OrthancUnavailable
+from control.settings import Modality, parse_modalities
+from control.uploads import archive, modalities, pdf, store, worklist
+
+bp = Blueprint("uploads", __name__, url_prefix="/upload")
+
+# The CSRF check runs in ``guard``, after access control and the size and disk checks (see above).
+csrf.exempt(bp)
+
+UPLOADS = {"uploads.upload_files", "uploads.attach_pdf", "uploads.attach_pdf_to_study"}
+FORM_BUFFER_BYTES = 1024 * 1024
+_ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
+_WILDCARDS = re.compile(r"[*?\\]")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+
+
+def _site():
+    return current_app.extensions["site"]
+
+
+def _orthanc():
+    return current_app.extensions["orthanc"]
+
+
+def _limit_bytes() -> int:
+    return g.settings["upload_max_mb"] * store.MB
+
+
+def _disk() -> store.DiskGuard:
+    return store.DiskGuard(_site().orthanc_storage, g.settings["disk_reserve_mb"] * store.MB)
+
+
+@bp.before_request
+def guard():
+    """Size, disk space, then CSRF, for every POST here (after access control: see the module)."""
+    if request.method != "POST":
+        return None
+    if request.endpoint in UPLOADS:
+        request.max_content_length = _limit_bytes()
+        # Werkzeug's multipart reader also holds up to this much of a file part in its buffer: the
+        # app-wide 64 kB (meant for text fields) would refuse every file larger than that.
+        request.max_form_memory_size = FORM_BUFFER_BYTES
+        if (request.content_length or 0) > _limit_bytes():
+            return _too_large()
+        problem = _disk().problem(request.content_length or 0)
+        if problem:
+            record_activity(Action.UPLOAD, Outcome.REFUSED, reason="disk nearly full")
+            return _refusal(507, problem)
+    csrf.protect()
+    return None
+
+
+@bp.errorhandler(RequestEntityTooLarge)
+def body_too_large(_error: RequestEntityTooLarge):
+    """A body without a declared length that went past the limit while being read."""
+    return _too_large()
+
+
+def _too_large():
+    limit_mb = g.settings["upload_max_mb"]
+    record_activity(
+        Action.UPLOAD,
+        Outcome.REFUSED,
+        reason="too large",
+        bytes=request.content_length,
+        limit_mb=limit_mb,
+    )
+    return error_response(
+        413,
+        f"This upload is larger than the {limit_mb} MB this server accepts in one request. Send "
+        "fewer files at once, or split the zip file.",
+    )
+
+
+def _refusal(status: int, message: str, *, back: str | None = None):
+    """A refusal: JSON for scripts, else a redirect to ``back`` (default: the upload page) with the
+    message. ``guard`` never passes ``back``: reading the form would read the whole upload."""
+    if wants_json():
+        return jsonify({"error": "refused", "message": message, "status": status}), status
+    flash(message, "error")
+    return redirect(safe_next(back or url_for("uploads.page")), 303)
+
+
+def _back() -> str | None:
+    return request.form.get("next")
+
+
+@bp.route("")
+def page():
+    """The upload page: files (DICOM, zip, HL7) and the PDF report form."""
+    return render_template("uploads/upload.html", results=None, counts=None)
+
+
+@bp.route("/files", methods=["POST"])
+def upload_files():
+    """Store DICOM files and zips of DICOM files, and schedule HL7 orders.
+
+    Form fields: ``files`` (one or more files), ``csrf_token`` (or an ``X-CSRFToken`` header).
+    Answer: ``{"results": [{"name", "outcome", "detail", "study", "patient"}...], "counts": {...}}``
+    for JSON clients (outcome: stored, duplicate, refused, skipped, scheduled, replaced or
+    cancelled), else the upload page with the results table.
+    """
+    files: list[FileStorage] = [file for file in request.files.getlist("files") if file.filename]
+    if not files:
+        return _refusal(400, "Choose one or more files to upload.", back=_back())
+    upload = store.Upload(
+        orthanc=_orthanc(),
+        worklists=_site().worklists,
+        zip_limits=archive.ZipLimits(max_unpacked=g.settings["upload_max_unpacked_mb"] * store.MB),
+        disk=_disk(),
+    )
+    try:
+        for file in files:
+            upload.receive(file.filename or "", file.stream)
+    finally:
+        results = upload.finish()
+    counts = upload.counts()
+    for order, change in upload.orders:
+        record_activity(
+            Action.WORKLIST_ORDER,
+            patient=f"{order.patient_name} ({order.patient_id})",
+            accession=order.accession_number,
+            change=str(change),
+            modality=order.modality,
+            station=order.station_aet,
+        )
+    touched = store.summary(results)
+    stored_anything = any(
+        counts[name] for name in ("stored", "duplicate", "scheduled", "replaced", "cancelled")
+    )
+    record_activity(
+        Action.UPLOAD,
+        Outcome.OK if stored_anything or not counts["refused"] else Outcome.REFUSED,
+        patient=touched["patient"],
+        study=touched["study"],
+        files=[file.filename for file in files][:20],
+        studies=touched["studies"],
+        **{
+            name: count
+            for name, count in counts.items()
+            if count or name in ("stored", "duplicate", "refused")
+        },
+    )
+    if wants_json():
+        return jsonify({"results": [result.as_json() for result in results], "counts": counts})
+    return render_template("uploads/upload.html", results=results, counts=counts)
+
+
+@bp.route("/studies/<study_id>/pdf", methods=["POST"])
+def attach_pdf_to_study(study_id: str):
+    """Attach a PDF report to the study ``study_id`` (Orthanc's id) as a new Encapsulated PDF series.
+
+    Form fields: ``file`` (the PDF), ``title`` (optional: the series description and document
+    title, kept in the study's character set; default the file's name), ``next`` (optional: a
+    local page to return to), ``csrf_token`` (or an ``X-CSRFToken`` header).
+    Answers: for ``Accept: application/json``, 201 ``{"instance", "series", "study",
+    "study_instance_uid", "title", "pages"}``, or an error status (400 not a PDF, 404 no such
+    study, 413 too large, 507 disk full) with ``{"error", "message"}``. Browsers are sent back to
+    ``next`` (default: the upload page) with a message.
+    """
+    if not _ORTHANC_ID.match(study_id):
+        return _refusal(404, "There is no such study in the archive.", back=_back())
+    return _attach(study_id)
+
+
+@bp.route("/pdf", methods=["POST"])
+def attach_pdf():
+    """Attach a PDF report to the study named by ``study``: its StudyInstanceUID or accession number.
+
+    Other fields and answers as for ``attach_pdf_to_study``.
+    """
+    wanted = request.form.get("study", "").strip()
+    if not wanted or _WILDCARDS.search(wanted):
+        return _refusal(
+            400, "Give the study's Study Instance UID or accession number (no wildcards).", back=_back()
+        )
+    found: list[str] = []
+    if _UID.match(wanted):
+        found = _orthanc().find_studies({"StudyInstanceUID": wanted})
+    if not found:
+        found = _orthanc().find_studies({"AccessionNumber": wanted})
+    if not found:
+        return _refusal(
+            404, f"No study in the archive has the UID or accession number {wanted}.", back=_back()
+        )
+    if len(found) > 1:
+        return _refusal(
+            409,
+            f"{len(found)} studies have the accession number {wanted}: give the Study Instance UID.",
+            back=_back(),
+        )
+    return _attach(found[0])
+
+
+def _attach(study_id: str):
+    file = request.files.get("file")
+    if file is None or not file.filename:
+        return _refusal(400, "Choose the PDF file to attach.", back=_back())
+    try:
+        study = _orthanc().get_json(f"/studies/{study_id}")
+    except OrthancError as error:
+        if error.status == 404:
+            return _refusal(404, "There is no such study in the archive.", back=_back())
+        raise
+    study_uid = study["MainDicomTags"].get("StudyInstanceUID", "")
+    patient_tags = study.get("PatientMainDicomTags", {})
+    patient = f"{patient_tags.get('PatientName', '')} ({patient_tags.get('PatientID', '')})"
+    name = archive.display_name(file.filename)
+    stream = file.stream
+    stream.seek(0, 2)
+    size = stream.tell()
+    try:
+        pages = pdf.check_pdf(stream)
+    except pdf.NotAPdf as error:
+        record_activity(
+            Action.PDF_ATTACHED,
+            Outcome.REFUSED,
+            patient=patient,
+            study=study_uid,
+            file=name,
+            reason=str(error),
+        )
+        return _refusal(400, f"{name} is {error}; nothing was attached.", back=_back())
+    title = pdf.title_of(request.form.get("title", ""), file.filename)
+    with pdf.create_dicom_body(stream, size, study_id, title) as body:
+        created = _orthanc().create_dicom(body)
+    # Orthanc 1.10 writes the new series in its study's character set, dropping what that cannot
+    # hold: say the title as the archive keeps it.
+    series = _orthanc().get_json(f"/series/{created['ParentSeries']}")
+    title = series["MainDicomTags"].get("SeriesDescription", title)
+    record_activity(
+        Action.PDF_ATTACHED,
+        patient=patient,
+        study=study_uid,
+        file=name,
+        title=title,
+        pages=pages,
+        bytes=size,
+        series=created.get("ParentSeries", ""),
+    )
+    if wants_json():
+        answer = {
+            "instance": created.get("ID"),
+            "series": created.get("ParentSeries"),
+            "study": study_id,
+            "study_instance_uid": study_uid,
+            "title": title,
+            "pages": pages,
+        }
+        return jsonify(answer), 201
+    flash(f"Attached {title} ({pages} page{'s' if pages > 1 else ''}) to the study of {patient}.", "info")
+    return redirect(safe_next(_back() or url_for("uploads.page")), 303)
+
+
+@bp.route("/worklist")
+def worklist_page():
+    """The admin's view of the modality worklist and of the modalities that may query it."""
+    return render_template(
+        "uploads/worklist.html",
+        entries=worklist.list_entries(_site().worklists),
+        modalities=parse_modalities(g.settings["dicom_modalities"]),
+        registered=_registered_now(),
+    )
+
+
+def _registered_now() -> set[str] | None:
+    """The AE titles Orthanc knows right now, or None when it does not answer."""
+    try:
+        return {entry.get("AET", name) for name, entry in _orthanc().modalities().items()}
+    except (OrthancUnavailable, OrthancError):
+        return None
+
+
+@bp.route("/worklist/<entry_id>/delete", methods=["POST"])
+def worklist_delete(entry_id: str):
+    """Delete one worklist entry (a modality no longer finds it)."""
+    deleted = worklist.delete_entry(_site().worklists, entry_id)
+    if deleted is None:
+        flash("That worklist entry is no longer there.", "error")
+    else:
+        record_activity(
+            Action.WORKLIST_DELETED,
+            patient=f"{deleted.patient_name} ({deleted.patient_id})",
+            accession=deleted.accession_number,
+            modality=deleted.modality,
+        )
+        flash(f"Deleted the worklist entry of accession number {deleted.accession_number}.", "info")
+    return redirect(url_for("uploads.worklist_page"), 303)
+
+
+@bp.route("/worklist/modalities", methods=["POST"])
+def worklist_modalities():
+    """Add (``aet``, ``host``, ``port``) or remove (``remove``: an AE title) a registered modality."""
+    old_text = g.settings["dicom_modalities"]
+    current = parse_modalities(old_text)
+    removing = request.form.get("remove", "").strip()
+    if removing:
+        return _save_modalities(old_text, [modality for modality in current if modality.aet != removing])
+    aet, host, port = (request.form.get(name, "").strip() for name in ("aet", "host", "port"))
+    try:
+        parsed = parse_modalities(f"{aet}@{host}:{port}") if aet and host and port else []
+        if len(parsed) != 1:
+            raise ValueError("give one AE title, its host and its port")
+    except ValueError as error:
+        flash(f"Not registered: {error}.", "error")
+        return redirect(url_for("uploads.worklist_page"), 303)
+    added = parsed[0]
+    wanted = [*(modality for modality in current if modality.aet.upper() != added.aet.upper()), added]
+    return _save_modalities(old_text, wanted)
+
+
+def _save_modalities(old_text: str, wanted: list[Modality]) -> Any:
+    values = modalities.save(_site(), wanted)
+    record_activity(
+        Action.SETTINGS_CHANGED, setting="dicom_modalities", old=old_text, new=values["dicom_modalities"]
+    )
+    try:
+        modalities.register(_orthanc(), wanted)
+    except (OrthancUnavailable, OrthancError) as error:
+        current_app.logger.warning("Modalities saved but not registered now: %s", error)
+        flash("Saved. The archive does not answer right now; it takes the list when it next starts.", "error")
+    else:
+        flash("Saved: the registered modalities may now query the worklist.", "info")
+    return redirect(url_for("uploads.worklist_page"), 303)
