@@ -162,12 +162,20 @@ def config_show(site: Site) -> None:
         click.echo(f"{setting.name} = {json.dumps(values[setting.name], ensure_ascii=False)}")
 
 
+@config.command("docs")
+def config_docs() -> None:
+    """Print the settings table of the documentation (README.md holds the same)."""
+    click.echo(site_settings.markdown_table(), nl=False)
+
+
 @config.command("set")
 @click.argument("name")
 @click.argument("value")
 @click.pass_obj
 def config_set(site: Site, name: str, value: str) -> None:
-    """Change one setting; a running portal takes it at its next start."""
+    """Change one setting and apply it to the running portal, as the setup page does."""
+    from control import apply, tls
+
     setting = site_settings.BY_NAME.get(name)
     if not setting:
         _fail(f"no setting {name!r}; ./pacs config show lists them")
@@ -175,13 +183,55 @@ def config_set(site: Site, name: str, value: str) -> None:
         parsed = setting.parse(value)
     except ValueError as error:
         _fail(str(error))
+    from control import configs
+
+    if name in configs.PORT_SETTINGS and configs.Topology.from_environment(site).ports_fixed:
+        _fail(f"{name} is fixed by compose.yaml in this installation: change the port mapping there")
+    db.migrate(site.engine)
+    try:
+        with site.engine.begin() as connection:
+            current = site_settings.with_defaults(db.get_settings(connection))
+            if name == "ssl_enabled" and parsed and tls.stored_facts(site.secrets_dir / "tls") is None:
+                _fail("SSL needs a certificate and key first: ./pacs config certificate CRT KEY")
+            changes_port = name in ("web_port", "dicom_port") and parsed and parsed != current[name]
+            if changes_port and not stack.port_is_free(parsed):
+                _fail(f"port {parsed} is used by another program")
+            db.put_settings(connection, {name: parsed})
+            if parsed != current[name]:
+                _record_shell_activity(
+                    connection, Action.SETTINGS_CHANGED, setting=name, old=current[name], new=parsed
+                )
+            # Inside the transaction: if the running web front refuses it, nothing is stored.
+            loaded = apply.apply_web_settings(site, {**current, name: parsed})
+    except apply.ApplyError as error:
+        _fail(f"the running portal refused it, nothing changed: {error}")
+    click.echo(f"{name} = {json.dumps(parsed, ensure_ascii=False)}")
+    if name in apply.ARCHIVE_SETTINGS and apply.restart_archive(site, {**current, name: parsed}):
+        click.echo("the archive restarts with it")
+    elif name in apply.NEXT_START_SETTINGS or name in apply.ARCHIVE_SETTINGS:
+        click.echo("applies at the next start")
+    elif loaded:
+        click.echo("applied to the running portal")
+
+
+@config.command("certificate")
+@click.argument("certificate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_obj
+def config_certificate(site: Site, certificate: Path, key: Path) -> None:
+    """Check and install the site's certificate (.crt) and private key (.key) for SSL."""
+    from control import tls
+
+    try:
+        facts = tls.check_pair(certificate.read_bytes(), key.read_bytes())
+    except tls.CertificateError as error:
+        _fail(str(error))
+    tls.store_pair(site.secrets_dir / "tls", certificate.read_bytes(), key.read_bytes())
     db.migrate(site.engine)
     with site.engine.begin() as connection:
-        old = site_settings.with_defaults(db.get_settings(connection))[name]
-        db.put_settings(connection, {name: parsed})
-        if parsed != old:
-            _record_shell_activity(connection, Action.SETTINGS_CHANGED, setting=name, old=old, new=parsed)
-    click.echo(f"{name} = {json.dumps(parsed, ensure_ascii=False)}")
+        _record_shell_activity(connection, Action.SETTINGS_CHANGED, certificate=facts.describe())
+    click.echo(f"certificate installed: {facts.describe()}")
+    click.echo("turn SSL on with: ./pacs config set ssl_enabled yes")
 
 
 @main.group()

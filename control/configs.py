@@ -26,6 +26,9 @@ CADDY_TEMPLATE = REPOSITORY / "proxy" / "Caddyfile"
 OHIF_PIN = json.loads((REPOSITORY / "ohif" / "pin.json").read_text())
 
 
+PORT_SETTINGS = ("web_port", "dicom_port", "orthanc_http_port")
+
+
 @dataclass(frozen=True)
 class Topology:
     """Where each part of the stack listens and how the others reach it."""
@@ -36,6 +39,9 @@ class Topology:
     control_upstream: str
     ohif_root: Path
     ohif_managed: bool
+    # In containers the listening ports are fixed by compose.yaml, which maps the host's ports to
+    # them: the portal must not move them.
+    ports_fixed: bool = False
 
     @classmethod
     def from_environment(cls, site: Site) -> Topology:
@@ -49,6 +55,7 @@ class Topology:
             ohif_root=Path(ohif_root) if ohif_root else viewer_directory(site),
             # With PACS_OHIF_ROOT the viewer comes from elsewhere (the caddy image); else set-up fetches it.
             ohif_managed=not ohif_root,
+            ports_fixed=os.environ.get("PACS_PORTS_FIXED", "") == "1",
         )
 
 
@@ -60,6 +67,24 @@ def viewer_directory(site: Site) -> Path:
 def orthanc_url(settings: dict[str, Any], topology: Topology) -> str:
     return f"http://{topology.orthanc_host}:{settings['orthanc_http_port']}"
 
+
+# Content security policies. The portal's pages load nothing but their own files: no inline script
+# or style anywhere. The OHIF viewer needs more: web assembly codecs, web workers and inline styles
+# of its own, blob: images and documents (a PDF report shows in a frame).
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+# The build's index.html carries two small inline scripts: they are allowed by their hashes, pinned
+# with the build in ohif/pin.json (a test checks them against the unpacked build).
+VIEWER_POLICY = (
+    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval' "
+    + " ".join(f"'{digest}'" for digest in OHIF_PIN["inline_script_hashes"])
+    + "; worker-src 'self' blob:; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
+    "connect-src 'self' blob: data:; media-src 'self' blob:; frame-src 'self' blob:; "
+    "object-src 'self' blob:; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
 
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
@@ -120,6 +145,12 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         orthanc_authorization="Basic " + base64.b64encode(credentials).decode(),
         upload_max_bytes=settings["upload_max_mb"] * 1024 * 1024,
         upload_max_mb=settings["upload_max_mb"],
+        ssl=bool(settings["ssl_enabled"]),
+        web_server_name=settings["web_server_name"],
+        certificate=site.secrets_dir / "tls" / "site.crt",
+        key=site.secrets_dir / "tls" / "site.key",
+        page_policy=PAGE_POLICY,
+        viewer_policy=VIEWER_POLICY,
         admin_socket=site.run / "caddy-admin.sock",
         logs=site.logs,
         web_port=settings["web_port"],

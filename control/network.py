@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -28,7 +29,9 @@ def public_origin(settings: dict[str, Any]) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     scheme = "https" if settings.get("ssl_enabled") else "http"
-    return f"{scheme}://{host}:{settings['web_port']}"
+    # Behind a port mapping (compose.yaml) the outside world uses another port than Caddy's own.
+    port = os.environ.get("PACS_PUBLIC_WEB_PORT") or settings["web_port"]
+    return f"{scheme}://{host}:{port}"
 
 
 def token_link(settings: dict[str, Any], token: str) -> str:

@@ -95,7 +95,9 @@ class Modality:
 
 # AE titles are kept to letters, digits and _ . - so that one can also name the modality in
 # Orthanc's REST API (``/modalities/{name}``) without any escaping.
-_MODALITY = re.compile(r"^([A-Za-z0-9_.-]{1,16})@([A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})$")
+_MODALITY = re.compile(
+    r"^([A-Za-z0-9_.-]{1,16})@([A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})$"
+)
 
 
 def parse_modalities(text: str) -> list[Modality]:
@@ -174,6 +176,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Loopback port of the archive's own HTTP interface. Only the portal reaches it, with "
         "credentials of its own; browsers never do.",
         "PACS_ORTHANC_HTTP_PORT",
+    ),
+    Setting(
+        "ssl_enabled",
+        bool,
+        False,
+        "Enable SSL encryption",
+        "Serve https only, with the site's own certificate and private key (from its certificate "
+        "provider, for the web server name). Strongly recommended: without it, use the portal only "
+        "over a VPN.",
     ),
     Setting(
         "web_server_name",
@@ -340,3 +351,28 @@ def first_run_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         else:
             values[setting.name] = setting.default
     return values
+
+
+def markdown_table() -> str:
+    """The settings as the README's table (``./pacs config docs`` prints it; a test keeps it current)."""
+
+    def default_text(setting: Setting) -> str:
+        if setting.kind is bool:
+            return "yes" if setting.default else "no"
+        return f"`{setting.default}`" if setting.default not in ("", None) else "(blank)"
+
+    def meaning(setting: Setting) -> str:
+        text = setting.help
+        if setting.choices:
+            text += " One of: " + ", ".join(f"`{value}` ({label})" for value, label in setting.choices) + "."
+        return text.replace("|", "\\|")
+
+    lines = [
+        "| setting | first-run variable | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for setting in SETTINGS:
+        variable = f"`{setting.env}`" if setting.env else ""
+        described = f"{setting.label}: {meaning(setting)}"
+        lines.append(f"| `{setting.name}` | {variable} | {default_text(setting)} | {described} |")
+    return "\n".join(lines) + "\n"

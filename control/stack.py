@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import http.client
 import json
 import os
 import secrets
@@ -29,7 +28,7 @@ from typing import Any
 
 import requests
 
-from control import accounts, configs, db
+from control import accounts, configs, db, unixhttp
 from control import settings as site_settings
 from control.site import REPOSITORY, Site
 from control.viewer import ensure_viewer
@@ -101,26 +100,9 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=3)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(3)
-        self.sock.connect(self.path)
-
-
 def get_over_unix_socket(path: Path, url: str) -> tuple[int, bytes]:
     """A GET to an HTTP server on a unix socket (gunicorn's), for readiness and status checks."""
-    connection = _UnixConnection(str(path))
-    try:
-        connection.request("GET", url, headers={"Host": "localhost"})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    return unixhttp.request(path, "GET", url)
 
 
 def port_is_free(port: int) -> bool:
@@ -357,14 +339,17 @@ class Supervisor:
                     )
                     return 1
                 time.sleep(RESTART_DELAY)
-                try:
-                    process.start(self.site.run)
-                    process.wait_ready(timeout=60)
-                    print(f"pacs: {process.name} restarted.", file=sys.stderr, flush=True)
-                except StackError as error:
-                    print(f"pacs: {error}", file=sys.stderr, flush=True)
+                self._restart(process)
             time.sleep(0.2)
         return 0
+
+    def _restart(self, process: Process) -> None:
+        try:
+            process.start(self.site.run)
+            process.wait_ready(timeout=60)
+            print(f"pacs: {process.name} restarted.", file=sys.stderr, flush=True)
+        except StackError as error:
+            print(f"pacs: {error}", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         for process in reversed(self.processes):

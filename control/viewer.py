@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import shutil
 import subprocess
 import tarfile
@@ -34,6 +35,12 @@ def integrity_of(path: Path) -> str:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return "sha512-" + base64.b64encode(digest.digest()).decode()
+
+
+def inline_script_hashes(html: str) -> list[str]:
+    """The CSP hashes (``sha256-...``) of the inline scripts in a page, in order."""
+    scripts = re.findall(r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", html, re.S)
+    return ["sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() for body in scripts]
 
 
 def ensure_viewer(site: Site, say: Callable[..., None] = print) -> Path:

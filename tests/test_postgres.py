@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import requests
 import sqlalchemy as sa
-from postgres import PostgresServer, binaries
 
 from control import db
 
 from conftest import REPOSITORY, Stack, csrf_token, free_port, make_stack, sign_in
+from postgres import PostgresServer, binaries
 
 pytestmark = [
     pytest.mark.stack,
@@ -77,7 +77,7 @@ def _wait_for(url: str, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+            if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
                 return
         except requests.ConnectionError:
             pass

@@ -14,6 +14,9 @@ import pytest
 import requests
 from pydicom.data import get_testdata_file
 
+from control.configs import OHIF_PIN
+from control.viewer import inline_script_hashes
+
 from conftest import REPOSITORY, Stack, c_store, free_port, sign_in
 
 pytestmark = pytest.mark.stack
@@ -74,6 +77,10 @@ def test_viewer_files_are_served(stack: Stack) -> None:
     # A bundle named by the page is there too (the viewer would be blank without it).
     bundle = next(part for part in page.text.split('"') if part.startswith("/app.bundle."))
     assert requests.get(f"{stack.url}{bundle}").status_code == 200
+    # Its inline scripts run: their hashes, pinned with the version, are in the viewer's policy.
+    assert inline_script_hashes(page.text) == OHIF_PIN["inline_script_hashes"]
+    for digest in OHIF_PIN["inline_script_hashes"]:
+        assert f"'{digest}'" in page.headers["Content-Security-Policy"]
 
 
 def test_security_headers_on_pages_files_and_errors(stack: Stack) -> None:

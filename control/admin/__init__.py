@@ -438,3 +438,7 @@ def revoke_patient():
         record_activity(Action.TOKEN_REVOKED, connection=connection, patient_id=patient_id, revoked=count)
     flash(f"Revoked {count} link{'s' if count != 1 else ''} of patient {patient_id}.", "info")
     return redirect(url_for("admin.tokens", patient_id=patient_id))
+
+
+# The setup page's routes live in their own module; importing it registers them on this blueprint.
+from control.admin import setup  # noqa: E402, F401
