@@ -19,3 +19,42 @@ document.addEventListener("DOMContentLoaded", () => {
     window.location.assign(start.href);
   }
 });
+
+// "Copy study link": ask the portal for the study's fully qualified patient link and put it on the
+// clipboard. Browsers may refuse the clipboard (a user option): then the link is shown, selected,
+// for copying by hand.
+document.addEventListener("DOMContentLoaded", () => {
+  const csrf = document.querySelector('meta[name="csrf-token"]');
+  document.querySelectorAll("button.copy-link").forEach((button) => {
+    button.addEventListener("click", async () => {
+      const shown = button.parentElement.querySelector(".copied");
+      const field = shown.querySelector("input");
+      const note = shown.querySelector(".copy-note");
+      let link;
+      try {
+        const response = await fetch(button.dataset.linkUrl, {
+          method: "POST",
+          headers: { "X-CSRFToken": csrf ? csrf.content : "", Accept: "application/json" },
+          credentials: "same-origin",
+        });
+        if (!response.ok) throw new Error(`the portal answered ${response.status}`);
+        link = (await response.json()).link;
+      } catch (error) {
+        shown.hidden = false;
+        field.value = "";
+        note.textContent = ` The link could not be made (${error.message}).`;
+        return;
+      }
+      field.value = link;
+      shown.hidden = false;
+      try {
+        await navigator.clipboard.writeText(link);
+        note.textContent = " Copied to the clipboard.";
+      } catch {
+        field.focus();
+        field.select();
+        note.textContent = " The browser did not allow copying: press Ctrl+C (or Cmd+C) to copy it.";
+      }
+    });
+  });
+});
