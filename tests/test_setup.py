@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import ADMIN_PASSWORD, Stack, c_store, csrf_token, fresh_study, free_port, orthanc_id
+from conftest import ADMIN_PASSWORD, Stack, c_store, csrf_token, free_port, fresh_study, orthanc_id
 
 pytestmark = pytest.mark.stack
 
