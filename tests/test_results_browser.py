@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+import sqlalchemy as sa
 from test_uploads import a_pdf
 
-from control import accounts
+from control import accounts, db
 from control.site import Site
 
 from browser import chromium, wait_for_image
@@ -107,3 +108,10 @@ def test_the_viewer_opens_from_the_study_results(stack: Stack, uploader: str) ->
         viewer.wait_for_load_state("domcontentloaded")
         assert f"StudyInstanceUIDs={dataset.StudyInstanceUID}" in viewer.url
         wait_for_image(viewer)
+    with Site(stack.data).engine.connect() as connection:
+        opened_events = connection.execute(
+            sa.select(db.activity).where(
+                db.activity.c.action == "viewer-opened", db.activity.c.study == dataset.StudyInstanceUID
+            )
+        ).all()
+    assert opened_events and opened_events[0].username == uploader

@@ -97,6 +97,10 @@ def search():
     asking, held = visitor()
     decision = rules.decide("GET", request.path, asking)
     if asking.signed_in:
+        studies = request.args.get("StudyInstanceUID", "")
+        if request.path == "/dicom-web/studies" and studies:
+            # The viewer's first question when it opens a study: the one place that sees it open.
+            record_activity(Action.VIEWER_OPENED, study=studies[:100], via="dicomweb")
         return _relay(request.path, raw_query)
     if decision.verdict is rules.Verdict.SIGN_IN:
         _denied(decision, "GET", request.path)
