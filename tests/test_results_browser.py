@@ -115,3 +115,33 @@ def test_the_viewer_opens_from_the_study_results(stack: Stack, uploader: str) ->
             )
         ).all()
     assert opened_events and opened_events[0].username == uploader
+
+
+def test_an_attached_pdf_report_shows_in_the_viewer(stack: Stack, uploader: str, tmp_path) -> None:
+    dataset = fresh_study("CT_small.dcm")
+    assert c_store(stack, dataset) == 0
+    report = tmp_path / "report.pdf"
+    report.write_bytes(a_pdf())
+    with chromium() as browser:
+        page = signed_in_page(browser, stack, uploader, viewport={"width": 1280, "height": 900})
+        studies_of(page, stack, dataset.PatientID)
+        page.set_input_files("td.attach-pdf input[type=file]", str(report))
+        page.get_by_role("button", name="Upload File").click()
+        page.wait_for_load_state()
+        series = page.context.request.get(
+            f"{stack.url}/dicom-web/studies/{dataset.StudyInstanceUID}/series?Modality=DOC",
+            headers={"Accept": "application/dicom+json"},
+        ).json()
+        pdf_series = next(
+            item["0020000E"]["Value"][0] for item in series if item["00080060"]["Value"] == ["DOC"]
+        )
+        problems: list[str] = []
+        page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+        page.goto(
+            f"{stack.url}/viewer?StudyInstanceUIDs={dataset.StudyInstanceUID}&initialSeriesInstanceUID={pdf_series}"
+        )
+        shown = page.wait_for_selector(
+            "object[data^='blob:'], iframe[src^='blob:'], embed[src^='blob:']", timeout=60000
+        )
+        assert shown is not None
+        assert not [text for text in problems if "Content Security Policy" in text]

@@ -404,3 +404,13 @@ def test_a_user_needs_only_a_name_and_a_password(stack: Stack, admin: Browser) -
     )
     assert "Created the account minimal" in response.text
     Browser(stack, "minimal", "minimal pw")
+
+
+def test_taking_away_the_upload_right_takes_effect_on_the_next_request(stack: Stack, admin: Browser) -> None:
+    add_user(admin, "uploader.for.now", "uploads for now", can_upload=True)
+    uid = user_id(stack, "uploader.for.now")
+    uploader = Browser(stack, "uploader.for.now", "uploads for now")
+    assert uploader.get("/upload").status_code == 200
+    admin.submit(f"/admin/users/{uid}/flags", {"flag": "can_upload", "value": "0"}, form_page="/admin/users")
+    assert uploader.get("/upload").status_code == 403
+    assert "Upload files" not in uploader.get("/").text
