@@ -29,6 +29,7 @@ RULES: dict[str, Audience] = {
     "public.*": Audience.PUBLIC,
     "auth.login": Audience.PUBLIC,
     "auth.logout": Audience.SIGNED_IN,
+    "auth.own_password": Audience.SIGNED_IN,
     "query.*": Audience.SIGNED_IN,
     # The downloader program itself is offered on the landing page, to anyone.
     "query.downloader_script": Audience.PUBLIC,

@@ -414,3 +414,25 @@ def test_taking_away_the_upload_right_takes_effect_on_the_next_request(stack: St
     admin.submit(f"/admin/users/{uid}/flags", {"flag": "can_upload", "value": "0"}, form_page="/admin/users")
     assert uploader.get("/upload").status_code == 403
     assert "Upload files" not in uploader.get("/").text
+
+
+def test_users_change_their_own_password_and_their_other_sessions_end(stack: Stack, admin: Browser) -> None:
+    add_user(admin, "self.service", "first password 1")
+    elsewhere = Browser(stack, "self.service", "first password 1")
+    here = Browser(stack, "self.service", "first password 1")
+    wrong = here.submit(
+        "/account/password", {"current": "not it", "password": "second pw 2", "confirm": "second pw 2"}
+    )
+    assert "This is not your current password" in wrong.text
+    short = here.submit(
+        "/account/password", {"current": "first password 1", "password": "short", "confirm": "short"}
+    )
+    assert "at least 8 characters" in short.text
+    done = here.submit(
+        "/account/password",
+        {"current": "first password 1", "password": "second pw 2", "confirm": "second pw 2"},
+    )
+    assert "Your password is changed" in done.text
+    assert "Signed in as <strong>self.service</strong>" in here.get("/").text
+    assert "Signed in as" not in elsewhere.get("/").text
+    Browser(stack, "self.service", "second pw 2")

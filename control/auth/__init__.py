@@ -91,6 +91,44 @@ def login():
     return redirect(safe_next(form.next.data))
 
 
+class OwnPasswordForm(FlaskForm):
+    current = PasswordField("Current password", validators=[DataRequired(), Length(max=1024)])
+    password = PasswordField("New password", validators=[DataRequired(), Length(max=1024)])
+    confirm = PasswordField("Confirm new password", validators=[DataRequired(), Length(max=1024)])
+
+
+@bp.route("/account/password", methods=["GET", "POST"])
+def own_password():
+    """A signed-in user changes their own password; their other sessions end, this one goes on."""
+    form = OwnPasswordForm()
+    if form.validate_on_submit():
+        user: SignedInUser = current_user._get_current_object()
+        renewed = None
+        with current_app.extensions["site"].engine.begin() as connection:
+            if accounts.authenticate(connection, user.username, form.current.data) is None:
+                form.current.errors.append("This is not your current password.")
+            else:
+                try:
+                    accounts.set_password(connection, user.id, form.password.data, form.confirm.data)
+                except accounts.AccountError as error:
+                    getattr(form, error.field or "password").errors.append(str(error))
+                else:
+                    account = accounts.get_user(connection, user.id)
+                    renewed = sessions.start_session(connection, account, request.remote_addr or "")
+                    record_activity(
+                        Action.USER_CHANGED,
+                        connection=connection,
+                        account=user.username,
+                        changed=["own password"],
+                    )
+        if renewed is not None:
+            session.clear()
+            login_user(renewed)
+            flash("Your password is changed. Your other sessions have ended.", "info")
+            return redirect(url_for("public.index"))
+    return render_template("auth/own_password.html", form=form)
+
+
 @bp.route("/logout", methods=["POST"])
 @login_required
 def logout():
