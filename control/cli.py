@@ -373,3 +373,17 @@ def token_command(site: Site, study: str) -> None:
             study=facts.study_uid,
         )
     click.echo(network.token_link(values, token.token))
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+)
+@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
+def bench(bench_args: tuple[str, ...]) -> None:
+    """Benchmark the portal against Orthanc directly, on a stack of its own (options: --help).
+
+    The benchmark (``bench/``) starts and stops its own stack on a temporary data directory; its
+    options go through unchanged. The results land in this installation's data directory.
+    """
+    code = subprocess.call([sys.executable, "-m", "bench", *bench_args], cwd=REPOSITORY)
+    sys.exit(code)

@@ -16,6 +16,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 STREAM_CHUNK = 256 * 1024
+# POSTs of Orthanc's API that change nothing, so that sending one twice is harmless.
+SEARCHES = frozenset({"/tools/find", "/tools/lookup"})
 
 
 class OrthancUnavailable(RuntimeError):
@@ -54,12 +56,20 @@ class Orthanc:
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
-        try:
-            response = self.session.request(method, f"{self.url}{path}", **kwargs)
-        except requests.ConnectionError as error:
-            raise OrthancUnavailable(str(error)) from None
-        except requests.Timeout as error:
-            raise OrthancUnavailable(f"no answer within {kwargs['timeout']} s: {error}") from None
+        # urllib3 retries GETs on a stale connection, never POSTs; the searches are POSTs that only
+        # read, so they are sent again once (under load, Orthanc closing an idle connection just as
+        # a search goes out gave users "archive not reachable": see bench/, the users scenario).
+        attempts = 2 if method == "POST" and path in SEARCHES else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self.session.request(method, f"{self.url}{path}", **kwargs)
+                break
+            except requests.ConnectionError as error:
+                if attempt < attempts:
+                    continue
+                raise OrthancUnavailable(str(error)) from None
+            except requests.Timeout as error:
+                raise OrthancUnavailable(f"no answer within {kwargs['timeout']} s: {error}") from None
         if response.status_code >= 400 and not kwargs.get("stream"):
             raise OrthancError(response.status_code, response.text[:300])
         return response
