@@ -60,6 +60,12 @@ class Comparison:
     def median(self, way: str) -> float:
         return statistics.median(self.seconds(way))
 
+    def paired_ratio(self) -> float:
+        """The median of each pair's direct/portal ratio: the two runs of a pair are next to each
+        other in time, so this is the figure least moved by load that comes and goes."""
+        pairs = zip(self.seconds(DIRECT), self.seconds(PORTAL), strict=False)
+        return statistics.median(direct / portal for direct, portal in pairs)
+
     def cpu(self, way: str) -> dict[str, float]:
         """Median CPU seconds per run of each process role."""
         roles = self.runs[way][0].cpu if self.runs[way] else {}

@@ -69,7 +69,7 @@ class Scale:
 
 
 PRESETS = {
-    # About 13 minutes on a 2-core machine. The full growth curve: --sizes 1000,10000,50000.
+    # About 10 minutes on a 2-core machine; the full growth curve (--sizes 1000,10000,50000) about 13.
     "default": Scale((100, 300), 400, 1000, (1000, 10000), 50, 60, 5, 50),
     "quick": Scale((40, 60), 100, 1000, (1000, 3000), 20, 15, 3, 20, budget=120),
     # What tests/test_bench_smoke.py runs: the code paths, not the figures.
@@ -240,6 +240,8 @@ class Bench:
             cpu={way: comparison.cpu(way) for way in (DIRECT, PORTAL)},
             **extra,
         )
+        row.detail["seconds"] = {way: comparison.seconds(way) for way in (DIRECT, PORTAL)}
+        row.detail["paired_ratio"] = comparison.paired_ratio()
         return self.report.add(row)
 
 
@@ -322,6 +324,7 @@ def run_zip(bench: Bench) -> None:
             portal_first - direct_first,
             Target("extra", 0.050),
             runs=len(single.runs[PORTAL]),
+            detail={"seconds": {way: single.firsts(way) for way in (DIRECT, PORTAL)}},
         )
     )
     growth = (memory.after - memory.before) / 2**20
@@ -535,6 +538,8 @@ def run_viewer(bench: Bench) -> None:
             "series metadata and frames",
             viewer_action(bench, direct, f"{bench.stack.orthanc_url}/dicom-web"),
             viewer_action(bench, portal, f"{bench.stack.url}/dicom-web"),
+            # A load takes well under a second and varies with whatever else runs: more pairs.
+            repeat=3 * bench.scale.repeat,
         )
     finally:
         direct.close()
@@ -558,6 +563,7 @@ def run_viewer(bench: Bench) -> None:
             first_portal - first_direct,
             Target("extra", 0.100),
             runs=len(comparison.runs[PORTAL]),
+            detail={"seconds": {way: comparison.firsts(way) for way in (DIRECT, PORTAL)}},
         )
     )
 
