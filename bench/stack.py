@@ -160,6 +160,7 @@ class BenchStack:
     def start(self) -> None:
         """Start the stack and wait for its banner (or fail with its logs)."""
         self.data.mkdir(parents=True, exist_ok=True)
+        self._keep_stored_ports()
         log = (self.data / "bench-stack.out").open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "control", "--data", str(self.data), "up"],
@@ -183,6 +184,20 @@ class BenchStack:
             time.sleep(0.2)
         self.stop()
         raise StackFailed("the stack did not start in time:\n" + logs_tail(self.data))
+
+    def _keep_stored_ports(self) -> None:
+        """A data directory used before keeps its ports: the environment sets them only at first."""
+        if not (self.data / "control.sqlite3").exists():
+            return
+        from control import db
+        from control.site import Site
+
+        # Read as stored, before the stack's start brings the schema up to date.
+        with Site(self.data).engine.connect() as connection:
+            stored = db.get_settings(connection)
+        self.web_port = stored["web_port"]
+        self.dicom_port = stored["dicom_port"]
+        self.orthanc_port = stored["orthanc_http_port"]
 
     def _answers(self) -> bool:
         try:

@@ -123,6 +123,29 @@ def migrate(engine: sa.Engine) -> None:
         command.upgrade(config, "head")
 
 
+revisions = sa.Table(
+    "revisions",
+    metadata,
+    # A counter per kind of shared state, raised by every change to it: an instance that cached
+    # the state reads one number per request to know whether its copy still holds.
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("value", sa.Integer, nullable=False),
+)
+
+_SETTINGS_REVISION = sa.select(revisions.c.value).where(revisions.c.name == "settings")
+
+
+def settings_revision(connection: sa.Connection) -> int:
+    """The settings' revision: it changes whenever a setting does."""
+    return connection.execute(_SETTINGS_REVISION).scalar_one()
+
+
+def _settings_changed(connection: sa.Connection) -> None:
+    connection.execute(
+        revisions.update().where(revisions.c.name == "settings").values(value=revisions.c.value + 1)
+    )
+
+
 def get_settings(connection: sa.Connection) -> dict[str, Any]:
     """All stored settings as a name -> value mapping."""
     rows = connection.execute(sa.select(settings.c.name, settings.c.value))
@@ -141,6 +164,13 @@ def put_settings(connection: sa.Connection, values: dict[str, Any]) -> None:
             )
         else:
             connection.execute(settings.insert().values(name=name, value=encoded, updated_at=now))
+    _settings_changed(connection)
+
+
+def delete_settings(connection: sa.Connection, names: list[str]) -> None:
+    """Remove stored settings, so that they fall back to their defaults."""
+    connection.execute(settings.delete().where(settings.c.name.in_(names)))
+    _settings_changed(connection)
 
 
 study_tokens = sa.Table(

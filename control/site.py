@@ -57,6 +57,7 @@ class Site:
 
     def __init__(self, data: Path | str | None = None) -> None:
         self.data = Path(data).resolve() if data else default_data_dir()
+        self._settings: tuple[int, dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"Site({str(self.data)!r})"
@@ -129,6 +130,15 @@ class Site:
         return db.make_engine(self.database_url)
 
     def load_settings(self) -> dict[str, Any]:
-        """The site settings: stored values over the declared defaults."""
+        """The site settings: stored values over the declared defaults.
+
+        Read on every request, so that a change made through any instance counts at once; the
+        values are kept between requests and read again only when the settings' revision moved.
+        """
         with self.engine.connect() as connection:
-            return settings.with_defaults(db.get_settings(connection))
+            revision = db.settings_revision(connection)
+            cached = self._settings
+            if cached is None or cached[0] != revision:
+                cached = (revision, settings.with_defaults(db.get_settings(connection)))
+                self._settings = cached
+        return dict(cached[1])

@@ -271,6 +271,8 @@ def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
         str(site.logs / "access.log"),
         "--access-logformat",
         '%({x-forwarded-for}i)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
+        "--logger-class",
+        "control.serving.AccessLogger",
         "--error-logfile",
         "-",
         # gunicorn 27 opens a control socket in the home folder by default: shared by every

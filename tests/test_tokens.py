@@ -63,6 +63,13 @@ def local(stack: Stack, link: str) -> str:
     return f"{stack.url}/token?{link.split('?', 1)[1]}"
 
 
+def instance_url(stack: Stack, study: StoredStudy) -> str:
+    return (
+        f"{stack.url}/dicom-web/studies/{study.study_uid}/series/{study.series_uid}"
+        f"/instances/{study.instance_uid}"
+    )
+
+
 def dicomweb(stack: Stack, session: requests.Session) -> DICOMwebClient:
     return DICOMwebClient(f"{stack.url}/dicom-web", session=session)
 
@@ -264,6 +271,46 @@ def test_revoking_ends_an_open_grant_at_once(stack: Stack, doctor: requests.Sess
     with pytest.raises(HTTPError) as refused:
         client.retrieve_study_metadata(study.study_uid)
     assert refused.value.response.status_code == 401  # the grant is worth nothing now
+
+
+def test_signing_out_ends_the_viewer_at_once(stack: Stack, ct: StoredStudy) -> None:
+    browser = stack.sign_in("admin", ADMIN_PASSWORD)
+    instance = instance_url(stack, ct)
+    assert browser.get(f"{instance}/metadata").status_code == 200
+    cookies = browser.cookies.copy()
+    home = browser.get(f"{stack.url}/")
+    assert browser.post(f"{stack.url}/logout", data={"csrf_token": csrf_token(home.text)}).status_code == 200
+    replayed = requests.get(f"{instance}/metadata", cookies=cookies)
+    assert replayed.status_code == 401
+
+
+def test_a_user_who_only_looks_at_images_stays_signed_in(stack: Stack, ct: StoredStudy) -> None:
+    """Frames read by the viewer count as activity, so the idle timeout does not end the session."""
+    browser = stack.sign_in("admin", ADMIN_PASSWORD)
+    engine = Site(stack.data).engine
+    newest = sa.select(sa.func.max(db.web_sessions.c.created_at)).scalar_subquery()
+    with engine.begin() as connection:
+        connection.execute(
+            db.web_sessions.update()
+            .where(db.web_sessions.c.created_at == newest)
+            .values(last_seen_at=db.utcnow() - dt.timedelta(minutes=25))  # the idle limit is 30
+        )
+    instance = instance_url(stack, ct)
+    for _ in range(3):
+        assert browser.get(f"{instance}/metadata").status_code == 200
+    with engine.begin() as connection:
+        seen = connection.execute(
+            sa.select(db.web_sessions.c.last_seen_at).where(db.web_sessions.c.created_at == newest)
+        ).scalar_one()
+        connection.execute(
+            db.web_sessions.update()
+            .where(db.web_sessions.c.created_at == newest)
+            .values(last_seen_at=seen - dt.timedelta(minutes=10))
+        )
+    # 35 minutes after the last page, but 10 after the last image: still signed in.
+    page = browser.get(f"{stack.url}/query")
+    assert (page.status_code, page.url) == (200, f"{stack.url}/query")
+    assert "Your session has ended" not in page.text
 
 
 def test_no_session_and_no_grant_gets_401(stack: Stack, ct: StoredStudy) -> None:

@@ -87,9 +87,7 @@ def settings_changed(stack: Stack, **values: object) -> Iterator[None]:
     finally:
         with site.engine.begin() as connection:
             db.put_settings(connection, {name: before[name] for name in values if name in before})
-            for name in values:
-                if name not in before:
-                    connection.execute(db.settings.delete().where(db.settings.c.name == name))
+            db.delete_settings(connection, [name for name in values if name not in before])
 
 
 def reload_caddy(stack: Stack) -> None:

@@ -48,6 +48,34 @@ def _hash(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
+# A session's row with what its user may do, by the id's hash (built once: compiled once).
+SESSION_ROW = (
+    sa.select(db.web_sessions, db.users.c.is_active, db.users.c.can_upload)
+    .join(db.users, db.users.c.id == db.web_sessions.c.user_id)
+    .where(db.web_sessions.c.id_hash == sa.bindparam("id_hash"))
+)
+
+
+def find_session(connection: sa.Connection, session_id: str) -> sa.Row | None:
+    """The session's row (joined with its user's ``is_active`` and ``can_upload``), if any."""
+    return connection.execute(SESSION_ROW, {"id_hash": _hash(session_id)}).first()
+
+
+def touch_due(row: sa.Row, now: dt.datetime) -> bool:
+    """Whether the session's last-seen time is old enough to be written again."""
+    return now - row.last_seen_at > LAST_SEEN_RESOLUTION
+
+
+def is_live(row: sa.Row | None, now: dt.datetime, settings: dict) -> bool:
+    """Whether the session of ``row`` lets its user in: not ended, not expired, user active."""
+    return (
+        row is not None
+        and row.ended_at is None
+        and row.is_active
+        and not expired(row.created_at, row.last_seen_at, now, settings)
+    )
+
+
 def _engine() -> sa.Engine:
     return current_app.extensions["site"].engine
 
@@ -90,11 +118,7 @@ def load_session(session_id: str) -> SignedInUser | None:
     """The signed-in user of a live session, or None (which flask-login treats as signed out)."""
     now = db.utcnow()
     with _engine().begin() as connection:
-        row = connection.execute(
-            sa.select(db.web_sessions, db.users.c.is_active)
-            .join(db.users, db.users.c.id == db.web_sessions.c.user_id)
-            .where(db.web_sessions.c.id_hash == _hash(session_id))
-        ).first()
+        row = find_session(connection, session_id)
         if row is None or row.ended_at is not None or not row.is_active:
             return None
         settings = g.get("settings") or current_app.extensions["site"].load_settings()
@@ -104,7 +128,7 @@ def load_session(session_id: str) -> SignedInUser | None:
             )
             g.session_expired = True
             return None
-        if now - row.last_seen_at > LAST_SEEN_RESOLUTION:
+        if touch_due(row, now):
             connection.execute(
                 db.web_sessions.update()
                 .where(db.web_sessions.c.id_hash == row.id_hash)

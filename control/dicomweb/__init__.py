@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import sqlalchemy as sa
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 from flask_login import current_user
 
@@ -22,7 +21,7 @@ from control import db
 from control.activity import Action, Outcome, record_activity
 from control.dicomweb import rules
 from control.orthanc import STREAM_CHUNK
-from control.tokens import grants, store
+from control.tokens import grants
 
 bp = Blueprint("dicomweb", __name__)
 
@@ -36,22 +35,7 @@ def valid_grants() -> list[grants.Grant]:
     if not presented:
         return []
     with current_app.extensions["site"].engine.connect() as connection:
-        rows = {
-            row.id: store.StudyToken(row)
-            for row in connection.execute(
-                sa.select(db.study_tokens).where(
-                    db.study_tokens.c.id.in_([grant.token_id for grant in presented])
-                )
-            )
-        }
-    today = db.utcnow().date()
-    return [
-        grant
-        for grant in presented
-        if grant.token_id in rows
-        and rows[grant.token_id].row.study_uid == grant.study_uid
-        and rows[grant.token_id].state(g.settings["token_days"], today) is store.TokenState.VALID
-    ]
+        return grants.still_valid(connection, presented, g.settings["token_days"], db.utcnow().date())
 
 
 def visitor() -> tuple[rules.Visitor, list[grants.Grant]]:

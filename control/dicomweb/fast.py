@@ -1,0 +1,85 @@
+"""The gate's quick answer: the frames of an open viewer, let through without the web framework.
+
+A viewer asks for every frame of a series, each one a DICOMweb request, and Caddy asks the gate
+about each before it streams Orthanc's answer. Going through Flask for each costs more than
+Orthanc's own work for a frame, so this WSGI layer answers the common case itself: a live session,
+or a study grant whose token still works, reading what the rules allow. It reads the same rows with
+the same functions as the full gate, on every request, so a sign-out, a revoked token or a changed
+setting counts at once.
+
+Anything else goes on to the full gate in ``control.dicomweb``, which decides again, records
+refusals in the activity log and touches the session's last-seen time when it is due. The quick
+answer only ever says yes; "no" always comes from the full gate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flask import Flask
+from itsdangerous import BadData
+from werkzeug.http import parse_cookie
+
+from control import db
+from control.auth import sessions
+from control.dicomweb import rules
+from control.tokens import grants
+
+GATE_PATH = "/internal/gate/dicom-web"
+_ALLOWED = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "0")]
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+class QuickGate:
+    """WSGI middleware in front of the app: answers the gate's plain "yes" itself."""
+
+    def __init__(self, app: WSGIApp, flask_app: Flask) -> None:
+        self.app = app
+        self.site = flask_app.extensions["site"]
+        self.session_cookie = flask_app.config["SESSION_COOKIE_NAME"]
+        self.session_max_age = flask_app.permanent_session_lifetime.total_seconds()
+        self.session_signing = flask_app.session_interface.get_signing_serializer(flask_app)  # type: ignore[attr-defined]
+        self.grant_signing = grants.serializer(flask_app.config["SECRET_KEY"])
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == GATE_PATH and self.allows(environ):
+            start_response("200 OK", _ALLOWED)
+            return [b""]
+        return self.app(environ, start_response)
+
+    def allows(self, environ: dict[str, Any]) -> bool:
+        """True when the request Caddy asks about may plainly go through; False means "ask the app"."""
+        method = environ.get("HTTP_X_FORWARDED_METHOD", "GET").upper()
+        uri = environ.get("HTTP_X_FORWARDED_URI", "")
+        cookies = parse_cookie(environ.get("HTTP_COOKIE", ""))
+        session_id = self._session_id(cookies.get(self.session_cookie, ""))
+        presented = grants.read_value(cookies.get(grants.COOKIE, ""), self.grant_signing)
+        if session_id is None and not presented:
+            return False
+        now = db.utcnow()
+        settings = self.site.load_settings()
+        with self.site.engine.connect() as connection:
+            if session_id is not None:
+                row = sessions.find_session(connection, session_id)
+                # A session whose last-seen time is due for an update is left to the app.
+                if row is None or not sessions.is_live(row, now, settings) or sessions.touch_due(row, now):
+                    return False
+                visitor = rules.Visitor(signed_in=True, can_upload=row.can_upload)
+            else:
+                held = grants.still_valid(connection, presented, settings["token_days"], now.date())
+                visitor = rules.Visitor(granted_studies=frozenset(grant.study_uid for grant in held))
+        return rules.decide(method, uri, visitor).verdict is rules.Verdict.ALLOW
+
+    def _session_id(self, cookie: str) -> str | None:
+        """The server-side session id in Flask's signed session cookie (flask-login keeps it there)."""
+        if not cookie:
+            return None
+        try:
+            session = self.session_signing.loads(cookie, max_age=self.session_max_age)
+        except BadData:
+            return None  # the app refuses it
+        session_id = session.get("_user_id")
+        return session_id if isinstance(session_id, str) and session_id else None
