@@ -58,6 +58,9 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"
 
 
+_INSERT = db.activity.insert()  # one statement, compiled once, for every event
+
+
 def record_activity(
     action: Action,
     outcome: Outcome = Outcome.OK,
@@ -92,10 +95,10 @@ def record_activity(
         "detail": json.dumps(detail, ensure_ascii=False, default=str),
     }
     if connection is not None:
-        connection.execute(db.activity.insert().values(**row))
+        connection.execute(_INSERT, row)
         return
     with current_app.extensions["site"].engine.begin() as own_connection:
-        own_connection.execute(db.activity.insert().values(**row))
+        own_connection.execute(_INSERT, row)
 
 
 class ActivityList(enum.StrEnum):

@@ -48,6 +48,10 @@ class Orthanc:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.auth = (username, password)
+        # Orthanc is the portal's own loopback service: no proxy from the environment may stand in
+        # between (it would see Orthanc's credentials), and skipping the proxy look-up saves about
+        # half a millisecond per call.
+        self.session.trust_env = False
         # Orthanc would gzip DICOM on request; the portal never wants that (see README: speed).
         self.session.headers["Accept-Encoding"] = "identity"
         retry = Retry(total=2, connect=2, read=1, status=0, backoff_factor=0.05)

@@ -38,6 +38,7 @@ follow, and give a total only for "everything" (from ``/statistics``).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 import threading
 import time
@@ -170,6 +171,19 @@ def group_by_patient(studies: list[dict[str, Any]], into: dict[str, PatientMatch
             match.study_count += 1
 
 
+def _read_modalities(orthanc: Orthanc, study_id: str) -> tuple[str, ...]:
+    """The modalities of a study's series, from Orthanc."""
+    series = orthanc.get_json(f"/studies/{study_id}/series")
+    return tuple(sorted({item["MainDicomTags"].get("Modality") for item in series} - {None, ""}))
+
+
+@functools.lru_cache(maxsize=4096)
+def _remembered_modalities(orthanc: Orthanc, study_id: str, version: tuple[str, tuple[str, ...]]):
+    """``_read_modalities``, kept per study version: a study found again (paging, "Go back", the
+    same search) costs no call. A version is the study's LastUpdate and its series."""
+    return _read_modalities(orthanc, study_id)
+
+
 class Finder:
     """Pages of matching studies or patients, newest study first, from one Orthanc."""
 
@@ -264,15 +278,20 @@ class Finder:
     def _modalities_one_by_one(self, studies: list[dict[str, Any]]) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {}
         for study in studies:
+            # A study's modalities change only with its series, and any change to a study moves
+            # its LastUpdate: the key says when a remembered answer still holds.
+            version = (study.get("LastUpdate", ""), tuple(study.get("Series", ())))
             try:
-                series = self.orthanc.get_json(f"/studies/{study['ID']}/series")
+                if version[0]:
+                    held = _remembered_modalities(self.orthanc, study["ID"], version)
+                else:
+                    held = _read_modalities(self.orthanc, study["ID"])
             except OrthancError as error:
                 if error.status != 404:
                     raise
                 continue  # deleted since the find: shown without modalities, as a find would
-            held = {item["MainDicomTags"].get("Modality") for item in series} - {None, ""}
             if held:
-                found[study["ID"]] = sorted(held)
+                found[study["ID"]] = list(held)
         return found
 
     def _small_answer(self, search: Search) -> list[dict[str, Any]] | None:
