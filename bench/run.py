@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench import report as reporting
 from bench.scenarios import PRESETS, SCENARIOS, Bench, describe_archive
-from bench.stack import BenchStack, StackFailed
+from bench.stack import ADMIN_PASSWORD, Stack, StackFailed
 from control.site import REPOSITORY, default_data_dir
 
 MARKER = "pacs-bench"  # a data directory the benchmark made, and may use again
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
 
     started = time.monotonic()
-    stack = BenchStack(data)
+    stack = Stack.on(data, institution="Benchmark Hospital", admin_password=ADMIN_PASSWORD)
     say(f"pacs bench ({preset}): starting a stack in {data}")
     try:
         stack.start()

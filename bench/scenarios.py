@@ -40,7 +40,7 @@ from bench import clients, data
 from bench.clients import Refused, digest_of, expect
 from bench.measure import DIRECT, PORTAL, Action, Answer, Comparison, MemorySampler, interleave, percentile
 from bench.report import Report, Row, Target, format_seconds
-from bench.stack import ADMIN_PASSWORD, BenchStack, Processes
+from bench.stack import ADMIN_PASSWORD, Processes, Stack
 
 FIND_LIMIT = 2001  # what control.query.finder asks for: SORT_LIMIT + 1
 PER_PAGE = 50  # the query pages' default page size
@@ -103,7 +103,7 @@ class UploadMaterial:
 class Bench:
     """One benchmark run: its stack, its scale, its report, and the material it made."""
 
-    stack: BenchStack
+    stack: Stack
     scale: Scale
     report: Report
     work: Path

@@ -1,9 +1,14 @@
-"""The stack under test: started as an admin starts one, on the benchmark's own data directory.
+"""A portal started as an admin starts one, on a data directory and ports of its own.
 
-``BenchStack.start`` runs ``python -m control --data DIR up`` on free ports (as tests/conftest.py
-does) and waits for its banner; ``stop`` sends the Ctrl-C an admin would. While it runs, the pid
-files in ``DIR/run`` name Orthanc, the gunicorn master and Caddy; gunicorn's workers are the
-master's children. ``Processes`` reads their CPU time and memory from ``/proc``.
+``Stack.start`` runs ``python -m control --data DIR up`` and waits for its banner; ``stop`` sends
+the Ctrl-C an admin would. The benchmark runs its scenarios against one, and the tests
+(``tests/conftest.py``) start theirs with the same class. The runner's output goes to
+``DIR/runner.out`` (a pipe nobody reads could fill up and stop the runner), and ``output`` holds
+the lines of the current run.
+
+While a stack runs, the pid files in ``DIR/run`` name Orthanc, the gunicorn master and Caddy;
+gunicorn's workers are the master's children. ``Processes`` reads their CPU time and memory from
+``/proc``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Self
 
 import requests
 
@@ -24,6 +30,7 @@ from control.site import REPOSITORY
 
 ADMIN_PASSWORD = "bench admin password, long enough"  # noqa: S105 - a throwaway stack's
 START_TIMEOUT = 240
+BANNER = "Press Ctrl-C to stop."
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # The processes whose CPU is counted, as the pid files in run/ name them.
@@ -116,16 +123,58 @@ class Processes:
         return sum(rss_bytes(pid) for pid in self.workers)
 
 
+def stack_environment(web_port: int, dicom_port: int, orthanc_port: int, **overrides: str) -> dict[str, str]:
+    """The environment of ``./pacs up`` for a stack on these ports (the first run's settings)."""
+    env = {
+        **os.environ,
+        "PACS_WEB_PORT": str(web_port),
+        "PACS_DICOM_PORT": str(dicom_port),
+        "PACS_ORTHANC_HTTP_PORT": str(orthanc_port),
+        "PYTHONPATH": str(REPOSITORY),
+    }
+    # The stack's own data directory comes from --data; an installation's must not leak in.
+    env.pop("PACS_DATA", None)
+    env.pop("PACS_DATABASE_URL", None)
+    # Every stack would otherwise unpack the 50 MB viewer again.
+    env.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
+    env.update(overrides)
+    return env
+
+
+def stored_ports(data: Path) -> tuple[int, int, int] | None:
+    """The web, DICOM and Orthanc ports of a data directory used before (the environment sets
+    ports only on a first run), or None for a new one."""
+    if not (data / "control.sqlite3").exists():
+        return None
+    from control import db
+    from control.site import Site
+
+    # Read as stored, before the stack's start brings the schema up to date.
+    with Site(data).engine.connect() as connection:
+        stored = db.get_settings(connection)
+    return stored["web_port"], stored["dicom_port"], stored["orthanc_http_port"]
+
+
 @dataclass
-class BenchStack:
-    """A running portal on ``data``: its ports, credentials and processes."""
+class Stack:
+    """A portal on ``data``: its ports, environment, runner process and output."""
 
     data: Path
-    web_port: int = field(default_factory=free_port)
-    dicom_port: int = field(default_factory=free_port)
-    orthanc_port: int = field(default_factory=free_port)
+    web_port: int
+    dicom_port: int
+    orthanc_port: int
+    env: dict[str, str]
+    institution: str = ""
     process: subprocess.Popen | None = None
+    output: list[str] = field(default_factory=list)
     aet: str = "ORTHANC"
+
+    @classmethod
+    def on(cls, data: Path, *, institution: str, admin_password: str, **env: str) -> Self:
+        """A stack (not started) on free ports, or on the ports ``data`` already has."""
+        ports = stored_ports(data) or (free_port(), free_port(), free_port())
+        overrides = {"PACS_INSTITUTION": institution, "PACS_ADMIN_PASSWORD": admin_password, **env}
+        return cls(data, *ports, env=stack_environment(*ports, **overrides), institution=institution)
 
     @property
     def url(self) -> str:
@@ -140,81 +189,73 @@ class BenchStack:
         stored = json.loads((self.data / "secrets" / "secrets.json").read_text())
         return stored["orthanc_user"], stored["orthanc_password"]
 
-    def environment(self) -> dict[str, str]:
-        env = {
-            **os.environ,
-            "PACS_WEB_PORT": str(self.web_port),
-            "PACS_DICOM_PORT": str(self.dicom_port),
-            "PACS_ORTHANC_HTTP_PORT": str(self.orthanc_port),
-            "PACS_INSTITUTION": "Benchmark Hospital",
-            "PACS_ADMIN_PASSWORD": ADMIN_PASSWORD,
-            "PYTHONPATH": str(REPOSITORY),
-        }
-        # The stack's own data directory comes from --data; an installation's must not leak in.
-        env.pop("PACS_DATA", None)
-        env.pop("PACS_DATABASE_URL", None)
-        # Every stack would otherwise fetch the 50 MB viewer again (tests share the same cache).
-        env.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
-        return env
+    @property
+    def runner_log(self) -> Path:
+        return self.data / "runner.out"
 
-    def start(self) -> None:
-        """Start the stack and wait for its banner (or fail with its logs)."""
-        self.data.mkdir(parents=True, exist_ok=True)
-        self._keep_stored_ports()
-        log = (self.data / "bench-stack.out").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "control", "--data", str(self.data), "up"],
+    def pacs(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run a ``./pacs`` command (after the bash set-up) against this stack's data directory."""
+        return subprocess.run(
+            [sys.executable, "-m", "control", "--data", str(self.data), *args],
             cwd=REPOSITORY,
-            env=self.environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            **kwargs,
         )
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the stack and wait for its banner (or raise StackFailed with its output and logs)."""
+        self.data.mkdir(parents=True, exist_ok=True)
+        with self.runner_log.open("ab") as log:
+            self._read_from = log.tell()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "control", "--data", str(self.data), "up"],
+                cwd=REPOSITORY,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if (self.data / "run" / "ready").exists() and self._answers():
+            self._read_output()
+            if any(BANNER in line for line in self.output):
                 return
             if self.process.poll() is not None:
+                self._read_output()
                 raise StackFailed(
                     f"the stack did not start (exit {self.process.returncode}):\n"
-                    + (self.data / "bench-stack.out").read_text(errors="replace")[-3000:]
+                    + "".join(self.output)[-3000:]
                     + logs_tail(self.data)
                 )
-            time.sleep(0.2)
+            time.sleep(0.1)
         self.stop()
-        raise StackFailed("the stack did not start in time:\n" + logs_tail(self.data))
+        raise StackFailed("the stack did not start in time:\n" + "".join(self.output) + logs_tail(self.data))
 
-    def _keep_stored_ports(self) -> None:
-        """A data directory used before keeps its ports: the environment sets them only at first."""
-        if not (self.data / "control.sqlite3").exists():
-            return
-        from control import db
-        from control.site import Site
+    def _read_output(self) -> None:
+        """Add the runner's new complete lines to ``output``."""
+        with self.runner_log.open("rb") as log:
+            log.seek(self._read_from)
+            text = log.read()
+        complete = text[: text.rfind(b"\n") + 1]
+        self._read_from += len(complete)
+        self.output.extend(complete.decode(errors="replace").splitlines(keepends=True))
 
-        # Read as stored, before the stack's start brings the schema up to date.
-        with Site(self.data).engine.connect() as connection:
-            stored = db.get_settings(connection)
-        self.web_port = stored["web_port"]
-        self.dicom_port = stored["dicom_port"]
-        self.orthanc_port = stored["orthanc_http_port"]
-
-    def _answers(self) -> bool:
-        try:
-            return requests.get(f"{self.url}/login", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def stop(self, timeout: float = 60) -> None:
-        """Stop it as Ctrl-C would, then make sure it is gone."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+    def stop(self, timeout: float = 60) -> int | None:
+        """Stop it as Ctrl-C would (then make sure it is gone); the runner's exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._read_output()
+        return self.process.returncode
 
     def processes(self) -> Processes:
         return Processes.of(self.data / "run")

@@ -11,13 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -28,118 +22,16 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+from bench.stack import REPOSITORY, free_port  # noqa: F401 - tests import free_port from here
+from bench.stack import Stack as PortalStack
+
 os.environ.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
 
 ADMIN_PASSWORD = "correct horse battery staple"
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (on every interface, as the stack binds)."""
-    with socket.socket() as probe:
-        probe.bind(("0.0.0.0", 0))
-        return probe.getsockname()[1]
-
-
-def show_logs(data: Path) -> str:
-    parts = []
-    for log in sorted((data / "logs").glob("*.log")):
-        text = log.read_text(errors="replace").splitlines()[-40:]
-        parts.append(f"--- {log.name} ---\n" + "\n".join(text))
-    return "\n".join(parts)
-
-
-@dataclass
-class Stack:
-    """A running portal: its addresses, its data directory and the admin's credentials."""
-
-    data: Path
-    web_port: int
-    dicom_port: int
-    orthanc_port: int
-    institution: str
-    env: dict[str, str]
-    process: subprocess.Popen | None = None
-    output: list[str] = field(default_factory=list)
-    aet: str = "ORTHANC"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
-
-    @property
-    def orthanc_url(self) -> str:
-        return f"http://127.0.0.1:{self.orthanc_port}"
-
-    @property
-    def orthanc_auth(self) -> tuple[str, str]:
-        import json
-
-        secrets = json.loads((self.data / "secrets" / "secrets.json").read_text())
-        return secrets["orthanc_user"], secrets["orthanc_password"]
-
-    def pacs(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
-        """Run a ``./pacs`` command (after the bash set-up) against this stack's data directory."""
-        return subprocess.run(
-            [sys.executable, "-m", "control", "--data", str(self.data), *args],
-            cwd=REPOSITORY,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            **kwargs,
-        )
-
-    def start(self, timeout: float = 240) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "control", "--data", str(self.data), "up"],
-            cwd=REPOSITORY,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + timeout
-        os.set_blocking(self.process.stdout.fileno(), False)
-        while time.monotonic() < deadline:
-            self._read_output()
-            if any("Press Ctrl-C to stop." in line for line in self.output):
-                return
-            if self.process.poll() is not None:
-                self._read_output()
-                raise RuntimeError(
-                    f"the stack did not start (exit {self.process.returncode}):\n"
-                    + "".join(self.output)
-                    + show_logs(self.data)
-                )
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("the stack did not start in time:\n" + "".join(self.output) + show_logs(self.data))
-
-    def _read_output(self) -> None:
-        while True:
-            line = self.process.stdout.readline()
-            if not line:
-                return
-            self.output.append(line)
-
-    def stop(self, timeout: float = 60) -> int | None:
-        """Stop it as Ctrl-C would; return the runner's exit code."""
-        if not self.process or self.process.stdout.closed:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        os.set_blocking(self.process.stdout.fileno(), True)
-        self.output.extend(self.process.stdout.readlines())
-        self.process.stdout.close()
-        return self.process.returncode
-
-    def session(self) -> requests.Session:
-        return requests.Session()
+class Stack(PortalStack):
+    """A portal of the tests (see ``bench.stack``), with a browser's sign-in."""
 
     def sign_in(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> requests.Session:
         """A browser-like session signed in through the real form (CSRF token included)."""
@@ -206,21 +98,15 @@ def sign_in(session: requests.Session, url: str, username: str, password: str) -
 
 
 def make_stack(data: Path, **env_overrides: str) -> Stack:
-    web_port, dicom_port, orthanc_port = free_port(), free_port(), free_port()
+    """A stack (not started) on free ports, as the tests' admin sets it up."""
     institution = env_overrides.pop("institution", "St. Test Hospital")
-    env = {
-        **os.environ,
-        "PACS_WEB_PORT": str(web_port),
-        "PACS_DICOM_PORT": str(dicom_port),
-        "PACS_ORTHANC_HTTP_PORT": str(orthanc_port),
-        "PACS_INSTITUTION": institution,
-        "PACS_DEPARTMENT": "Radiology",
-        "PACS_ADMIN_PASSWORD": ADMIN_PASSWORD,
-        "PYTHONPATH": str(REPOSITORY),
+    return Stack.on(
+        data,
+        institution=institution,
+        admin_password=ADMIN_PASSWORD,
+        PACS_DEPARTMENT="Radiology",
         **env_overrides,
-    }
-    env.pop("PACS_DATA", None)
-    return Stack(data, web_port, dicom_port, orthanc_port, institution, env)
+    )
 
 
 @pytest.fixture(scope="session")
