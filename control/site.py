@@ -129,16 +129,18 @@ class Site:
     def engine(self) -> sa.Engine:
         return db.make_engine(self.database_url)
 
-    def load_settings(self) -> dict[str, Any]:
+    def load_settings(self, connection: sa.Connection | None = None) -> dict[str, Any]:
         """The site settings: stored values over the declared defaults.
 
         Read on every request, so that a change made through any instance counts at once; the
         values are kept between requests and read again only when the settings' revision moved.
         """
-        with self.engine.connect() as connection:
-            revision = db.settings_revision(connection)
-            cached = self._settings
-            if cached is None or cached[0] != revision:
-                cached = (revision, settings.with_defaults(db.get_settings(connection)))
-                self._settings = cached
+        if connection is None:
+            with self.engine.connect() as connection:
+                return self.load_settings(connection)
+        revision = db.settings_revision(connection)
+        cached = self._settings
+        if cached is None or cached[0] != revision:
+            cached = (revision, settings.with_defaults(db.get_settings(connection)))
+            self._settings = cached
         return dict(cached[1])

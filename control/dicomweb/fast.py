@@ -60,8 +60,8 @@ class QuickGate:
         if session_id is None and not presented:
             return False
         now = db.utcnow()
-        settings = self.site.load_settings()
         with self.site.engine.connect() as connection:
+            settings = self.site.load_settings(connection)
             if session_id is not None:
                 row = sessions.find_session(connection, session_id)
                 # A session whose last-seen time is due for an update is left to the app.
