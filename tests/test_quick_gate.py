@@ -1,0 +1,158 @@
+"""The gate's quick answer never lets through what the full gate would refuse.
+
+``control.dicomweb.fast`` answers Caddy's question about most of a viewer's requests before Flask.
+Here both answer the same questions, in process on a database of their own: every visitor (signed
+in, with or without the upload right, ended or idle sessions, grants valid, revoked, expired or
+forged, nothing at all) asks for every kind of DICOMweb request, and wherever the quick path says
+yes, the full gate must say yes too. The plain cases must get the quick yes, or the viewer is slow.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import pytest
+from werkzeug.test import Client, EnvironBuilder
+
+from control import accounts, db
+from control.app import create_app
+from control.auth import sessions
+from control.dicomweb.fast import GATE_PATH
+from control.site import Site
+from control.tokens import grants, store
+
+OWN, OTHER = "1.2.840.99.1", "1.2.840.99.2"
+REVOKED, EXPIRED = "1.2.840.99.3", "1.2.840.99.4"
+PASSWORD = "a long enough password"
+
+REQUESTS = [
+    ("GET", f"/dicom-web/studies/{OWN}/series/1.2/instances/1.3/frames/1"),
+    ("GET", f"/dicom-web/studies/{OWN}/metadata"),
+    ("HEAD", f"/dicom-web/studies/{OWN}/series/1.2/instances/1.3"),
+    ("GET", f"/dicom-web/studies/{OTHER}/series/1.2/instances/1.3/frames/1"),
+    ("GET", f"/dicom-web/studies/{REVOKED}/metadata"),
+    ("GET", f"/dicom-web/studies/{EXPIRED}/metadata"),
+    ("GET", f"/dicom-web/studies/{OWN}/series/../../{OTHER}/metadata"),
+    ("GET", f"/dicom-web/studies/{OWN}%2Fmetadata"),
+    ("GET", "/dicom-web/studies"),
+    ("GET", f"/wado?requestType=WADO&studyUID={OWN}&seriesUID=1.2&objectUID=1.3"),
+    ("POST", "/dicom-web/studies"),
+    ("DELETE", f"/dicom-web/studies/{OWN}"),
+]
+
+
+def facts(study_uid: str, study_date: str) -> store.StudyFacts:
+    return store.StudyFacts(study_uid, "o-" + study_uid, "Doe^Jane", "P1", "", study_date)
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory):
+    """The app on a fresh database, and the cookies of every kind of visitor."""
+    data = tmp_path_factory.mktemp("quick-gate")
+    db.migrate(Site(data).engine)
+    app = create_app({"DATA_DIR": data})
+    site = app.extensions["site"]
+    now = db.utcnow()
+    today = now.strftime("%Y%m%d")
+    with site.engine.begin() as connection:
+        reader = accounts.create_user(connection, "reader", PASSWORD)
+        uploader = accounts.create_user(connection, "uploader", PASSWORD, can_upload=True)
+        live = sessions.start_session(connection, reader, "127.0.0.1").session_id
+        uploading = sessions.start_session(connection, uploader, "127.0.0.1").session_id
+        ended = sessions.start_session(connection, reader, "127.0.0.1").session_id
+        idle = sessions.start_session(connection, reader, "127.0.0.1").session_id
+        tokens = {
+            uid: store.issue(connection, "k" * 64, facts(uid, date), now)[0]
+            for uid, date in ((OWN, today), (REVOKED, today), (EXPIRED, "20000101"))
+        }
+        store.revoke(connection, tokens[REVOKED].id, now)
+        connection.execute(
+            db.web_sessions.update()
+            .where(db.web_sessions.c.id_hash == sessions._hash(idle))
+            .values(last_seen_at=now - dt.timedelta(hours=2))
+        )
+    with app.test_request_context():
+        sessions.end_session(ended)
+        session_cookie = app.session_interface.get_signing_serializer(app)
+
+        def signed_in(session_id: str) -> dict[str, str]:
+            return {"pacs_session": session_cookie.dumps({"_user_id": session_id})}
+
+        def grant(*uids: str) -> dict[str, str]:
+            entries = [[tokens[uid].id, uid] for uid in uids]
+            return {grants.COOKIE: grants.serializer(app.config["SECRET_KEY"]).dumps(entries)}
+
+        visitors = {
+            "signed in": signed_in(live),
+            "uploader": signed_in(uploading),
+            "signed out": signed_in(ended),
+            "idle": signed_in(idle),
+            "grant": grant(OWN),
+            "revoked grant": grant(REVOKED),
+            "expired grant": grant(EXPIRED),
+            "grant for another study's token": {
+                grants.COOKIE: grants.serializer(app.config["SECRET_KEY"]).dumps([[tokens[OWN].id, OTHER]])
+            },
+            "forged grant": {grants.COOKIE: grant(OWN)[grants.COOKIE][:-2] + "xx"},
+            "forged session": {"pacs_session": signed_in(live)["pacs_session"][:-2] + "xx"},
+            "nobody": {},
+        }
+    return app, visitors
+
+
+def environ(method: str, uri: str, cookies: dict[str, str]) -> dict:
+    header = "; ".join(f"{name}={value}" for name, value in cookies.items())
+    headers = {"X-Forwarded-Method": method, "X-Forwarded-Uri": uri, "X-Forwarded-For": "127.0.0.1"}
+    if header:
+        headers["Cookie"] = header
+    return EnvironBuilder(path=GATE_PATH, headers=headers).get_environ()
+
+
+def full_gate_status(app, method: str, uri: str, cookies: dict[str, str]) -> int:
+    flask_only = Client(app.wsgi_app.app, use_cookies=False)  # behind the quick layer
+    return flask_only.open(environ(method, uri, cookies)).status_code
+
+
+def test_a_quick_yes_is_always_a_yes_of_the_full_gate(portal) -> None:
+    app, visitors = portal
+    quick = app.wsgi_app
+    for (name, cookies), (method, uri) in itertools.product(visitors.items(), REQUESTS):
+        if quick.allows(environ(method, uri, cookies)):
+            assert full_gate_status(app, method, uri, cookies) == 200, (name, method, uri)
+
+
+@pytest.mark.parametrize(
+    ("visitor", "method", "uri"),
+    [
+        ("grant", "GET", f"/dicom-web/studies/{OWN}/series/1.2/instances/1.3/frames/1"),
+        ("grant", "GET", f"/wado?requestType=WADO&studyUID={OWN}&seriesUID=1.2&objectUID=1.3"),
+        ("signed in", "GET", f"/dicom-web/studies/{OTHER}/metadata"),
+        ("uploader", "POST", "/dicom-web/studies"),
+    ],
+)
+def test_the_viewers_plain_requests_get_the_quick_yes(portal, visitor: str, method: str, uri: str) -> None:
+    app, visitors = portal
+    assert app.wsgi_app.allows(environ(method, uri, visitors[visitor]))
+
+
+@pytest.mark.parametrize(
+    ("visitor", "method", "uri", "status"),
+    [
+        ("grant", "GET", f"/dicom-web/studies/{OTHER}/metadata", 403),
+        ("revoked grant", "GET", f"/dicom-web/studies/{REVOKED}/metadata", 401),
+        ("expired grant", "GET", f"/dicom-web/studies/{EXPIRED}/metadata", 401),
+        ("grant for another study's token", "GET", f"/dicom-web/studies/{OTHER}/metadata", 401),
+        ("forged grant", "GET", f"/dicom-web/studies/{OWN}/metadata", 401),
+        ("signed out", "GET", f"/dicom-web/studies/{OWN}/metadata", 401),
+        ("idle", "GET", f"/dicom-web/studies/{OWN}/metadata", 401),
+        ("forged session", "GET", f"/dicom-web/studies/{OWN}/metadata", 401),
+        ("signed in", "POST", "/dicom-web/studies", 403),
+        ("grant", "DELETE", f"/dicom-web/studies/{OWN}", 403),
+    ],
+)
+def test_refusals_come_from_the_full_gate(portal, visitor: str, method: str, uri: str, status: int) -> None:
+    app, visitors = portal
+    cookies = visitors[visitor]
+    assert not app.wsgi_app.allows(environ(method, uri, cookies))
+    assert Client(app.wsgi_app, use_cookies=False).open(environ(method, uri, cookies)).status_code == status
