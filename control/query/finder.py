@@ -178,7 +178,9 @@ def _read_modalities(orthanc: Orthanc, study_id: str) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _remembered_modalities(orthanc: Orthanc, study_id: str, version: tuple[str, tuple[str, ...]]):
+def _remembered_modalities(
+    orthanc: Orthanc, study_id: str, version: tuple[str, tuple[str, ...]]
+) -> tuple[str, ...]:
     """``_read_modalities``, kept per study version: a study found again (paging, "Go back", the
     same search) costs no call. A version is the study's LastUpdate and its series."""
     return _read_modalities(orthanc, study_id)
