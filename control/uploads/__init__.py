@@ -4,8 +4,9 @@ Only users whose account may upload reach these pages (``control.access``: ``Aud
 the worklist page and its changes are the admin's. Every POST here passes ``guard`` first, in this
 order: access control (already done by then), the size limit (``upload_max_mb``, also enforced by
 Caddy), the disk reserve (``disk_reserve_mb``), and only then the CSRF check, whose reading of the
-form is what makes Werkzeug spool the body. So a refused upload costs nothing, and the limits are
-in force before a byte is stored.
+form is what makes Werkzeug spool the body. So a refused upload is never spooled or stored (a
+small one is read and dropped, so that the refusal reaches the browser), and the limits are in
+force before a byte is stored.
 
 Answers are JSON for ``Accept: application/json`` (the page's script) and pages or redirects with a
 message for browsers. Every upload is one activity event with its counts; every worklist change and
@@ -46,6 +47,7 @@ csrf.exempt(bp)
 
 UPLOADS = {"uploads.upload_files", "uploads.attach_pdf", "uploads.attach_pdf_to_study"}
 FORM_BUFFER_BYTES = 1024 * 1024
+DISCARD_LIMIT = 16 * 1024 * 1024  # a refused body up to this size is read before the refusal
 _ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 _WILDCARDS = re.compile(r"[*?\\]")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
@@ -78,13 +80,34 @@ def guard():
         # app-wide 64 kB (meant for text fields) would refuse every file larger than that.
         request.max_form_memory_size = FORM_BUFFER_BYTES
         if (request.content_length or 0) > _limit_bytes():
+            _discard_small_body()
             return _too_large()
         problem = _disk().problem(request.content_length or 0)
         if problem:
+            _discard_small_body()
             record_activity(Action.UPLOAD, Outcome.REFUSED, reason="disk nearly full")
             return _refusal(507, problem)
     csrf.protect()
     return None
+
+
+def _discard_small_body() -> None:
+    """Read and drop a refused upload's body when it is small, before answering.
+
+    An answer sent while Caddy is still passing the body on reached the browser as a 502 about one
+    time in thirty, instead of the refusal. Caddy refuses large bodies itself (its limit follows
+    the setting), so only the moment between a change of the limit and Caddy's reload sends the
+    control plane anything large; that is not read.
+    """
+    length = request.content_length or 0
+    if length > DISCARD_LIMIT:
+        return
+    body = request.environ["wsgi.input"]
+    while length > 0:
+        chunk = body.read(min(length, FORM_BUFFER_BYTES))
+        if not chunk:
+            break
+        length -= len(chunk)
 
 
 @bp.errorhandler(RequestEntityTooLarge)
