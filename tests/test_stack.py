@@ -133,6 +133,10 @@ def test_a_dead_orthanc_gives_a_clear_503_and_comes_back(stack: Stack) -> None:
     assert page.status_code == 503
     assert "The archive is not reachable" in page.text
     assert "Traceback" not in page.text
+    # The viewer's requests, which Caddy sends straight to Orthanc once the gate says yes.
+    frames = session.get(f"{stack.url}/dicom-web/studies/1.2.3/metadata")
+    assert frames.status_code == 503
+    assert "The image archive is not reachable" in frames.text
     health = requests.get(f"{stack.url}/healthz")
     assert health.status_code == 503
     assert health.json()["orthanc"]["ok"] is False
