@@ -13,6 +13,9 @@ time, and hands each DICOM member on as its own small file:
   small blank image is no "bomb"). A header that understates a member's size makes Python's
   zipfile stop at the stated size and the CRC check refuse the member.
 - The central directory, which ``zipfile`` reads whole into memory, is bounded before it is read.
+- Damage inside a member (bad deflate data, a wrong CRC) refuses that member; the next is read.
+
+Deflated members are inflated by ISA-L (``isal``) instead of zlib: see ``_inflate_faster``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import io
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
+
+from isal import isal_zlib
 
 from control.uploads.dicom import HEAD_SIZE, Kind, sniff
 
@@ -140,6 +146,7 @@ def _read_member(
     body: BinaryIO = io.BytesIO()
     try:
         with archive.open(info) as stream:
+            _inflate_faster(stream, info)
             head = stream.read(HEAD_SIZE)
             inflated = len(head)
             kind = sniff(head)
@@ -159,7 +166,7 @@ def _read_member(
                 body.write(chunk)
     except _Stop as stop:
         problem = str(stop)
-    except zipfile.BadZipFile as error:
+    except (zipfile.BadZipFile, zlib.error, isal_zlib.error) as error:
         problem = f"damaged in the zip ({error})"
     except (NotImplementedError, RuntimeError, EOFError, OSError, ValueError) as error:
         problem = f"cannot be unpacked ({error})"
@@ -168,6 +175,19 @@ def _read_member(
         return Member(name, body=body, size=inflated), inflated
     body.close()
     return Member(name, problem=problem), inflated
+
+
+def _inflate_faster(stream: zipfile.ZipExtFile, info: zipfile.ZipInfo) -> None:
+    """Have ``stream`` inflate with ISA-L rather than zlib, when the member is deflated.
+
+    ISA-L (``isal_zlib``, a drop-in for ``zlib``) inflates about 1.6 times as fast on this kind of
+    data: unpacking is most of an upload's work in the control plane (see README: speed). zipfile
+    keeps doing the rest (reading, limits, CRC). ``_decompressor`` is the attribute zipfile reads
+    from (private, unchanged since Python 3.3); it is set before anything is read, and only for
+    deflate, the one method whose decompressor ``isal_zlib`` replaces.
+    """
+    if info.compress_type == zipfile.ZIP_DEFLATED and hasattr(stream, "_decompressor"):
+        stream._decompressor = isal_zlib.decompressobj(-15)  # raw deflate, as zipfile's own
 
 
 def _to_temporary_file(buffer: io.BytesIO) -> BinaryIO:
