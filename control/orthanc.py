@@ -1,7 +1,8 @@
 """The control plane's connection to Orthanc's HTTP API.
 
 Only the control plane (and Caddy, for streamed DICOMweb bytes) knows Orthanc's credentials. One
-``requests.Session`` per process reuses connections. Orthanc 1.10.1 closes idle keep-alive
+``requests.Session`` per process reuses connections; uploads store files through a urllib3 pool of
+their own (``store_instance``). Orthanc 1.10.1 closes idle keep-alive
 connections after one second, so a pooled connection may be stale: idempotent requests are retried
 once on a connection error. Anything that means "the archive is not there" becomes
 ``OrthancUnavailable``, which the pages turn into a clear 503.
@@ -9,15 +10,19 @@ once on a connection error. Anything that means "the archive is not there" becom
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, BinaryIO
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 STREAM_CHUNK = 256 * 1024
 # POSTs of Orthanc's API that change nothing, so that sending one twice is harmless.
 SEARCHES = frozenset({"/tools/find", "/tools/lookup"})
+# A stored file is sent again only when its connection could not be made: nothing reached Orthanc.
+STORE_RETRY = Retry(total=2, connect=2, read=0, status=0, redirect=0, backoff_factor=0.05)
 
 
 class OrthancUnavailable(RuntimeError):
@@ -57,6 +62,11 @@ class Orthanc:
         retry = Retry(total=2, connect=2, read=1, status=0, backoff_factor=0.05)
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=retry)
         self.session.mount("http://", adapter)
+        self._store_pool = urllib3.connection_from_url(self.url, maxsize=32)
+        self._store_headers = {
+            **urllib3.make_headers(basic_auth=f"{username}:{password}"),
+            "Content-Type": "application/dicom",
+        }
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
@@ -111,23 +121,30 @@ class Orthanc:
             raise OrthancError(response.status_code, message)
         return response
 
-    def store_instance(self, body: Any) -> dict[str, Any]:
-        """Store one DICOM file (bytes or a binary file at its start); Orthanc's answer.
+    def store_instance(self, body: bytes | BinaryIO, size: int) -> dict[str, Any]:
+        """Store one DICOM file of ``size`` bytes (bytes, or a binary file at its start); Orthanc's answer.
 
         ``Status`` is ``Success`` or ``AlreadyStored``. A refusal raises OrthancRefused with Orthanc's
         own explanation (its ``Details``, else its ``Message``).
+
+        Uploads send hundreds of files in a row, so this one call goes through a urllib3 pool of its
+        own rather than the session: requests' work around each call cost about 0.5 ms of CPU per
+        file, a tenth of the control plane's share of a zip upload (see README: speed).
         """
-        response = self.request(
-            "POST", "/instances", data=body, headers={"Content-Type": "application/dicom"}, stream=True
-        )
-        with response:
-            try:
-                answer = response.json()
-            except ValueError:
-                answer = {}
-        if response.status_code >= 400:
+        headers = {**self._store_headers, "Content-Length": str(size)}
+        try:
+            response = self._store_pool.urlopen(
+                "POST", "/instances", body=body, headers=headers, timeout=self.timeout, retries=STORE_RETRY
+            )
+        except urllib3.exceptions.HTTPError as error:
+            raise OrthancUnavailable(str(error)) from None
+        try:
+            answer = json.loads(response.data)
+        except ValueError:
+            answer = {}
+        if response.status >= 400:
             reason = answer.get("Details") or answer.get("Message") or response.reason
-            raise OrthancRefused(response.status_code, str(reason))
+            raise OrthancRefused(response.status, str(reason))
         return answer
 
     def create_dicom(self, body: Any) -> dict[str, Any]:

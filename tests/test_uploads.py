@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import time
@@ -23,10 +24,12 @@ import pytest
 import requests
 import sqlalchemy as sa
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from pypdf import PdfWriter
 
 from control import accounts, configs, db
 from control.site import Site
+from control.uploads import archive
 
 from conftest import Stack, csrf_token
 
@@ -552,3 +555,48 @@ def test_without_the_script_the_form_answers_with_the_results_page(stack: Stack,
     rows = re.findall(r'<tr class="upload-(\w+)">\s*<td>([^<]*)</td>', response.text)
     assert rows == [("duplicate", "CT_small.dcm"), ("refused", "MR_truncated.dcm")]
     assert "truncated: the file ends 62 bytes before the end of PixelData" in response.text
+
+
+def large_dicom() -> bytes:
+    """A 5 MB CT image (larger than a member the control plane keeps in memory), with new UIDs."""
+    dataset = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.Rows = dataset.Columns = 1600
+    dataset.PixelData = os.urandom(1600 * 1600 * 2)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_large_files_reach_the_archive_byte_for_byte(stack: Stack, uploader: Uploader) -> None:
+    alone, zipped = large_dicom(), large_dicom()
+    assert len(zipped) > archive.IN_MEMORY_LIMIT
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as packed:
+        packed.writestr("big/CT.dcm", zipped)
+    answer = uploader.upload(("big.dcm", alone), ("big.zip", buffer.getvalue()))
+    assert [result["outcome"] for result in answer["results"]] == ["stored", "stored"]
+    for content in (alone, zipped):
+        uid = pydicom.dcmread(io.BytesIO(content)).SOPInstanceUID
+        found = orthanc(stack).post(
+            f"{stack.orthanc_url}/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": uid}}
+        )
+        (instance,) = found.json()
+        assert orthanc(stack).get(f"{stack.orthanc_url}/instances/{instance}/file").content == content
+
+
+def test_an_upload_while_the_archive_is_down_says_so_and_can_be_sent_again(
+    stack: Stack, uploader: Uploader
+) -> None:
+    os.kill(int((stack.data / "run" / "orthanc.pid").read_text()), signal.SIGKILL)
+    content = large_dicom()
+    answer = uploader.upload(("CT.dcm", content))
+    assert answer["results"][0]["outcome"] == "refused"
+    assert answer["results"][0]["detail"] == "the archive did not answer; please send it again"
+
+    deadline = time.monotonic() + 60
+    while requests.get(f"{stack.url}/healthz").status_code != 200:
+        assert time.monotonic() < deadline, "the archive did not come back"
+        time.sleep(0.5)
+    assert uploader.upload(("CT.dcm", content))["results"][0]["outcome"] == "stored"

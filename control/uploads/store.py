@@ -158,7 +158,8 @@ class Upload:
         """Check one DICOM file and send it (in a sender thread)."""
         try:
             header = check_dicom(body, size)
-            answer = self.orthanc.store_instance(body.read() if size <= archive.IN_MEMORY_LIMIT else body)
+            small = size <= archive.IN_MEMORY_LIMIT
+            answer = self.orthanc.store_instance(body.read() if small else body, size)
         except NotForTheArchive as error:
             outcome = Outcome.SKIPPED if error.skipped else Outcome.REFUSED
             return FileResult(name, outcome, str(error))
