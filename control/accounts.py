@@ -67,7 +67,8 @@ def hash_password(password: str) -> str:
     return _hasher.hash(_normalise(password))
 
 
-def _row_to_user(row: sa.Row) -> User:
+def row_to_user(row: sa.Row) -> User:
+    """The user of a row that holds the ``users`` columns of ``User`` (a join's row may hold more)."""
     return User(
         id=row.id,
         username=row.username,
@@ -113,7 +114,7 @@ def create_user(
 
 def get_user(connection: sa.Connection, user_id: int) -> User | None:
     row = connection.execute(sa.select(db.users).where(db.users.c.id == user_id)).first()
-    return _row_to_user(row) if row else None
+    return row_to_user(row) if row else None
 
 
 def count_users(connection: sa.Connection) -> int:
@@ -137,7 +138,7 @@ def authenticate(connection: sa.Connection, username: str, password: str) -> Use
         connection.execute(
             db.users.update().where(db.users.c.id == row.id).values(password_hash=hash_password(password))
         )
-    return _row_to_user(row)
+    return row_to_user(row)
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def find_by_username(connection: sa.Connection, username: str) -> User | None:
     row = connection.execute(
         sa.select(db.users).where(db.users.c.username_key == username_key(username))
     ).first()
-    return _row_to_user(row) if row else None
+    return row_to_user(row) if row else None
 
 
 def _other_active_admins(connection: sa.Connection, user_id: int) -> int:
