@@ -13,6 +13,8 @@ gunicorn's workers are the master's children. ``Processes`` reads their CPU time
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -269,3 +272,51 @@ class Stack:
         session.auth = self.orthanc_auth
         session.headers["Accept-Encoding"] = "identity"
         return session
+
+
+@contextlib.contextmanager
+def proxy_alone(stack: Stack, folder: Path, timeout: float = 20) -> Iterator[tuple[str, int]]:
+    """A Caddy of the benchmark's own that proxies straight to the stack's Orthanc, with its
+    credentials and the headers the portal's DICOMweb route sets, but no gate: the proxy hop's own
+    cost, for reference. It listens on 127.0.0.1 only and lives as long as the block; yields its
+    URL and pid. The portal's configuration never has such a route."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    basic = base64.b64encode(":".join(stack.orthanc_auth).encode()).decode()
+    config = folder / "Caddyfile"
+    config.write_text(
+        "{\n\tadmin off\n\tauto_https off\n}\n"
+        f"http://127.0.0.1:{port} {{\n"
+        f"\treverse_proxy 127.0.0.1:{stack.orthanc_port} {{\n"
+        f'\t\theader_up Authorization "Basic {basic}"\n'
+        "\t\theader_up -Accept-Encoding\n"
+        "\t\tflush_interval -1\n"
+        "\t}\n}\n"
+    )
+    config.chmod(0o600)
+    env = {**os.environ, "XDG_CONFIG_HOME": str(folder / "config"), "XDG_DATA_HOME": str(folder / "data")}
+    with (folder / "caddy.log").open("ab") as log:
+        process = subprocess.Popen(
+            ["caddy", "run", "--config", str(config), "--adapter", "caddyfile"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise StackFailed(f"the reference Caddy did not start: see {folder / 'caddy.log'}")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
