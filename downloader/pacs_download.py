@@ -7,9 +7,10 @@
 The address is a patient's study link (no account needed), what the portal's "Downloader" action
 shows, or the address of any patient, study or series page of the portal. When the portal asks for
 a sign-in, the downloader signs in like a browser (username, then the password from
-``PACS_PASSWORD`` or a prompt). A page that answers JSON with a ``manifest`` address, or the
-manifest itself (``MANIFEST_FORMAT``: the series to fetch, each with its zip address, file count
-and size), is all it needs from the portal.
+``PACS_PASSWORD`` or a prompt); when a study link asks for the patient's date of birth, it answers
+as the link's page does (``--birth-date``, ``PACS_BIRTH_DATE`` or a prompt). A page that answers
+JSON with a ``manifest`` address, or the manifest itself (``MANIFEST_FORMAT``: the series to
+fetch, each with its zip address, file count and size), is all it needs from the portal.
 
 How it resumes: the portal's zips are made by the archive as they are sent, with no length and no
 byte ranges, so a broken zip download cannot be continued in the middle. The downloader fetches the
@@ -44,7 +45,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 MANIFEST_FORMAT = "pacs-download-manifest/1"
 CHUNK = 256 * 1024
@@ -66,6 +67,14 @@ class SignInNeeded(Exception):
     """The portal answered with its sign-in page."""
 
 
+class IdentityNeeded(Exception):
+    """A study link that asks for the patient's date of birth first; the message is the portal's."""
+
+    def __init__(self, message: str, csrf_token: str) -> None:
+        super().__init__(message)
+        self.csrf_token = csrf_token
+
+
 class Portal:
     """One portal, spoken to like a browser: cookies kept, sign-in through the form with its CSRF token."""
 
@@ -85,6 +94,10 @@ class Portal:
             if error.code == 401:
                 raise SignInNeeded from None
             detail = error.read(2000).decode("utf-8", "replace")
+            question = _json_answer(detail)
+            if error.code == 403 and question.get("error") == "identity check":
+                message, csrf_token = question.get("message", ""), question.get("csrf_token", "")
+                raise IdentityNeeded(str(message), str(csrf_token)) from None
             message = _json_message(detail) or f"{error.code} {error.reason}"
             raise DownloadError(f"the portal refused {url}: {message}") from None
         if urllib.parse.urlsplit(response.geturl()).path == "/login":
@@ -120,13 +133,23 @@ class Portal:
         if still_on_login:
             raise DownloadError("the portal did not accept that username and password")
 
+    def confirm_identity(self, url: str, birth_date: str, csrf_token: str) -> None:
+        """Answer a study link's question for the patient's date of birth, as its page's form does."""
+        form = urllib.parse.urlencode({"birth_date": birth_date, "csrf_token": csrf_token}).encode()
+        self.open(url, data=form, accept="application/json").close()
 
-def _json_message(text: str) -> str:
+
+def _json_answer(text: str) -> dict[str, Any]:
     try:
         answer = json.loads(text)
     except ValueError:
-        return ""
-    return str(answer.get("message") or answer.get("error") or "") if isinstance(answer, dict) else ""
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def _json_message(text: str) -> str:
+    answer = _json_answer(text)
+    return str(answer.get("message") or answer.get("error") or "")
 
 
 def find_manifest(portal: Portal, url: str) -> dict[str, Any]:
@@ -342,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retry-wait", type=float, default=2, help="seconds before the first retry (doubles)"
     )
+    parser.add_argument(
+        "--birth-date",
+        metavar="YYYY-MM-DD",
+        help="the patient's date of birth, when a study link asks for it (or PACS_BIRTH_DATE; else a prompt)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     arguments = parser.parse_args(argv)
 
@@ -354,6 +382,14 @@ def main(argv: list[str] | None = None) -> int:
             password = os.environ.get("PACS_PASSWORD") or getpass.getpass(f"Password for {username}: ")
             portal.sign_in(arguments.url, username, password)
             manifest = find_manifest(portal, arguments.url)
+        except IdentityNeeded as question:
+            birth_date = (
+                arguments.birth_date
+                or os.environ.get("PACS_BIRTH_DATE")
+                or input(f"{question} Date of birth (YYYY-MM-DD): ")
+            )
+            portal.confirm_identity(arguments.url, birth_date, question.csrf_token)
+            manifest = find_manifest(portal, arguments.url)
         output = Path(arguments.output or manifest["file_name"]).expanduser().resolve()
         progress = Progress(manifest["expected_size"], len(manifest["series"]))
         progress.say(
@@ -363,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         download(portal, manifest, output, arguments.retries, arguments.retry_wait, progress)
     except SignInNeeded:
         print("pacs-download: the portal still asks for a sign-in", file=sys.stderr)
+        return 1
+    except IdentityNeeded as question:
+        print(f"pacs-download: {question}", file=sys.stderr)
         return 1
     except DownloadError as error:
         print(f"pacs-download: {error}", file=sys.stderr)

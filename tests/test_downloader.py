@@ -272,7 +272,7 @@ def test_the_downloader_installs_with_pip(tmp_path: Path) -> None:
         text=True,
         check=True,
     )
-    assert version.stdout.strip() == "pacs-download 0.1.0"
+    assert version.stdout.strip() == "pacs-download 0.2.0"
 
 
 def test_a_patients_study_link_is_enough(stack: Stack, study: Study, tmp_path: Path) -> None:
@@ -302,3 +302,44 @@ def test_a_patients_study_link_is_enough(stack: Stack, study: Study, tmp_path: P
     series = browser.get(row["actions"]["series"], params={"format": "json"}).json()["rows"][0]
     refused = requests.get(f"{stack.url}/token/series/{series['id']}/download?{link.split('?', 1)[1]}")
     assert refused.status_code == 404, "a link opens its own study only"
+
+
+def test_a_link_that_asks_for_the_birth_date_gets_it_from_the_downloader(
+    stack: Stack, tmp_path: Path
+) -> None:
+    facts = store_study(stack, make_study("Born^Bella", PatientBirthDate="19610304"))
+    browser = stack.sign_in()
+    study_id = browser.get(
+        f"{stack.url}/query/studies", params={"patient_id": facts.patient_id, "format": "json"}
+    ).json()["rows"][0]["id"]
+    made = browser.post(
+        f"{stack.url}/tokens/studies/{study_id}/link",
+        headers={"X-CSRFToken": csrf_token(browser.get(f"{stack.url}/").text)},
+    ).json()["link"]
+    link = f"{stack.url}/token?{made.split('?', 1)[1]}"
+
+    def download(folder: Path, *options: str, birth_date: str = "") -> subprocess.CompletedProcess:
+        folder.mkdir()
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), *options, link],
+            cwd=folder,
+            env={**os.environ, "PACS_BIRTH_DATE": birth_date},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    stack.pacs("config", "set", "token_identity_check", "yes")
+    try:
+        wrong = download(tmp_path / "wrong", "--birth-date", "1961-03-05")
+        assert wrong.returncode == 1
+        assert "That is not the date of birth we have for this study." in wrong.stderr
+        assert not list((tmp_path / "wrong").glob("*.zip"))
+
+        right = download(tmp_path / "right", birth_date="1961-03-04")
+        assert right.returncode == 0, right.stderr
+        (saved,) = (tmp_path / "right").glob("*.zip")
+        check_zip(saved, facts)
+    finally:
+        stack.pacs("config", "set", "token_identity_check", "no")

@@ -188,12 +188,20 @@ def _parse_birth_date(text: str) -> str | None:
     return None
 
 
+WRONG_BIRTH_DATE = "That is not the date of birth we have for this study."
+
+
 def identity_check(token: store.StudyToken):
-    """Ask for the patient's birth date; count wrong answers towards a lock of this link."""
+    """Ask for the patient's birth date; count wrong answers towards a lock of this link.
+
+    The downloader (``downloader/``) asks with ``Accept: application/json``: it gets the question
+    as JSON (403 ``{"error": "identity check", "message", "csrf_token"}``), asks its user, and
+    posts the answer as the page's form does; a locked link answers 429 ``{"error": "locked"}``.
+    """
     form = IdentityForm()
     now = db.utcnow()
     if token.identity_locked(now):
-        return _status_page("tokens/identity_locked.html", 429)
+        return _identity_locked()
     if request.method == "POST" and form.validate_on_submit():
         correct = _parse_birth_date(form.birth_date.data) == token.row.patient_birth_date
         with _engine().begin() as connection:
@@ -210,9 +218,31 @@ def identity_check(token: store.StudyToken):
             session["verified_tokens"] = [token.id, *session.get("verified_tokens", [])][:8]
             return redirect(request.full_path)
         if locked:
-            return _status_page("tokens/identity_locked.html", 429)
-        form.birth_date.errors.append("That is not the date of birth we have for this study.")
+            return _identity_locked()
+        form.birth_date.errors.append(WRONG_BIRTH_DATE)
+    if wants_json():
+        errors = [*form.birth_date.errors, *form.csrf_token.errors]
+        question = {
+            "error": "identity check",
+            "message": errors[0] if errors else "This link asks for the patient's date of birth.",
+            "csrf_token": form.csrf_token.current_token,
+        }
+        return _json_status(question, 403)
     return _status_page("tokens/identity.html", 200 if request.method == "GET" else 403, form=form)
+
+
+def _identity_locked():
+    if wants_json():
+        message = "The date of birth was entered wrongly too many times: this link is locked for now."
+        return _json_status({"error": "locked", "message": message}, 429)
+    return _status_page("tokens/identity_locked.html", 429)
+
+
+def _json_status(body: dict[str, Any], status: int):
+    response = jsonify(body)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _used(token: store.StudyToken, action: Action, **detail: Any) -> None:
