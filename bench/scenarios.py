@@ -247,6 +247,22 @@ class Bench:
         row.detail["paired_ratio"] = comparison.paired_ratio()
         return self.report.add(row)
 
+    def first_row(self, scenario: str, name: str, comparison: Comparison, most_extra: float) -> Row:
+        """A row of the median times to the first answer (first byte, first frame) of each way."""
+        direct, portal = (percentile(comparison.firsts(way), 0.5) for way in (DIRECT, PORTAL))
+        return self.report.add(
+            Row(
+                scenario,
+                name,
+                direct,
+                portal,
+                portal - direct,
+                Target("extra", most_extra),
+                runs=len(comparison.runs[PORTAL]),
+                detail={"seconds": {way: comparison.firsts(way) for way in (DIRECT, PORTAL)}},
+            )
+        )
+
 
 def stored_digest(md5_by_uid: dict[str, str]) -> str:
     return digest_of(*(f"{uid} {md5}" for uid, md5 in sorted(md5_by_uid.items())))
@@ -316,20 +332,7 @@ def run_zip(bench: Bench) -> None:
     size = f"{study.size / MB:.0f} MB study"
     bench.row("zip", f"{size}, one client", single, Target("ratio", 0.97))
     bench.row("zip", f"{size}, two clients at once", double, Target("ratio", 0.93))
-    direct_first = percentile(single.firsts(DIRECT), 0.5)
-    portal_first = percentile(single.firsts(PORTAL), 0.5)
-    bench.report.add(
-        Row(
-            "zip",
-            "first byte (one client)",
-            direct_first,
-            portal_first,
-            portal_first - direct_first,
-            Target("extra", 0.050),
-            runs=len(single.runs[PORTAL]),
-            detail={"seconds": {way: single.firsts(way) for way in (DIRECT, PORTAL)}},
-        )
-    )
+    bench.first_row("zip", "first byte (one client)", single, 0.050)
     growth = (memory.after - memory.before) / 2**20
     bench.report.add(
         Row(
@@ -547,20 +550,7 @@ def run_viewer(bench: Bench) -> None:
             Target("ratio", 0.85),
             note="aim 0.95",
         )
-        first_direct = percentile(comparison.firsts(DIRECT), 0.5)
-        first_portal = percentile(comparison.firsts(PORTAL), 0.5)
-        bench.report.add(
-            Row(
-                "viewer",
-                "first frame",
-                first_direct,
-                first_portal,
-                first_portal - first_direct,
-                Target("extra", 0.100),
-                runs=len(comparison.runs[PORTAL]),
-                detail={"seconds": {way: comparison.firsts(way) for way in (DIRECT, PORTAL)}},
-            )
-        )
+        bench.first_row("viewer", "first frame", comparison, 0.100)
         # The same through a Caddy that proxies straight to Orthanc, without the gate: how much of
         # the difference is the proxy hop itself.
         with (
