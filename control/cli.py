@@ -135,6 +135,7 @@ def serve(site: Site) -> None:
     """Set up, then run the control plane alone in the foreground (the control container's command)."""
     prepared = stack.prepare(site)
     argv = stack.gunicorn_argv(site, prepared.topology)
+    os.environ["TMPDIR"] = str(site.spool)  # see Site.spool
     sys.stdout.flush()
     os.execv(argv[0], argv)  # noqa: S606 - the container's main process becomes gunicorn
 

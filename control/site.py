@@ -88,6 +88,16 @@ class Site:
         return self.data / "secrets"
 
     @property
+    def spool(self) -> Path:
+        """The control plane's temporary files (``TMPDIR``): uploads as they arrive, large zip members.
+
+        In the data directory rather than ``/tmp``, which may be small or held in memory (Debian 13
+        mounts a tmpfs there), and beside the archive's storage, whose free space uploads are
+        judged by.
+        """
+        return self.data / "tmp"
+
+    @property
     def database_url(self) -> str:
         return os.environ.get("PACS_DATABASE_URL") or db.default_url(self.data)
 
@@ -95,7 +105,7 @@ class Site:
         """Create the data directory's folders; secrets and run files are private to the service."""
         for path in (self.data, self.orthanc_storage, self.worklists, self.logs, self.cache):
             path.mkdir(parents=True, exist_ok=True)
-        for path in (self.secrets_dir, self.run):
+        for path in (self.secrets_dir, self.run, self.spool):
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(0o700)
 

@@ -226,7 +226,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             gunicorn_argv(site, topology),
             site.logs / "control.log",
             control_ready,
-            env={"PACS_DATA": str(site.data)},
+            env={"PACS_DATA": str(site.data), "TMPDIR": str(site.spool)},
         ),
         Process(
             "caddy",

@@ -6,6 +6,7 @@ checked on Orthanc itself, with the stack's own credentials.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import re
 import signal
 import stat
 import subprocess
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -600,3 +602,59 @@ def test_an_upload_while_the_archive_is_down_says_so_and_can_be_sent_again(
         assert time.monotonic() < deadline, "the archive did not come back"
         time.sleep(0.5)
     assert uploader.upload(("CT.dcm", content))["results"][0]["outcome"] == "stored"
+
+
+def open_files_under(pids: list[int], folder: Path) -> list[str]:
+    """The files under ``folder`` that the processes ``pids`` hold open (deleted ones too)."""
+    found = []
+    for pid in pids:
+        for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(descriptor)
+                if target.startswith(f"{folder}/"):
+                    found.append(target)
+    return found
+
+
+def test_an_upload_arriving_is_kept_in_the_data_directory_not_in_tmp(
+    stack: Stack, uploader: Uploader
+) -> None:
+    content = large_dicom()
+    boundary = "pacs-test-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="CT.dcm"\r\n'
+        "Content-Type: application/dicom\r\n\r\n"
+    ).encode()
+    half = len(content) // 2
+    paused = threading.Event()
+    resume = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield head + content[:half]
+        paused.set()
+        resume.wait(30)
+        yield content[half:] + f"\r\n--{boundary}--\r\n".encode()
+
+    answers: list[requests.Response] = []
+    sender = threading.Thread(
+        target=lambda: answers.append(
+            uploader.post(
+                "/upload/files",
+                data=body(),
+                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            )
+        )
+    )
+    sender.start()
+    try:
+        assert paused.wait(30)
+        spool = stack.data / "tmp"
+        deadline = time.monotonic() + 10
+        while not open_files_under(stack.processes().workers, spool):
+            assert time.monotonic() < deadline, "no upload is being kept in the data directory's tmp/"
+            time.sleep(0.1)
+    finally:
+        resume.set()
+        sender.join(60)
+    assert answers[0].status_code == 200, answers[0].text[:300]
+    assert answers[0].json()["results"][0]["outcome"] == "stored"
