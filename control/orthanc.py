@@ -68,7 +68,9 @@ class Orthanc:
         self.session.mount("http://", adapter)
         # The calls that answer JSON, and uploads, skip requests: its work around each call cost
         # about 0.25 ms of CPU, a tenth of a search's overhead (see README: speed).
-        self._pool = urllib3.connection_from_url(self.url, maxsize=32)
+        # Large files are sent in STREAM_CHUNK blocks: a 100 MB file in urllib3's default 16 kB
+        # blocks cost 0.08 s of CPU, in 256 kB blocks 0.03 s.
+        self._pool = urllib3.connection_from_url(self.url, maxsize=32, blocksize=STREAM_CHUNK)
         self._headers = {
             **urllib3.make_headers(basic_auth=f"{username}:{password}"),
             "Accept-Encoding": "identity",
