@@ -375,6 +375,9 @@ def test_the_identity_check_asks_for_the_birth_date_and_locks_after_wrong_answer
         answer = answers[-1]
         assert "locked for now" in answer.text
         assert "locked for now" in requests.get(link).text
+        # The downloader asks for JSON, and is told the same.
+        script = requests.get(link, headers={"Accept": "application/json"})
+        assert script.status_code == 429 and "locked for now" in script.json()["message"]
     finally:
         stack.pacs("config", "set", "token_identity_check", "no")
 

@@ -40,7 +40,7 @@ from wtforms.validators import DataRequired, Length
 
 from control import db, network
 from control.activity import Action, Outcome, record_activity
-from control.errors import wants_json
+from control.errors import error_response, wants_json
 from control.orthanc import Orthanc, OrthancError
 from control.tokens import grants, store
 
@@ -196,7 +196,7 @@ def identity_check(token: store.StudyToken):
 
     The downloader (``downloader/``) asks with ``Accept: application/json``: it gets the question
     as JSON (403 ``{"error": "identity check", "message", "csrf_token"}``), asks its user, and
-    posts the answer as the page's form does; a locked link answers 429 ``{"error": "locked"}``.
+    posts the answer as the page's form does; a locked link answers 429 with the message.
     """
     form = IdentityForm()
     now = db.utcnow()
@@ -222,27 +222,23 @@ def identity_check(token: store.StudyToken):
         form.birth_date.errors.append(WRONG_BIRTH_DATE)
     if wants_json():
         errors = [*form.birth_date.errors, *form.csrf_token.errors]
-        question = {
-            "error": "identity check",
-            "message": errors[0] if errors else "This link asks for the patient's date of birth.",
-            "csrf_token": form.csrf_token.current_token,
-        }
-        return _json_status(question, 403)
+        question = jsonify(
+            error="identity check",
+            message=errors[0] if errors else "This link asks for the patient's date of birth.",
+            csrf_token=form.csrf_token.current_token,
+        )
+        question.status_code = 403
+        question.headers["Cache-Control"] = "no-store"
+        return question
     return _status_page("tokens/identity.html", 200 if request.method == "GET" else 403, form=form)
 
 
 def _identity_locked():
     if wants_json():
-        message = "The date of birth was entered wrongly too many times: this link is locked for now."
-        return _json_status({"error": "locked", "message": message}, 429)
+        return error_response(
+            429, "The date of birth was entered wrongly too many times: this link is locked for now."
+        )
     return _status_page("tokens/identity_locked.html", 429)
-
-
-def _json_status(body: dict[str, Any], status: int):
-    response = jsonify(body)
-    response.status_code = status
-    response.headers["Cache-Control"] = "no-store"
-    return response
 
 
 def _used(token: store.StudyToken, action: Action, **detail: Any) -> None:
