@@ -29,6 +29,7 @@ from typing import Any, Self
 
 import requests
 
+from control import configs
 from control.site import REPOSITORY
 
 ADMIN_PASSWORD = "bench admin password, long enough"  # noqa: S105 - a throwaway stack's
@@ -284,16 +285,16 @@ def proxy_alone(stack: Stack, folder: Path, timeout: float = 20) -> Iterator[tup
     port = free_port()
     basic = base64.b64encode(":".join(stack.orthanc_auth).encode()).decode()
     config = folder / "Caddyfile"
-    config.write_text(
+    configs.write_private(
+        config,
         "{\n\tadmin off\n\tauto_https off\n}\n"
         f"http://127.0.0.1:{port} {{\n"
         f"\treverse_proxy 127.0.0.1:{stack.orthanc_port} {{\n"
         f'\t\theader_up Authorization "Basic {basic}"\n'
         "\t\theader_up -Accept-Encoding\n"
         "\t\tflush_interval -1\n"
-        "\t}\n}\n"
+        "\t}\n}\n",
     )
-    config.chmod(0o600)
     env = {**os.environ, "XDG_CONFIG_HOME": str(folder / "config"), "XDG_DATA_HOME": str(folder / "data")}
     with (folder / "caddy.log").open("ab") as log:
         process = subprocess.Popen(
