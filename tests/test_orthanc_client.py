@@ -1,0 +1,104 @@
+"""The Orthanc client's answers when the archive is not there, hangs, or refuses (control.orthanc).
+
+Real sockets on 127.0.0.1, no stack: a port nobody listens on, a listener that never answers, and
+a small HTTP server that answers what Orthanc answers when it refuses. What the pages make of
+these (a 503 page, "send it again") is tested on the real stack in test_stack and test_uploads.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from control.orthanc import Orthanc, OrthancError, OrthancRefused, OrthancUnavailable
+
+from conftest import free_port
+
+
+def client(port: int, timeout: float = 30) -> Orthanc:
+    return Orthanc(f"http://127.0.0.1:{port}", "user", "password", timeout=timeout)
+
+
+CALLS = {
+    "get_json": lambda orthanc: orthanc.get_json("/system"),
+    "post_json": lambda orthanc: orthanc.find("Study", {"PatientID": "X"}),
+    "store_instance": lambda orthanc: orthanc.store_instance(b"DICM", 4),
+}
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_nobody_listening_is_unavailable(call) -> None:
+    with pytest.raises(OrthancUnavailable):
+        call(client(free_port()))
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_an_archive_that_never_answers_is_unavailable_after_the_timeout(call, silent_port: int) -> None:
+    started = time.monotonic()
+    with pytest.raises(OrthancUnavailable, match=r"no answer within 0\.3 s"):
+        call(client(silent_port, timeout=0.3))
+    # GETs and searches are tried twice (a closed pooled connection looks the same), never more.
+    assert time.monotonic() - started < 3
+
+
+class Refusing(BaseHTTPRequestHandler):
+    """Orthanc's answers to a file it refuses and to a broken request."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/instances":
+            self._answer(400, {"HttpStatus": 400, "Message": "Bad file format", "Details": "Cannot parse"})
+        else:
+            self._answer(500, {"HttpStatus": 500, "Message": "Internal error"})
+
+    def do_GET(self) -> None:
+        self._answer(404, {"HttpStatus": 404, "Message": "Unknown resource"})
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_refusals_carry_the_archives_status_and_reason(refusing_port: int) -> None:
+    orthanc = client(refusing_port)
+    with pytest.raises(OrthancRefused) as refused:
+        orthanc.store_instance(b"not DICOM", 9)
+    assert refused.value.status == 400 and refused.value.reason == "Cannot parse"
+    with pytest.raises(OrthancError) as missing:
+        orthanc.get_json("/studies/nothing")
+    assert missing.value.status == 404 and "Unknown resource" in str(missing.value)
+    with pytest.raises(OrthancError) as broken:
+        orthanc.find("Study", {})
+    assert broken.value.status == 500
