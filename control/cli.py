@@ -355,7 +355,7 @@ def token_command(site: Site, study: str) -> None:
         configs.orthanc_url(values, topology), site.secrets.orthanc_user, site.secrets.orthanc_password
     )
     try:
-        found = orthanc.request("POST", "/tools/lookup", data=study.strip().encode()).json()
+        found = orthanc.lookup(study.strip())
         orthanc_id = next((item["ID"] for item in found if item["Type"] == "Study"), study)
         facts, _view = study_facts(orthanc, orthanc_id)
     except OrthancUnavailable:

@@ -78,20 +78,12 @@ class Orthanc:
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
-        # urllib3 retries GETs on a stale connection, never POSTs; the searches are POSTs that only
-        # read, so they are sent again once (under load, Orthanc closing an idle connection just as
-        # a search goes out gave users "archive not reachable": see bench/, the users scenario).
-        attempts = 2 if method == "POST" and path in SEARCHES else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                response = self.session.request(method, f"{self.url}{path}", **kwargs)
-                break
-            except requests.ConnectionError as error:
-                if attempt < attempts:
-                    continue
-                raise OrthancUnavailable(str(error)) from None
-            except requests.Timeout as error:
-                raise OrthancUnavailable(f"no answer within {kwargs['timeout']} s: {error}") from None
+        try:
+            response = self.session.request(method, f"{self.url}{path}", **kwargs)
+        except requests.ConnectionError as error:
+            raise OrthancUnavailable(str(error)) from None
+        except requests.Timeout as error:
+            raise OrthancUnavailable(f"no answer within {kwargs['timeout']} s: {error}") from None
         if response.status_code >= 400 and not kwargs.get("stream"):
             raise OrthancError(response.status_code, response.text[:300])
         return response
@@ -106,8 +98,22 @@ class Orthanc:
         """``POST path`` with the JSON ``body``; Orthanc's answer, parsed."""
         return self._call_json("POST", path, json.dumps(body).encode(), timeout=timeout)
 
-    def _call_json(self, method: str, path: str, body: bytes | None = None, *, timeout: float | None) -> Any:
-        headers = {**self._headers, "Content-Type": "application/json"} if body is not None else self._headers
+    def lookup(self, text: str) -> list[dict[str, Any]]:
+        """``POST /tools/lookup``: the resources whose DICOM UID or Orthanc id is ``text``."""
+        return self._call_json("POST", "/tools/lookup", text.encode(), content_type="text/plain")
+
+    def _call_json(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        timeout: float | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        headers = {**self._headers, "Content-Type": content_type} if body is not None else self._headers
+        # Under load, Orthanc closing an idle connection just as a search went out gave users
+        # "archive not reachable" (bench/, the users scenario): searches are retried like GETs.
         retries = SEARCH_RETRY if method == "POST" and path in SEARCHES else RETRY
         response = self._urlopen(method, path, body, headers, timeout or self.timeout, retries)
         if response.status >= 400:
