@@ -17,6 +17,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from control import __version__, access, configs, errors, formatting
 from control.dicomweb.fast import QuickGate
+from control.dicomweb.frames import FrameSource
 from control.extensions import csrf, login_manager
 from control.orthanc import Orthanc
 from control.site import Site
@@ -55,10 +56,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         site.secrets.orthanc_user,
         site.secrets.orthanc_password,
     )
+    app.extensions["frames"] = FrameSource(app.extensions["orthanc"])
 
     # Caddy is the only listener and the only client of this app: trust its one forwarded hop.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
-    # The viewer's frames: Caddy's question about each is answered before Flask (see the module).
+    # The viewer's frames, and Caddy's questions about its other requests, are answered before
+    # Flask when the answer is plainly yes (see the module).
     app.wsgi_app = QuickGate(app.wsgi_app, app)  # type: ignore[method-assign]
 
     csrf.init_app(app)

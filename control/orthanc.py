@@ -1,11 +1,11 @@
 """The control plane's connection to Orthanc's HTTP API.
 
 Only the control plane (and Caddy, for streamed DICOMweb bytes) knows Orthanc's credentials. Each
-process reuses its connections: the calls answered with JSON and the stored files of uploads go
-through a urllib3 pool, streams and the rest through a ``requests.Session``. Orthanc 1.10.1 closes
-idle keep-alive connections after one second, so a pooled connection may be stale: idempotent
-requests are retried once on a connection error. Anything that means "the archive is not there" becomes
-``OrthancUnavailable``, which the pages turn into a clear 503.
+process reuses its connections: the calls answered with JSON, the viewer's frames and the stored
+files of uploads go through a urllib3 pool, archives and the rest through a ``requests.Session``.
+Orthanc 1.10.1 closes idle keep-alive connections after one second, so a pooled connection may be
+stale: idempotent requests are retried once on a connection error. Anything that means "the
+archive is not there" becomes ``OrthancUnavailable``, which the pages turn into a clear 503.
 """
 
 from __future__ import annotations
@@ -121,17 +121,39 @@ class Orthanc:
         return json.loads(response.data)
 
     def _urlopen(
-        self, method: str, path: str, body: Any, headers: dict[str, str], timeout: float, retries: Retry
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        headers: dict[str, str],
+        timeout: float,
+        retries: Retry,
+        **options: Any,
     ) -> urllib3.BaseHTTPResponse:
         try:
             return self._pool.urlopen(
-                method, path, body=body, headers=headers, timeout=timeout, retries=retries
+                method, path, body=body, headers=headers, timeout=timeout, retries=retries, **options
             )
         except urllib3.exceptions.HTTPError as error:
             reason = error.reason if isinstance(error, urllib3.exceptions.MaxRetryError) else error
             if isinstance(reason, urllib3.exceptions.TimeoutError):
                 raise OrthancUnavailable(f"no answer within {timeout} s: {reason}") from None
             raise OrthancUnavailable(str(reason)) from None
+
+    def get_text(self, path: str) -> str:
+        """``GET path``: Orthanc's answer as text (a metadata value, say)."""
+        response = self._urlopen("GET", path, None, self._headers, self.timeout, RETRY)
+        if response.status >= 400:
+            raise OrthancError(response.status, response.data[:300].decode(errors="replace"))
+        return response.data.decode()
+
+    def open_raw(self, path: str, headers: dict[str, str] | None = None) -> urllib3.BaseHTTPResponse:
+        """A GET whose body is read as it arrives, whatever the status; the caller reads it to the
+        end or closes it, then releases it (``release_conn``)."""
+        headers = {**self._headers, **headers} if headers else self._headers
+        return self._urlopen(
+            "GET", path, None, headers, self.timeout, RETRY, preload_content=False, release_conn=False
+        )
 
     def system(self) -> dict[str, Any]:
         """Orthanc's ``/system`` answer: name, version, AE title, ports."""

@@ -156,3 +156,57 @@ def test_refusals_come_from_the_full_gate(portal, visitor: str, method: str, uri
     cookies = visitors[visitor]
     assert not app.wsgi_app.allows(environ(method, uri, cookies))
     assert Client(app.wsgi_app, use_cookies=False).open(environ(method, uri, cookies)).status_code == status
+
+
+# ---- frames, which the viewer asks of the control plane itself ----
+
+FRAME_REQUESTS = [
+    f"/dicom-web/studies/{OWN}/series/1.2/instances/1.3/frames/1",
+    f"/dicom-web/studies/{OTHER}/series/1.2/instances/1.3/frames/1",
+    f"/dicom-web/studies/{REVOKED}/series/1.2/instances/1.3/frames/1",
+    f"/dicom-web/studies/{EXPIRED}/series/1.2/instances/1.3/frames/1",
+    f"/dicom-web/studies/{OWN}/series/1.2/instances/1.3/frames/1,2",
+    f"/dicom-web/studies/{OWN}/series/1.2/instances/1.3/frames/1?x=1",
+    f"/dicom-web/studies/{OTHER}/series/1.2/instances/1.3%2F..%2F..%2F..%2F..%2F{OWN}/frames/1",
+    f"/dicom-web/studies/{OWN}/series/../../{OTHER}/series/1.2/instances/1.3/frames/1",
+]
+
+
+def frame_environ(uri: str, cookies: dict[str, str]) -> dict:
+    """A frame request as gunicorn hands it on: the raw target in RAW_URI, the path decoded."""
+    path, _, query = uri.partition("?")
+    header = "; ".join(f"{name}={value}" for name, value in cookies.items())
+    built = EnvironBuilder(path=path, query_string=query, headers={"Cookie": header} if header else {})
+    return {**built.get_environ(), "RAW_URI": uri}
+
+
+def test_a_quick_frame_is_always_a_frame_the_full_gate_lets_through(portal) -> None:
+    app, visitors = portal
+    quick = app.wsgi_app
+    flask_only = Client(quick.app, use_cookies=False)
+    for (name, cookies), uri in itertools.product(visitors.items(), FRAME_REQUESTS):
+        if quick.allows_frame(frame_environ(uri, cookies)):
+            # Through the gate; this app's archive is not running, so the answer is its 503.
+            assert flask_only.open(frame_environ(uri, cookies)).status_code == 503, (name, uri)
+
+
+@pytest.mark.parametrize(
+    ("visitor", "uri", "status"),
+    [
+        ("grant", FRAME_REQUESTS[0], None),
+        ("signed in", FRAME_REQUESTS[1], None),
+        ("grant", FRAME_REQUESTS[1], 403),
+        ("revoked grant", FRAME_REQUESTS[2], 401),
+        ("nobody", FRAME_REQUESTS[0], 401),
+        ("grant", FRAME_REQUESTS[6], 404),
+        ("signed in", FRAME_REQUESTS[7], 404),
+    ],
+)
+def test_frames_get_the_quick_way_or_the_full_gates_refusal(
+    portal, visitor: str, uri: str, status: int | None
+) -> None:
+    app, visitors = portal
+    cookies = visitors[visitor]
+    assert app.wsgi_app.allows_frame(frame_environ(uri, cookies)) is (status is None)
+    if status is not None:
+        assert Client(app.wsgi_app, use_cookies=False).open(frame_environ(uri, cookies)).status_code == status

@@ -1,10 +1,12 @@
 """The DICOMweb gate: who may read the archive through ``/dicom-web`` (the viewer's data source).
 
-Bulk traffic does not pass through Python: Caddy asks ``/internal/gate/dicom-web`` before it
+Most of it does not pass through Python: Caddy asks ``/internal/gate/dicom-web`` before it
 proxies a DICOMweb request (``forward_auth``), then streams Orthanc's answer itself, adding
 Orthanc's credentials and a ``Forwarded`` header so that the URLs in Orthanc's answers point back
-through the portal. Only searches at the top (``/dicom-web/studies``, ``/series``, ``/instances``)
-come here, because a patient's grant must see its own study whatever the search asks for.
+through the portal. Two kinds of request come here instead: searches at the top
+(``/dicom-web/studies``, ``/series``, ``/instances``), because a patient's grant must see its own
+study whatever the search asks for; and single frames, which the control plane answers from
+Orthanc's core at a fraction of the plugin's cost (``control.dicomweb.frames``).
 
 The decision itself is ``rules.decide``; this module finds out who is asking.
 """
@@ -20,6 +22,7 @@ from flask_login import current_user
 from control import db
 from control.activity import Action, Outcome, record_activity
 from control.dicomweb import rules
+from control.dicomweb.frames import FrameRequest, origin
 from control.orthanc import STREAM_CHUNK
 from control.tokens import grants
 
@@ -63,13 +66,37 @@ def gate():
     """Caddy's ``forward_auth`` question: may this DICOMweb request through? (2xx = yes)"""
     method = request.headers.get("X-Forwarded-Method", "GET").upper()
     uri = request.headers.get("X-Forwarded-Uri", "")
+    return _verdict(method, uri) or Response("", status=200, mimetype="text/plain")
+
+
+def _verdict(method: str, uri: str) -> Response | None:
+    """None when ``method uri`` may go through; else the refusal, recorded."""
     asking, _held = visitor()
     decision = rules.decide(method, uri, asking)
-    if decision.verdict is not rules.Verdict.ALLOW:
-        _denied(decision, method, rules.split_uri(uri)[0])
+    if decision.verdict is rules.Verdict.ALLOW:
+        return None
+    _denied(decision, method, rules.split_uri(uri)[0])
     status = decision.verdict.value
-    body = {200: "", 401: "Sign-in needed", 403: "Not allowed", 404: "Not found"}[status]
+    body = {401: "Sign-in needed", 403: "Not allowed", 404: "Not found"}[status]
     return Response(body, status=status, mimetype="text/plain")
+
+
+@bp.route("/dicom-web/studies/<study>/series/<series>/instances/<instance>/frames/<frame>", methods=["GET"])
+def retrieve_frame(**_uids: str):
+    """A frame the viewer asks for (WADO-RS), which Caddy hands here rather than to Orthanc."""
+    uri = rules.request_uri(request.environ)
+    refusal = _verdict("GET", uri)
+    if refusal is not None:
+        return refusal
+    wanted = FrameRequest.of(uri)
+    source = current_app.extensions["frames"]
+    accept = request.headers.get("Accept", "")
+    answer = (
+        source.answer(wanted, accept, origin(request.environ))
+        if wanted is not None
+        else source.relay(uri, accept, origin(request.environ))
+    )
+    return Response(answer.body, status=answer.status, headers=answer.headers, direct_passthrough=True)
 
 
 @bp.route("/dicom-web/studies", methods=["GET"])

@@ -1,7 +1,8 @@
-"""The gate's quick answer: the frames of an open viewer, let through without the web framework.
+"""The gate's quick answer: the requests of an open viewer, let through without the web framework.
 
-A viewer asks for every frame of a series, each one a DICOMweb request, and Caddy asks the gate
-about each before it streams Orthanc's answer. Going through Flask for each costs more than
+A viewer asks for every frame of a series, each one a DICOMweb request. Frames come to the
+control plane itself (``control.dicomweb.frames``); for the viewer's other requests Caddy asks the
+gate before it streams Orthanc's answer. Going through Flask for each would cost more than
 Orthanc's own work for a frame, so this WSGI layer answers the common case itself: a live session,
 or a study grant whose token still works, reading what the rules allow. It reads the same rows with
 the same functions as the full gate, on every request, so a sign-out, a revoked token or a changed
@@ -25,6 +26,8 @@ from werkzeug.http import parse_cookie
 from control import db
 from control.auth import sessions
 from control.dicomweb import rules
+from control.dicomweb.frames import FrameRequest, FrameSource, origin
+from control.orthanc import OrthancUnavailable
 from control.tokens import grants
 
 GATE_PATH = "/internal/gate/dicom-web"
@@ -44,23 +47,46 @@ class QuickGate:
         self.session_max_age = flask_app.permanent_session_lifetime.total_seconds()
         self.session_signing = flask_app.session_interface.get_signing_serializer(flask_app)  # type: ignore[attr-defined]
         self.grant_signing = grants.serializer(flask_app.config["SECRET_KEY"])
+        self.frames: FrameSource = flask_app.extensions["frames"]
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == GATE_PATH and self._quick_yes(environ):
-            start_response("200 OK", _ALLOWED)
-            return [b""]
+        path = environ.get("PATH_INFO", "")
+        if path == GATE_PATH:
+            if self._quick_yes(self.allows, environ):
+                start_response("200 OK", _ALLOWED)
+                return [b""]
+        elif path.startswith("/dicom-web/") and environ.get("REQUEST_METHOD") == "GET":
+            wanted = FrameRequest.of(rules.request_uri(environ))
+            if wanted is not None and self._quick_yes(self.allows_frame, environ):
+                return self._frame(wanted, environ, start_response)
         return self.app(environ, start_response)
 
-    def _quick_yes(self, environ: dict[str, Any]) -> bool:
+    def _quick_yes(self, question: Callable[[dict[str, Any]], bool], environ: dict[str, Any]) -> bool:
         try:
-            return self.allows(environ)
+            return question(environ)
         except SQLAlchemyError:
             return False  # the database is in trouble: the app answers, as it does for every page
+
+    def _frame(
+        self, wanted: FrameRequest, environ: dict[str, Any], start_response: StartResponse
+    ) -> Iterable[bytes]:
+        try:
+            answer = self.frames.answer(wanted, environ.get("HTTP_ACCEPT", ""), origin(environ))
+        except OrthancUnavailable:
+            return self.app(environ, start_response)  # the app's 503, as for every page
+        start_response(answer.status, answer.headers)
+        return answer.body
 
     def allows(self, environ: dict[str, Any]) -> bool:
         """True when the request Caddy asks about may plainly go through; False means "ask the app"."""
         method = environ.get("HTTP_X_FORWARDED_METHOD", "GET").upper()
-        uri = environ.get("HTTP_X_FORWARDED_URI", "")
+        return self._allows(method, environ.get("HTTP_X_FORWARDED_URI", ""), environ)
+
+    def allows_frame(self, environ: dict[str, Any]) -> bool:
+        """True when a frame the viewer asks for itself may plainly be sent; False means "ask the app"."""
+        return self._allows(environ.get("REQUEST_METHOD", "GET"), rules.request_uri(environ), environ)
+
+    def _allows(self, method: str, uri: str, environ: dict[str, Any]) -> bool:
         cookies = parse_cookie(environ.get("HTTP_COOKIE", ""))
         session_id = self._session_id(cookies.get(self.session_cookie, ""))
         presented = grants.read_value(cookies.get(grants.COOKIE, ""), self.grant_signing)

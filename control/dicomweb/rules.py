@@ -1,10 +1,11 @@
 """Which DICOMweb requests the gate lets through: the rules as data, decided by one pure function.
 
 The gate sees the request line exactly as the browser sent it (Caddy passes it in
-``X-Forwarded-Uri``) and the same bytes then reach Orthanc, so it decides on the raw text and does
-not try to repair it: a path that is not in canonical form (percent-escapes, ``..``, ``//``, a
-trailing slash, other letter case) is refused rather than normalised, because Orthanc's reading of
-a repaired path could differ from the gate's. UIDs are digits and dots, nothing else.
+``X-Forwarded-Uri``; a frame request comes itself, its target kept by gunicorn) and the same bytes
+then reach Orthanc, so it decides on the raw text and does not try to repair it: a path that is
+not in canonical form (percent-escapes, ``..``, ``//``, a trailing slash, other letter case) is
+refused rather than normalised, because Orthanc's reading of a repaired path could differ from
+the gate's. UIDs are digits and dots, nothing else.
 
 Who may do what:
 
@@ -20,6 +21,7 @@ import enum
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl
 
 UID = r"[0-9]+(?:\.[0-9]+)*"
@@ -57,6 +59,15 @@ class Decision:
     verdict: Verdict
     reason: str
     study_uid: str = ""
+
+
+def request_uri(environ: dict[str, Any]) -> str:
+    """The request's target as the client sent it (gunicorn keeps it), for the rules' raw reading."""
+    raw = environ.get("RAW_URI")
+    if raw is not None:
+        return raw
+    query = environ.get("QUERY_STRING", "")
+    return environ.get("PATH_INFO", "") + (f"?{query}" if query else "")
 
 
 def split_uri(uri: str) -> tuple[str, str]:

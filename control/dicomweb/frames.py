@@ -1,0 +1,266 @@
+"""The viewer's frames, from Orthanc's own raw frames rather than from its DICOMweb plugin.
+
+A viewer asks for every frame of a series, one request each (WADO-RS "retrieve frames"). Orthanc's
+DICOMweb plugin 1.7 answers such a request at about 2.3 ms of CPU for a 512x512 CT frame, because
+it reads and parses the whole instance for each; Orthanc's core hands the same bytes out of
+``/instances/{id}/frames/{n}/raw`` for 0.3 to 0.9 ms (bench/, README: speed). So the control plane
+answers these requests itself: it finds the instance, asks the core for the frame and wraps it in
+the multipart answer the plugin would have given, byte for byte the same frame, with the same
+``Content-Type``, ``Content-Location`` and transfer syntax labels. The viewer's other requests
+(metadata, rendered images, bulk data) still go to the plugin through Caddy.
+
+The fast way is taken only where its answer is known to equal the plugin's: one frame, a client
+that accepts the stored transfer syntax (``transfer-syntax=*``, or the stored one, or none for
+native pixels), and a syntax from ``SERVED`` (checked against the plugin for every sample file in
+tests/test_frames.py). Anything else, and anything unexpected on the way (an unknown instance, a
+frame number past the last), is relayed from the plugin as it answers, so errors stay Orthanc's.
+
+Orthanc names an instance by the SHA-1 of its patient ID and UIDs, so one look-up of the study's
+patient ID (kept per process) is enough to address every frame of the study, and the id can only
+name an instance of the study and series the URL gives, the ones the gate checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import urllib3
+
+from control.dicomweb.rules import UID
+from control.orthanc import STREAM_CHUNK, Orthanc, OrthancError
+
+# Frames of a single instance, one frame number: what viewers ask (lists go to the plugin).
+FRAME_REQUEST = re.compile(
+    rf"/dicom-web/studies/(?P<study>{UID})/series/(?P<series>{UID})"
+    rf"/instances/(?P<instance>{UID})/frames/(?P<frame>[1-9][0-9]{{0,8}})"
+)
+NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+# The syntaxes whose raw frames Orthanc 1.10's core gives exactly as DICOMweb 1.7 does, with the
+# media type the plugin names them by. Left to the plugin: big endian and deflated (it fails on
+# them), RLE (it refuses multi-frame RLE), and whatever else a modality may send.
+MEDIA_TYPES = {
+    **dict.fromkeys(NATIVE, "application/octet-stream"),
+    "1.2.840.10008.1.2.4.50": "image/jpeg",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "image/jpeg",  # JPEG extended
+    "1.2.840.10008.1.2.4.57": "image/jpeg",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70": "image/jpeg",  # JPEG lossless, first-order prediction
+    "1.2.840.10008.1.2.4.80": "image/jls",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "image/jls",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": "image/jp2",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "image/jp2",  # JPEG 2000
+}
+SERVED = frozenset(MEDIA_TYPES)
+EXPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+OCTETS = "application/octet-stream"
+KEPT_STUDIES = 4096
+
+
+def orthanc_id(*identifiers: str) -> str:
+    """Orthanc's id of a resource: the SHA-1 of its patient ID and UIDs joined by ``|``, in five groups."""
+    digest = hashlib.sha1("|".join(identifiers).encode()).hexdigest()  # noqa: S324 - Orthanc's naming, not security
+    return "-".join(digest[start : start + 8] for start in range(0, 40, 8))
+
+
+def _parameters(media_range: str) -> tuple[str, dict[str, str]]:
+    kind, *rest = media_range.split(";")
+    parameters = {}
+    for item in rest:
+        name, _, value = item.partition("=")
+        parameters[name.strip().lower()] = value.strip().strip('"')
+    return kind.strip().lower(), parameters
+
+
+def _quality(parameters: dict[str, str]) -> float:
+    try:
+        return float(parameters.get("q", "1"))
+    except ValueError:
+        return 1.0
+
+
+def answered_syntax(accept: str, stored: str) -> str | None:
+    """The transfer syntax an ``Accept`` header gets for a frame stored in ``stored``, when that
+    takes no transcoding; None when it does (or asks for something else entirely).
+
+    ``multipart/related`` of ``application/octet-stream`` with ``transfer-syntax=*`` gets the
+    stored syntax. Native pixels are the same bytes in explicit little endian, the default when no
+    syntax is named (nor any type: ``*/*``): asked for that way, they are named so.
+    Compressed frames named by their syntax must be asked for with their own media type
+    (``image/jpeg``...), which the plugin answers.
+    """
+    for media_range in accept.split(","):
+        kind, parameters = _parameters(media_range)
+        if _quality(parameters) == 0:
+            continue  # explicitly not wanted
+        if kind == "*/*":
+            wanted = None
+        elif kind == "multipart/related" and parameters.get("type", OCTETS) == OCTETS:
+            wanted = parameters.get("transfer-syntax")
+        else:
+            continue
+        if wanted == "*":
+            return stored
+        if stored in NATIVE and wanted in (None, stored, EXPLICIT_LITTLE_ENDIAN):
+            return wanted or EXPLICIT_LITTLE_ENDIAN
+    return None
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """One frame of one instance, as the URL names it."""
+
+    study: str
+    series: str
+    instance: str
+    frame: int
+
+    @classmethod
+    def of(cls, uri: str) -> FrameRequest | None:
+        """The frame a request target names, or None for anything else (a query string included)."""
+        match = FRAME_REQUEST.fullmatch(uri)
+        if match is None:
+            return None
+        return cls(match["study"], match["series"], match["instance"], int(match["frame"]))
+
+    @property
+    def path(self) -> str:
+        return (
+            f"/dicom-web/studies/{self.study}/series/{self.series}"
+            f"/instances/{self.instance}/frames/{self.frame}"
+        )
+
+
+@dataclass
+class Answer:
+    """What goes back to the client: status, headers and a body read as it is sent."""
+
+    status: str
+    headers: list[tuple[str, str]]
+    body: Iterable[bytes]
+
+
+class FrameSource:
+    """Frames from Orthanc's core, answered as the DICOMweb plugin answers them."""
+
+    def __init__(self, orthanc: Orthanc) -> None:
+        self.orthanc = orthanc
+        self._patients: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def answer(self, wanted: FrameRequest, accept: str, origin: str) -> Answer:
+        """The answer to ``GET wanted.path`` with ``accept``; ``origin`` (``https://host:port``)
+        is where the client reached the portal, for the part's ``Content-Location``."""
+        frame = self.from_core(wanted, accept)
+        if frame is None:
+            return self.relay(wanted.path, accept, origin)
+        syntax, upstream = frame
+        media_type = f"{MEDIA_TYPES[syntax]}; transfer-syntax={syntax}"
+        boundary = uuid.uuid4().hex
+        head = (
+            f"--{boundary}\r\n"
+            f"Content-Location: {origin}{wanted.path}\r\n"
+            f"Content-Type: {media_type}\r\n"
+            f"Content-Length: {upstream.headers['Content-Length']}\r\n"
+            "MIME-Version: 1.0\r\n\r\n"
+        ).encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        headers = [
+            ("Content-Type", f'multipart/related; type="{media_type}"; boundary={boundary}'),
+            ("Content-Length", str(len(head) + int(upstream.headers["Content-Length"]) + len(tail))),
+        ]
+        return Answer("200 OK", headers, _Relayed(upstream, head, tail))
+
+    def relay(self, path: str, accept: str, origin: str) -> Answer:
+        """The plugin's own answer, streamed."""
+        scheme, _, host = origin.partition("://")
+        upstream = self.orthanc.open_raw(path, {"Accept": accept, "Forwarded": f"host={host};proto={scheme}"})
+        headers = [
+            (name, upstream.headers[name])
+            for name in ("Content-Type", "Content-Length")
+            if name in upstream.headers
+        ]
+        status = f"{upstream.status} {HTTPStatus(upstream.status).phrase}"
+        return Answer(status, headers, _Relayed(upstream))
+
+    def from_core(self, wanted: FrameRequest, accept: str) -> tuple[str, urllib3.BaseHTTPResponse] | None:
+        """The syntax to name and the open answer of the core's raw frame, or None: ask the plugin."""
+        patient_id = self._patient_id(wanted.study)
+        if patient_id is None:
+            return None
+        instance_id = orthanc_id(patient_id, wanted.study, wanted.series, wanted.instance)
+        try:
+            stored = self.orthanc.get_text(f"/instances/{instance_id}/metadata/TransferSyntax")
+        except OrthancError:
+            self._forget(wanted.study)  # the study may have been sent again under another patient
+            return None
+        syntax = answered_syntax(accept, stored) if stored in SERVED else None
+        if syntax is None:
+            return None
+        upstream = self.orthanc.open_raw(f"/instances/{instance_id}/frames/{wanted.frame - 1}/raw")
+        if upstream.status != 200 or "Content-Length" not in upstream.headers:
+            upstream.close()
+            upstream.release_conn()
+            return None
+        return syntax, upstream
+
+    def _patient_id(self, study_uid: str) -> str | None:
+        with self._lock:
+            if study_uid in self._patients:
+                self._patients.move_to_end(study_uid)
+                return self._patients[study_uid]
+        found = self.orthanc.find("Study", {"StudyInstanceUID": study_uid}, expand=True)
+        if len(found) != 1:
+            return None  # unknown, or one UID for several patients' studies: the plugin sorts it out
+        patient_id = found[0].get("PatientMainDicomTags", {}).get("PatientID", "")
+        with self._lock:
+            self._patients[study_uid] = patient_id
+            while len(self._patients) > KEPT_STUDIES:
+                self._patients.popitem(last=False)
+        return patient_id
+
+    def _forget(self, study_uid: str) -> None:
+        with self._lock:
+            self._patients.pop(study_uid, None)
+
+
+def origin(environ: dict[str, Any]) -> str:
+    """Where the client reached the portal (``https://host:port``), read as ``ProxyFix`` reads
+    Caddy's forwarded headers for the app (the last hop's value)."""
+    scheme = environ.get("HTTP_X_FORWARDED_PROTO", "").rpartition(",")[2].strip()
+    host = environ.get("HTTP_X_FORWARDED_HOST", "").rpartition(",")[2].strip()
+    return f"{scheme or environ.get('wsgi.url_scheme', 'http')}://{host or environ.get('HTTP_HOST', '')}"
+
+
+class _Relayed:
+    """A WSGI body read from an open upstream answer, with what comes before and after it.
+
+    The server calls ``close`` whether or not the body was read to its end (PEP 3333): a client
+    gone midway leaves bytes unread on the connection, which is then closed rather than given back
+    to the pool for the next request.
+    """
+
+    def __init__(self, upstream: urllib3.BaseHTTPResponse, head: bytes = b"", tail: bytes = b"") -> None:
+        self.upstream = upstream
+        self.head = head
+        self.tail = tail
+        self.complete = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.head:
+            yield self.head
+        yield from self.upstream.stream(STREAM_CHUNK, decode_content=False)
+        if self.tail:
+            yield self.tail
+        self.complete = True
+
+    def close(self) -> None:
+        if not self.complete:
+            self.upstream.close()
+        self.upstream.release_conn()
