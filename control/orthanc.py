@@ -10,6 +10,7 @@ archive is not there" becomes ``OrthancUnavailable``, which the pages turn into 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, BinaryIO
 from urllib.parse import urlencode
@@ -28,6 +29,14 @@ SEARCHES = frozenset({"/tools/find", "/tools/lookup"})
 RETRY = Retry(total=2, connect=2, read=1, status=0, redirect=0, backoff_factor=0.05)
 SEARCH_RETRY = RETRY.new(allowed_methods=None)
 STORE_RETRY = RETRY.new(read=0)
+
+
+def resource_id(*identifiers: str) -> str:
+    """Orthanc's id of a resource, from its patient ID and (for a study, series or instance) UIDs:
+    the SHA-1 of them joined by ``|``, in five groups of eight (Orthanc's ``DicomInstanceHasher``).
+    The values are as Orthanc stores them: a padded ``"ID "`` names another patient than ``"ID"``."""
+    digest = hashlib.sha1("|".join(identifiers).encode()).hexdigest()  # noqa: S324 - Orthanc's naming
+    return "-".join(digest[start : start + 8] for start in range(0, 40, 8))
 
 
 class OrthancUnavailable(RuntimeError):

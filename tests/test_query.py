@@ -89,6 +89,8 @@ def made_up_studies() -> list[list]:
             PatientSex="F",
         )
     ]
+    # Two patients whose IDs differ only in case: an ID typed exactly finds its own patient alone.
+    made += [make_study("Case^Lower", "CASE-ab"), make_study("Case^Upper", "CASE-AB")]
     day = dt.date(2019, 1, 1)
     for number in range(PAGING_PATIENTS):
         for visit in range(2):
@@ -142,6 +144,9 @@ CRITERIA = [
     ({"patient_name": "pager n0*"}, lambda f: wildcard("pager?n0*", f.patient_name)),
     ({"patient_name": "COMPRESSED*CT?"}, lambda f: wildcard("COMPRESSED*CT?", f.patient_name)),
     ({"patient_id": "4mr1"}, lambda f: f.patient_id.lower() == "4mr1"),
+    ({"patient_id": "4MR1"}, lambda f: f.patient_id == "4MR1"),
+    ({"patient_id": "CASE-ab"}, lambda f: f.patient_id == "CASE-ab"),
+    ({"patient_id": "case-ab"}, lambda f: f.patient_id.lower() == "case-ab"),
     ({"patient_id": "*EXAMPLE"}, lambda f: f.patient_id.upper().endswith("EXAMPLE")),
     ({"sex": "M"}, lambda f: f.sex == "M"),
     ({"sex": "F"}, lambda f: f.sex == "F"),

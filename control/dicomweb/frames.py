@@ -22,7 +22,6 @@ name an instance of the study and series the URL gives, the ones the gate checke
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import uuid
@@ -35,7 +34,7 @@ from typing import Any
 import urllib3
 
 from control.dicomweb.rules import UID
-from control.orthanc import STREAM_CHUNK, Orthanc, OrthancError
+from control.orthanc import STREAM_CHUNK, Orthanc, OrthancError, resource_id
 
 # Frames of a single instance, one frame number: what viewers ask (lists go to the plugin).
 FRAME_REQUEST = re.compile(
@@ -61,12 +60,6 @@ SERVED = frozenset(MEDIA_TYPES)
 EXPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 OCTETS = "application/octet-stream"
 KEPT_STUDIES = 4096
-
-
-def orthanc_id(*identifiers: str) -> str:
-    """Orthanc's id of a resource: the SHA-1 of its patient ID and UIDs joined by ``|``, in five groups."""
-    digest = hashlib.sha1("|".join(identifiers).encode()).hexdigest()  # noqa: S324 - Orthanc's naming, not security
-    return "-".join(digest[start : start + 8] for start in range(0, 40, 8))
 
 
 def _parameters(media_range: str) -> tuple[str, dict[str, str]]:
@@ -194,7 +187,7 @@ class FrameSource:
         patient_id = self._patient_id(wanted.study)
         if patient_id is None:
             return None
-        instance_id = orthanc_id(patient_id, wanted.study, wanted.series, wanted.instance)
+        instance_id = resource_id(patient_id, wanted.study, wanted.series, wanted.instance)
         try:
             stored = self.orthanc.get_text(f"/instances/{instance_id}/metadata/TransferSyntax")
         except OrthancError:

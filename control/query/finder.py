@@ -12,6 +12,11 @@ the page. Total counts are exact and the time is that of the find: about 0.1 ms 
 1,000-study answer within a small multiple of that call. The first call asks for ``SORT_LIMIT + 1``
 studies, so it also tells whether the answer is small.
 
+**One patient by ID**, the search physicians make most, takes no find at all: Orthanc names a
+patient by the SHA-1 of its ID, so the patient's studies are one GET (``Finder._one_patient``),
+about 0.2 ms of Orthanc's time whatever the archive holds. An ID that names no patient exactly
+(typed in another case, say) is searched with a find like any other criterion.
+
 **Large answers** (a broad search in a big archive: "everything", "all CT") are not read whole:
 at 50,000 studies an expanded find takes about 5 s and 40 MB. Orthanc does apply a study date range
 in its database before anything else, so a range holding few studies is cheap whatever the archive
@@ -47,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
+from control.orthanc import Orthanc, OrthancError, OrthancUnavailable, resource_id
 
 SORT_LIMIT = 2000
 DICOM_DATE = re.compile(r"\d{8}")
@@ -298,10 +303,34 @@ class Finder:
 
     def _small_answer(self, search: Search) -> list[dict[str, Any]] | None:
         """Every matching study, expanded, or None when there are more than ``sort_limit``."""
+        exact = self._one_patient(search)
+        if exact is not None:
+            return exact
         if search.is_everything and self._count(search, "Study") > self.sort_limit:
             return None  # the archive's statistics said so, without reading a study
         found = self.orthanc.find("Study", search.query(), expand=True, limit=self.sort_limit + 1)
         return found if len(found) <= self.sort_limit else None
+
+    def _one_patient(self, search: Search) -> list[dict[str, Any]] | None:
+        """The studies of the patient whose ID is exactly the one searched for, if that is the whole
+        search and there is such a patient; None otherwise (a find then decides).
+
+        Orthanc names a patient by the SHA-1 of its ID, so this is one GET whatever the archive
+        holds, where a find reads the whole index (3 ms at 1,000 studies, 60 ms at 50,000). An ID
+        typed in another case than stored is no exact match: the find then matches it as usual,
+        whatever the case.
+        """
+        if search.study_query or search.dates or set(search.patient_query) != {"PatientID"}:
+            return None
+        patient_id = search.patient_query["PatientID"]
+        if "*" in patient_id or "?" in patient_id:
+            return None
+        try:
+            return self.orthanc.get_json(f"/patients/{resource_id(patient_id)}/studies") or None
+        except OrthancError as error:
+            if error.status != 404:
+                raise
+            return None
 
     def _count(self, search: Search, level: str) -> int:
         """How many studies (or, for no criteria only, patients) match: ids only, or the statistics."""
