@@ -42,14 +42,14 @@ FRAME_REQUEST = re.compile(
     rf"/instances/(?P<instance>{UID})/frames/(?P<frame>[1-9][0-9]{{0,8}})"
 )
 NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
-# The syntaxes whose raw frames Orthanc 1.10's core gives exactly as DICOMweb 1.7 does, with the
-# media type the plugin names them by. Left to the plugin: big endian and deflated (it fails on
-# them), RLE (it refuses multi-frame RLE), and whatever else a modality may send.
+# The syntaxes whose raw frames Orthanc 1.10's core gives exactly as DICOMweb 1.7 does (each checked
+# on pydicom's sample files), with the media type the plugin names them by. Left to the plugin: big
+# endian and deflated (it fails on them), RLE (it refuses multi-frame RLE), syntaxes no sample
+# file has (JPEG lossless process 14, .4.57, say), and whatever else a modality may send.
 MEDIA_TYPES = {
     **dict.fromkeys(NATIVE, "application/octet-stream"),
     "1.2.840.10008.1.2.4.50": "image/jpeg",  # JPEG baseline
     "1.2.840.10008.1.2.4.51": "image/jpeg",  # JPEG extended
-    "1.2.840.10008.1.2.4.57": "image/jpeg",  # JPEG lossless
     "1.2.840.10008.1.2.4.70": "image/jpeg",  # JPEG lossless, first-order prediction
     "1.2.840.10008.1.2.4.80": "image/jls",  # JPEG-LS lossless
     "1.2.840.10008.1.2.4.81": "image/jls",  # JPEG-LS near-lossless
