@@ -7,7 +7,8 @@ the query string under the names of ``SearchForm``'s fields. Matching, in the us
   ``SMITH^JOHN`` and ``Goldsmith^Ann``); a space matches a space or the ``^`` between name parts,
   so "Family Given" finds ``Family^Given``, and a name is typed as the pages show it.
 - Patient ID and accession number match the whole value. A patient ID typed exactly as stored
-  finds that patient (DICOM's own matching of IDs); typed otherwise, in any case.
+  finds that patient alone (as DICOM matches IDs); one that names no patient exactly matches
+  whatever its case, like the other criteria.
 - ``*`` (any text) and ``?`` (one character) are wildcards; a value typed with one is matched as a
   whole, as typed ("SMI*" finds names that begin with SMI).
 - Everything is case-insensitive (Orthanc's default, for every script it can upper-case: Latin,
