@@ -16,20 +16,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request, stream_with_context
+from flask import Blueprint, Response, current_app, g, request
 from flask_login import current_user
 
 from control import db
 from control.activity import Action, Outcome, record_activity
-from control.dicomweb import rules
-from control.dicomweb.frames import FrameRequest, origin
-from control.orthanc import STREAM_CHUNK
+from control.dicomweb import relay, rules
+from control.dicomweb.frames import FrameRequest
 from control.tokens import grants
 
 bp = Blueprint("dicomweb", __name__)
-
-# Headers of Orthanc's answer that describe the body and go back to the client.
-PASSED_BACK = ("Content-Type", "Content-Length", "Content-Disposition", "ETag", "Last-Modified")
 
 
 def valid_grants() -> list[grants.Grant]:
@@ -89,13 +85,14 @@ def retrieve_frame(**_uids: str):
     if refusal is not None:
         return refusal
     wanted = FrameRequest.of(uri)
-    source = current_app.extensions["frames"]
     accept = request.headers.get("Accept", "")
-    answer = (
-        source.answer(wanted, accept, origin(request.environ))
-        if wanted is not None
-        else source.relay(uri, accept, origin(request.environ))
-    )
+    origin = relay.origin(request.environ)
+    if wanted is not None:
+        return _passed_on(current_app.extensions["frames"].answer(wanted, accept, origin))
+    return _passed_on(relay.relay(current_app.extensions["orthanc"], uri, accept, origin))
+
+
+def _passed_on(answer: relay.Answer) -> Response:
     return Response(answer.body, status=answer.status, headers=answer.headers, direct_passthrough=True)
 
 
@@ -116,41 +113,38 @@ def search():
     if decision.verdict is rules.Verdict.SIGN_IN:
         _denied(decision, "GET", request.path)
         return Response("Sign-in needed", status=401, mimetype="text/plain")
+    orthanc = current_app.extensions["orthanc"]
+    headers = relay.asking(_accept(), relay.origin(request.environ))
     answers: list[Any] = []
     for study_uid in dict.fromkeys(grant.study_uid for grant in held):
         narrowed = rules.narrowed_query(raw_query, study_uid)
         if narrowed is None:
             continue
-        upstream = _orthanc_get(request.path, narrowed)
-        with upstream:
-            if upstream.status_code == 200 and upstream.content:
-                # Whatever the query did, only the granted study's entries leave the portal.
-                answers.extend(
-                    item for item in upstream.json() if item.get("0020000D", {}).get("Value") == [study_uid]
-                )
+        upstream = orthanc.open_raw(_orthanc_target(request.path, narrowed), headers)
+        body = relay.Relayed(upstream)
+        try:
+            found = b"".join(body) if upstream.status == 200 else b""
+        finally:
+            body.close()
+        if found:
+            # Whatever the query did, only the granted study's entries leave the portal.
+            answers.extend(
+                item for item in json.loads(found) if item.get("0020000D", {}).get("Value") == [study_uid]
+            )
     return Response(json.dumps(answers), status=200, mimetype="application/dicom+json")
 
 
-def _orthanc_get(path: str, raw_query: str):
-    orthanc = current_app.extensions["orthanc"]
+def _accept() -> str:
+    return request.headers.get("Accept", "application/dicom+json")
+
+
+def _orthanc_target(path: str, raw_query: str) -> str:
+    """The search as Orthanc's QIDO reads it; the raw string goes as is, never re-encoded."""
     query = rules.orthanc_query(raw_query)
-    url = path + (f"?{query}" if query else "")
-    headers = {
-        "Accept": request.headers.get("Accept", "application/dicom+json"),
-        "Forwarded": f"host={request.host};proto={request.scheme}",
-    }
-    # requests would re-encode a query given as params; the raw string must reach Orthanc as is.
-    return orthanc.request("GET", url, headers=headers, stream=True)
+    return path + (f"?{query}" if query else "")
 
 
 def _relay(path: str, raw_query: str) -> Response:
-    upstream = _orthanc_get(path, raw_query)
-
-    def body():
-        try:
-            yield from upstream.iter_content(STREAM_CHUNK)
-        finally:
-            upstream.close()
-
-    headers = {name: upstream.headers[name] for name in PASSED_BACK if name in upstream.headers}
-    return Response(stream_with_context(body()), status=upstream.status_code, headers=headers)
+    orthanc = current_app.extensions["orthanc"]
+    target = _orthanc_target(path, raw_query)
+    return _passed_on(relay.relay(orthanc, target, _accept(), relay.origin(request.environ)))

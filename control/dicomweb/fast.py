@@ -26,7 +26,8 @@ from werkzeug.http import parse_cookie
 from control import db
 from control.auth import sessions
 from control.dicomweb import rules
-from control.dicomweb.frames import FrameRequest, FrameSource, origin
+from control.dicomweb.frames import FrameRequest, FrameSource
+from control.dicomweb.relay import origin
 from control.orthanc import OrthancUnavailable
 from control.tokens import grants
 

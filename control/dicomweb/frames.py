@@ -26,15 +26,13 @@ import re
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from http import HTTPStatus
-from typing import Any
 
 import urllib3
 
+from control.dicomweb.relay import Answer, Relayed, relay
 from control.dicomweb.rules import UID
-from control.orthanc import STREAM_CHUNK, Orthanc, OrthancError, resource_id
+from control.orthanc import Orthanc, OrthancError, resource_id
 
 # Frames of a single instance, one frame number: what viewers ask (lists go to the plugin).
 FRAME_REQUEST = re.compile(
@@ -130,15 +128,6 @@ class FrameRequest:
         )
 
 
-@dataclass
-class Answer:
-    """What goes back to the client: status, headers and a body read as it is sent."""
-
-    status: str
-    headers: list[tuple[str, str]]
-    body: Iterable[bytes]
-
-
 class FrameSource:
     """Frames from Orthanc's core, answered as the DICOMweb plugin answers them."""
 
@@ -152,35 +141,24 @@ class FrameSource:
         is where the client reached the portal, for the part's ``Content-Location``."""
         frame = self.from_core(wanted, accept)
         if frame is None:
-            return self.relay(wanted.path, accept, origin)
+            return relay(self.orthanc, wanted.path, accept, origin)
         syntax, upstream = frame
+        length = int(upstream.headers["Content-Length"])
         media_type = f"{MEDIA_TYPES[syntax]}; transfer-syntax={syntax}"
         boundary = uuid.uuid4().hex
         head = (
             f"--{boundary}\r\n"
             f"Content-Location: {origin}{wanted.path}\r\n"
             f"Content-Type: {media_type}\r\n"
-            f"Content-Length: {upstream.headers['Content-Length']}\r\n"
+            f"Content-Length: {length}\r\n"
             "MIME-Version: 1.0\r\n\r\n"
         ).encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
         headers = [
             ("Content-Type", f'multipart/related; type="{media_type}"; boundary={boundary}'),
-            ("Content-Length", str(len(head) + int(upstream.headers["Content-Length"]) + len(tail))),
+            ("Content-Length", str(len(head) + length + len(tail))),
         ]
-        return Answer("200 OK", headers, _Relayed(upstream, head, tail))
-
-    def relay(self, path: str, accept: str, origin: str) -> Answer:
-        """The plugin's own answer, streamed."""
-        scheme, _, host = origin.partition("://")
-        upstream = self.orthanc.open_raw(path, {"Accept": accept, "Forwarded": f"host={host};proto={scheme}"})
-        headers = [
-            (name, upstream.headers[name])
-            for name in ("Content-Type", "Content-Length")
-            if name in upstream.headers
-        ]
-        status = f"{upstream.status} {HTTPStatus(upstream.status).phrase}"
-        return Answer(status, headers, _Relayed(upstream))
+        return Answer("200 OK", headers, Relayed(upstream, head, tail))
 
     def from_core(self, wanted: FrameRequest, accept: str) -> tuple[str, urllib3.BaseHTTPResponse] | None:
         """The syntax to name and the open answer of the core's raw frame, or None: ask the plugin."""
@@ -221,39 +199,3 @@ class FrameSource:
     def _forget(self, study_uid: str) -> None:
         with self._lock:
             self._patients.pop(study_uid, None)
-
-
-def origin(environ: dict[str, Any]) -> str:
-    """Where the client reached the portal (``https://host:port``), read as ``ProxyFix`` reads
-    Caddy's forwarded headers for the app (the last hop's value)."""
-    scheme = environ.get("HTTP_X_FORWARDED_PROTO", "").rpartition(",")[2].strip()
-    host = environ.get("HTTP_X_FORWARDED_HOST", "").rpartition(",")[2].strip()
-    return f"{scheme or environ.get('wsgi.url_scheme', 'http')}://{host or environ.get('HTTP_HOST', '')}"
-
-
-class _Relayed:
-    """A WSGI body read from an open upstream answer, with what comes before and after it.
-
-    The server calls ``close`` whether or not the body was read to its end (PEP 3333): a client
-    gone midway leaves bytes unread on the connection, which is then closed rather than given back
-    to the pool for the next request.
-    """
-
-    def __init__(self, upstream: urllib3.BaseHTTPResponse, head: bytes = b"", tail: bytes = b"") -> None:
-        self.upstream = upstream
-        self.head = head
-        self.tail = tail
-        self.complete = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        if self.head:
-            yield self.head
-        yield from self.upstream.stream(STREAM_CHUNK, decode_content=False)
-        if self.tail:
-            yield self.tail
-        self.complete = True
-
-    def close(self) -> None:
-        if not self.complete:
-            self.upstream.close()
-        self.upstream.release_conn()

@@ -1,0 +1,91 @@
+"""Orthanc's DICOMweb answers passed on to the client as they arrive, by the control plane.
+
+Most DICOMweb bytes flow Orthanc → Caddy without Python. The few that pass through the control
+plane (signed-in users' searches, frames the core cannot give as the plugin does, and the frames
+it can, wrapped) are streamed with the same pieces: ``Answer`` is what the WSGI layer sends back,
+``Relayed`` its body, read from an open urllib3 answer in ``STREAM_CHUNK`` blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import urllib3
+
+from control.orthanc import STREAM_CHUNK, Orthanc
+
+# Headers of Orthanc's answer that describe the body and go back to the client.
+PASSED_BACK = ("Content-Type", "Content-Length", "Content-Disposition", "ETag", "Last-Modified")
+
+
+@dataclass
+class Answer:
+    """What goes back to the client: status, headers and a body read as it is sent."""
+
+    status: str
+    headers: list[tuple[str, str]]
+    body: Iterable[bytes]
+
+
+class Relayed:
+    """A WSGI body read from an open upstream answer, with what comes before and after it.
+
+    The server calls ``close`` whether or not the body was read to its end (PEP 3333): a client
+    gone midway leaves bytes unread on the connection, which is then closed rather than given back
+    to the pool for the next request.
+    """
+
+    def __init__(self, upstream: urllib3.BaseHTTPResponse, head: bytes = b"", tail: bytes = b"") -> None:
+        self.upstream = upstream
+        self.head = head
+        self.tail = tail
+        self.complete = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.head:
+            yield self.head
+        yield from self.upstream.stream(STREAM_CHUNK, decode_content=False)
+        if self.tail:
+            yield self.tail
+        self.complete = True
+
+    def close(self) -> None:
+        if not self.complete:
+            self.upstream.close()
+        self.upstream.release_conn()
+
+
+def origin(environ: dict[str, Any]) -> str:
+    """Where the client reached the portal (``https://host:port``), read as ``ProxyFix`` reads
+    Caddy's forwarded headers for the app (the last hop's value)."""
+    scheme = environ.get("HTTP_X_FORWARDED_PROTO", "").rpartition(",")[2].strip()
+    host = environ.get("HTTP_X_FORWARDED_HOST", "").rpartition(",")[2].strip()
+    return f"{scheme or environ.get('wsgi.url_scheme', 'http')}://{host or environ.get('HTTP_HOST', '')}"
+
+
+def asking(accept: str, origin: str) -> dict[str, str]:
+    """The headers of a DICOMweb request to Orthanc for a client at ``origin`` (``https://host:port``).
+
+    ``Forwarded`` makes the URLs in Orthanc's answer point back through the portal: DICOMweb 1.7
+    reads it, not ``X-Forwarded-*``.
+    """
+    scheme, _, host = origin.partition("://")
+    return {"Accept": accept, "Forwarded": f"host={host};proto={scheme}"}
+
+
+def relay(orthanc: Orthanc, target: str, accept: str, origin: str) -> Answer:
+    """Orthanc's answer to ``GET target`` (path and raw query), streamed whatever its status."""
+    upstream = orthanc.open_raw(target, asking(accept, origin))
+    headers = [(name, upstream.headers[name]) for name in PASSED_BACK if name in upstream.headers]
+    return Answer(status_line(upstream.status), headers, Relayed(upstream))
+
+
+def status_line(status: int) -> str:
+    """A WSGI status (``"404 Not Found"``) for an HTTP status code."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
