@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +42,17 @@ class Stack(PortalStack):
         assert response.status_code == 200, response.text[:500]
         assert f"signed in as <strong>{username.lower()}</strong>" in response.text.lower()
         return session
+
+    def kill_archive(self) -> None:
+        """Kill Orthanc as a crash would; the runner starts it again by itself."""
+        os.kill(int((self.data / "run" / "orthanc.pid").read_text()), signal.SIGKILL)
+
+    def wait_for_archive(self, timeout: float = 60) -> None:
+        """Wait until the portal's health check says the archive answers again."""
+        deadline = time.monotonic() + timeout
+        while requests.get(f"{self.url}/healthz").status_code != 200:
+            assert time.monotonic() < deadline, "the archive did not come back"
+            time.sleep(0.5)
 
 
 def c_store(stack: Stack, dataset: Dataset | str | Path) -> int:

@@ -8,10 +8,7 @@ plugin directly, with the Accept headers viewers send: same status, same pixels,
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import time
 
 import pytest
 import requests
@@ -243,14 +240,11 @@ def test_a_frame_while_the_archive_is_down_is_a_clear_503(
     stack: Stack, doctor: requests.Session, pictures
 ) -> None:
     ((_name, _syntax, path),) = [picture for picture in pictures if picture[0] == "MR_small.dcm"]
-    os.kill(int((stack.data / "run" / "orthanc.pid").read_text()), signal.SIGKILL)
+    stack.kill_archive()
     answer = doctor.get(f"{stack.url}{path}", headers={"Accept": ANY})
     assert answer.status_code == 503
     assert answer.json()["error"] == "The archive is not reachable"
-    deadline = time.monotonic() + 60
-    while requests.get(f"{stack.url}/healthz").status_code != 200:
-        assert time.monotonic() < deadline, "the archive did not come back"
-        time.sleep(0.5)
+    stack.wait_for_archive()
     assert doctor.get(f"{stack.url}{path}", headers={"Accept": ANY}).status_code == 200
 
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import os
 import re
-import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -488,18 +485,14 @@ def test_a_search_matching_everything_pages(archive: Archive) -> None:
 
 
 def test_an_unreachable_archive_gives_a_clear_503(archive: Archive) -> None:
-    pid = int((archive.stack.data / "run" / "orthanc.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
+    archive.stack.kill_archive()
     try:
         page = archive.get("/query/patients", patient_name="compressed")
         assert page.status_code == 503
         assert "The archive is not reachable" in page.text and "<table" not in page.text
         assert archive.get("/query/studies", format="json").json()["status"] == 503
     finally:
-        deadline = time.monotonic() + 60
-        while requests.get(f"{archive.stack.url}/healthz").status_code != 200:
-            assert time.monotonic() < deadline, "the archive did not come back"
-            time.sleep(0.5)
+        archive.stack.wait_for_archive()
 
 
 def test_storing_more_shows_at_once(archive: Archive) -> None:

@@ -4,11 +4,9 @@ what must stay closed (Orthanc's HTTP API)."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import stat
 import subprocess
-import time
 
 import pytest
 import requests
@@ -126,8 +124,7 @@ def test_sign_in_without_csrf_token_is_refused(stack: Stack) -> None:
 
 def test_a_dead_orthanc_gives_a_clear_503_and_comes_back(stack: Stack) -> None:
     session = stack.sign_in()
-    pid = int((stack.data / "run" / "orthanc.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
+    stack.kill_archive()
 
     page = session.get(f"{stack.url}/")
     assert page.status_code == 503
@@ -142,10 +139,7 @@ def test_a_dead_orthanc_gives_a_clear_503_and_comes_back(stack: Stack) -> None:
     assert health.json()["orthanc"]["ok"] is False
 
     # The runner starts the archive again by itself.
-    deadline = time.monotonic() + 60
-    while requests.get(f"{stack.url}/healthz").status_code != 200:
-        assert time.monotonic() < deadline, "the archive did not come back"
-        time.sleep(0.5)
+    stack.wait_for_archive()
     assert session.get(f"{stack.url}/").status_code == 200
 
 

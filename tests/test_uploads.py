@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import signal
 import stat
 import subprocess
 import threading
@@ -591,16 +590,13 @@ def test_large_files_reach_the_archive_byte_for_byte(stack: Stack, uploader: Upl
 def test_an_upload_while_the_archive_is_down_says_so_and_can_be_sent_again(
     stack: Stack, uploader: Uploader
 ) -> None:
-    os.kill(int((stack.data / "run" / "orthanc.pid").read_text()), signal.SIGKILL)
+    stack.kill_archive()
     content = large_dicom()
     answer = uploader.upload(("CT.dcm", content))
     assert answer["results"][0]["outcome"] == "refused"
     assert answer["results"][0]["detail"] == "the archive did not answer; please send it again"
 
-    deadline = time.monotonic() + 60
-    while requests.get(f"{stack.url}/healthz").status_code != 200:
-        assert time.monotonic() < deadline, "the archive did not come back"
-        time.sleep(0.5)
+    stack.wait_for_archive()
     assert uploader.upload(("CT.dcm", content))["results"][0]["outcome"] == "stored"
 
 
