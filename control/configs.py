@@ -146,6 +146,7 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         upload_max_bytes=settings["upload_max_mb"] * 1024 * 1024,
         upload_max_mb=settings["upload_max_mb"],
         ssl=bool(settings["ssl_enabled"]),
+        hsts_include_subdomains=bool(settings["hsts_include_subdomains"]),
         web_server_name=settings["web_server_name"],
         certificate=site.secrets_dir / "tls" / "site.crt",
         key=site.secrets_dir / "tls" / "site.key",
