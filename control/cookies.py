@@ -18,7 +18,8 @@ Turning SSL on or off from the setup page keeps the admin signed in:
   issued before SSL was on can still be taken.
 - Off: the answer that turns SSL off goes out over https; ``carry_session_to_http`` makes it also
   set a plain copy of the session for the http page that follows, and delete the ``__Host-`` one,
-  which the browser would never send over http.
+  which the browser would never send over http. A plain cookie is taken over https only while
+  SSL is on, so requests still made over https before the switch leave the copy alone.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ class SiteSessionInterface(SecureCookieSessionInterface):
         if value:
             return SiteSession(self.load(app, value, secure) or {})
         plain = request.cookies.get(PLAIN_SESSION) if secure else None
-        if not plain:
+        # Once SSL is turned off, pages still go out over https until the web front has switched;
+        # the plain cookie handed over for the http page that follows must stay as it is.
+        if not plain or not app.extensions["site"].load_settings()["ssl_enabled"]:
             return SiteSession()
         data = self.load(app, plain, secure=False) or {}
         if data.get("_user_id"):
