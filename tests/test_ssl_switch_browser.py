@@ -58,7 +58,10 @@ def cookie_names(page: Page) -> set[str]:
     return {cookie["name"] for cookie in page.context.cookies()}
 
 
-def test_ssl_on_and_off_again_from_the_setup_page_keeps_the_admin_signed_in(tmp_path: Path) -> None:
+@pytest.mark.parametrize("way_off", ["untick", "clear values"])
+def test_ssl_on_and_off_again_from_the_setup_page_keeps_the_admin_signed_in(
+    tmp_path: Path, way_off: str
+) -> None:
     stack = make_stack(tmp_path / "data", PACS_WEB_SERVER_NAME=SITE_NAME)
     first = SiteCertificate.make(tmp_path / "first")
     renewed = SiteCertificate.make(tmp_path / "renewed", days=90)
@@ -101,8 +104,11 @@ def test_ssl_on_and_off_again_from_the_setup_page_keeps_the_admin_signed_in(tmp_
 
             # And off again, from the page: the admin is back on http, still signed in.
             settings_page(page, secure)
-            page.uncheck("#ssl_enabled")
-            save(page)
+            if way_off == "untick":
+                page.uncheck("#ssl_enabled")
+                save(page)
+            else:
+                submit(page, "button:has-text('Clear values')")
             page.wait_for_url(f"{plain}/admin/settings?saved=1", timeout=30000)
             assert "Signed in as admin" in page.inner_text("header")
             assert "pacs_session" in cookie_names(page)

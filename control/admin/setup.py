@@ -257,4 +257,4 @@ def _clear_ssl(current: dict[str, Any]):
     for name in ("site.crt", "site.key"):
         (tls_folder() / name).unlink(missing_ok=True)
     flash("The certificate and key are cleared; SSL is off.", "info")
-    return redirect(url_for("admin.settings"))
+    return _after_save(current, typed)
