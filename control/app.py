@@ -12,23 +12,15 @@ import datetime as dt
 from typing import Any
 
 from flask import Flask, g, request
-from flask.sessions import SecureCookieSessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from control import __version__, access, configs, errors, formatting
+from control.cookies import SiteSessionInterface
 from control.dicomweb.fast import QuickGate
 from control.dicomweb.frames import FrameSource
 from control.extensions import csrf, login_manager
 from control.orthanc import Orthanc
 from control.site import Site
-
-
-class SiteSessionInterface(SecureCookieSessionInterface):
-    """Session cookies marked Secure exactly when the site serves https (a setting that can change
-    while the portal runs)."""
-
-    def get_cookie_secure(self, app: Flask) -> bool:
-        return bool(g.get("settings", {}).get("ssl_enabled"))
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -39,10 +31,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["site"] = site
     app.config.update(
         SECRET_KEY=site.secrets.session_key,
-        SESSION_COOKIE_NAME="pacs_session",
+        # The cookie's name and Secure flag follow the scheme (control.cookies).
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         WTF_CSRF_TIME_LIMIT=None,
+        # Flask-WTF's https check wants a Referer, which patients' pages never send; control.csrf
+        # checks the request's origin instead.
+        WTF_CSRF_SSL_STRICT=False,
         MAX_FORM_MEMORY_SIZE=64 * 1024,
     )
     app.config.from_mapping(config or {})
@@ -85,6 +80,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         g.settings = site.load_settings()
 
     access.init_app(app)
+
+    @app.after_request
+    def forget_https_when_ssl_is_off(response):
+        # Between SSL turned off and the web front's swap, pages still go out over https: browsers
+        # that get them drop this name's HSTS, else they would never reach the plain http portal.
+        if request.is_secure and not g.get("settings", {}).get("ssl_enabled", True):
+            response.headers["Strict-Transport-Security"] = "max-age=0"
+        return response
 
     @app.context_processor
     def page_context() -> dict[str, Any]:

@@ -46,9 +46,13 @@ def banner(site: Site, prepared: stack.Prepared) -> str:
     lines = [f"The PACS web portal of {values['institution']} is running."]
     if values["web_port"]:
         port = values["web_port"]
-        lines.append(
-            f"  Web:    http://{local_address()}:{port}/  (on this machine: http://127.0.0.1:{port}/)"
-        )
+        if values["ssl_enabled"]:
+            host = values["web_server_name"] or local_address()
+            lines.append(f"  Web:    https://{host}:{port}/  (https only; http:// is sent on to it)")
+        else:
+            lines.append(
+                f"  Web:    http://{local_address()}:{port}/  (on this machine: http://127.0.0.1:{port}/)"
+            )
     else:
         lines.append("  Web:    off (web port 0)")
     lines.append(f"  DICOM:  AE title {values['dicom_aet']}, port {values['dicom_port']}")

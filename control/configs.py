@@ -9,6 +9,7 @@ compose.yaml describe their own topology with the environment variables read by 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -140,14 +141,19 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
     )
     template = environment.from_string(CADDY_TEMPLATE.read_text())
     credentials = f"{site.secrets.orthanc_user}:{site.secrets.orthanc_password}".encode()
+    certificate = site.secrets_dir / "tls" / "site.crt"
     return template.render(
         orthanc_upstream=f"{topology.orthanc_host}:{settings['orthanc_http_port']}",
         orthanc_authorization="Basic " + base64.b64encode(credentials).decode(),
         upload_max_bytes=settings["upload_max_mb"] * 1024 * 1024,
         upload_max_mb=settings["upload_max_mb"],
         ssl=bool(settings["ssl_enabled"]),
+        hsts_include_subdomains=bool(settings["hsts_include_subdomains"]),
         web_server_name=settings["web_server_name"],
-        certificate=site.secrets_dir / "tls" / "site.crt",
+        certificate=certificate,
+        certificate_fingerprint=(
+            hashlib.sha256(certificate.read_bytes()).hexdigest()[:16] if certificate.exists() else "none"
+        ),
         key=site.secrets_dir / "tls" / "site.key",
         page_policy=PAGE_POLICY,
         viewer_policy=VIEWER_POLICY,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, jsonify, make_response, render_template, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from control import csrf
 from control.orthanc import OrthancUnavailable
 
 MESSAGES = {
@@ -52,6 +53,8 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(CSRFError)
     def csrf_refused(error: CSRFError):
+        if error.description == csrf.FOREIGN:
+            return error_response(400, csrf.FOREIGN)
         return error_response(
             400, "This form has expired or did not come from this site. Reload the page and try again."
         )
@@ -60,9 +63,10 @@ def init_app(app: Flask) -> None:
     def http_error(error: HTTPException):
         if isinstance(error, InternalServerError):
             return error_response(500)
-        response = error_response(error.code or 500)
+        body, status = error_response(error.code or 500)
+        response = make_response(body, status)
         if error.code == 405 and error.valid_methods:
-            response[0].headers["Allow"] = ", ".join(error.valid_methods)
+            response.headers["Allow"] = ", ".join(error.valid_methods)
         return response
 
     @app.errorhandler(Exception)

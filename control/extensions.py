@@ -1,9 +1,10 @@
 """Flask extensions, created unbound and bound to the app in ``create_app``."""
 
 from flask_login import LoginManager
-from flask_wtf.csrf import CSRFProtect
 
-csrf = CSRFProtect()
+from control.csrf import SiteCSRFProtect
+
+csrf = SiteCSRFProtect()
 login_manager = LoginManager()
 login_manager.login_view = "auth.login"
 login_manager.login_message = "Please sign in to continue."

@@ -187,6 +187,15 @@ SETTINGS: tuple[Setting, ...] = (
         "over a VPN.",
     ),
     Setting(
+        "hsts_include_subdomains",
+        bool,
+        False,
+        "HSTS for subdomains too",
+        "With SSL on, browsers are told to reach this server name over https only, for a year "
+        "(HSTS). Ticked, that holds for every name under it as well (includeSubDomains): only when "
+        "all of them serve https.",
+    ),
+    Setting(
         "web_server_name",
         str,
         "",

@@ -2,15 +2,24 @@
 
 Playwright's own browser downloads cannot work here; it drives ``/usr/bin/chromium`` instead, with
 the flags that keep it from phoning home and give it software WebGL for the viewer's canvas.
+
+For a portal with SSL on (``conftest.TLSStack``) the browser reaches it by its name, resolved to
+127.0.0.1, and trusts the site's certificate by its public key, as if a certificate authority had
+signed it: a real https origin with a valid certificate, so Secure and ``__Host-`` cookies, HSTS
+and fetch metadata behave as they do for a hospital's users.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from playwright.sync_api import Browser, Page, sync_playwright
+
+if TYPE_CHECKING:
+    from conftest import SiteCertificate, Stack
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -49,13 +58,41 @@ COUNT_LIT_PIXELS = """
 
 
 @contextmanager
-def chromium() -> Iterator[Browser]:
+def chromium(stack: Stack | None = None, trust: Iterable[SiteCertificate] = ()) -> Iterator[Browser]:
+    """A headless Chromium. Given a portal with SSL on, or certificates to ``trust``, it trusts
+    those certificates and finds the site's name (``pacs.test``) on this machine."""
+    from conftest import SITE_NAME
+
+    flags = list(FLAGS)
+    trusted = [*trust, *([stack.certificate] if getattr(stack, "certificate", None) else [])]
+    if trusted:
+        pins = ",".join(certificate.spki_pin for certificate in trusted)
+        flags += [
+            f"--ignore-certificate-errors-spki-list={pins}",
+            f"--host-resolver-rules=MAP {SITE_NAME} 127.0.0.1",
+        ]
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
         try:
             yield browser
         finally:
             browser.close()
+
+
+def sign_in(page: Page, stack: Stack, username: str, password: str, base: str | None = None) -> None:
+    """Sign in through the portal's form, typing as a person does; wait for the page after it."""
+    page.goto(f"{base or stack.browser_url}/login")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    assert f"Signed in as {username}" in page.inner_text("header"), page.inner_text("main")[:500]
+
+
+def submit(page: Page, button: str = "main button[type=submit]") -> None:
+    """Click a form's button and wait for the page that answers it."""
+    with page.expect_navigation():
+        page.click(button)
 
 
 def wait_for_image(page: Page, timeout: float = 60, minimum: int = 500) -> int:

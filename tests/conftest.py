@@ -4,21 +4,32 @@ A stack is started the way an admin starts one, with ``python -m control --data 
 stopped the way Ctrl-C stops it. Tests talk to it through Caddy, like a browser. When a stack fails
 to start, its logs are shown. The OHIF build is fetched once into a shared cache (``PACS_CACHE``,
 by default the cache of the default data directory) so that every stack does not unpack it again.
+
+``tls_stack`` is a portal with SSL on, as a hospital runs it: the site's own certificate, made
+here with openssl for the name ``pacs.test`` (and 127.0.0.1), installed with ``./pacs config
+certificate``. Python clients trust that certificate and reach it at ``https://127.0.0.1:PORT``;
+browsers reach it by its name (``browser_url``, see tests/browser.py).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -30,14 +41,24 @@ from bench.stack import Stack as PortalStack
 os.environ.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
 
 ADMIN_PASSWORD = "correct horse battery staple"
+SITE_NAME = "pacs.test"
 
 
 class Stack(PortalStack):
     """A portal of the tests (see ``bench.stack``), with a browser's sign-in."""
 
+    @property
+    def browser_url(self) -> str:
+        """Where a browser reaches the portal (tests/browser.py resolves the site's name)."""
+        return self.url
+
+    def client(self) -> requests.Session:
+        """A new HTTP client for this portal."""
+        return requests.Session()
+
     def sign_in(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> requests.Session:
         """A browser-like session signed in through the real form (CSRF token included)."""
-        session = requests.Session()
+        session = self.client()
         response = sign_in(session, self.url, username, password)
         assert response.status_code == 200, response.text[:500]
         assert f"signed in as <strong>{username.lower()}</strong>" in response.text.lower()
@@ -50,9 +71,79 @@ class Stack(PortalStack):
     def wait_for_archive(self, timeout: float = 60) -> None:
         """Wait until the portal's health check says the archive answers again."""
         deadline = time.monotonic() + timeout
-        while requests.get(f"{self.url}/healthz").status_code != 200:
+        client = self.client()
+        while client.get(f"{self.url}/healthz").status_code != 200:
             assert time.monotonic() < deadline, "the archive did not come back"
             time.sleep(0.5)
+
+
+@dataclass(frozen=True)
+class SiteCertificate:
+    """A site's certificate and private key, as a certificate provider hands them over."""
+
+    certificate: Path
+    key: Path
+
+    @classmethod
+    def make(cls, folder: Path, name: str = SITE_NAME, days: int = 30) -> SiteCertificate:
+        """A self-signed certificate for ``name`` and 127.0.0.1, made with openssl."""
+        folder.mkdir(parents=True, exist_ok=True)
+        certificate, key = folder / "site.crt", folder / "site.key"
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+                *("-nodes", "-keyout", str(key), "-out", str(certificate), "-days", str(days)),
+                *("-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return cls(certificate, key)
+
+    @property
+    def spki_pin(self) -> str:
+        """The base64 SHA-256 of the certificate's public key, as Chromium's trust flag takes it."""
+        loaded = x509.load_pem_x509_certificate(self.certificate.read_bytes())
+        spki = loaded.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+class TLSStack(Stack):
+    """A portal with SSL on and the site's own certificate (``certificate``), named ``pacs.test``."""
+
+    certificate: SiteCertificate
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.web_port}"
+
+    @property
+    def plain_url(self) -> str:
+        """The same port spoken to in plain http, as a mistyped address would."""
+        return f"http://127.0.0.1:{self.web_port}"
+
+    @property
+    def browser_url(self) -> str:
+        return f"https://{SITE_NAME}:{self.web_port}"
+
+    def client(self) -> requests.Session:
+        session = requests.Session()
+        session.verify = str(self.certificate.certificate)
+        session.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override verify
+        return session
+
+    def turn_ssl_on(self, certificate: SiteCertificate) -> None:
+        """Install the certificate and turn SSL on from a shell, before the stack starts."""
+        self.certificate = certificate
+        for command in (
+            ("prepare",),
+            ("config", "certificate", str(certificate.certificate), str(certificate.key)),
+            ("config", "set", "ssl_enabled", "yes"),
+        ):
+            done = self.pacs(*command)
+            assert done.returncode == 0, done.stderr
 
 
 def c_store(stack: Stack, dataset: Dataset | str | Path) -> int:
@@ -110,10 +201,10 @@ def sign_in(session: requests.Session, url: str, username: str, password: str) -
     )
 
 
-def make_stack(data: Path, **env_overrides: str) -> Stack:
+def make_stack(data: Path, kind: type[Stack] = Stack, **env_overrides: str) -> Stack:
     """A stack (not started) on free ports, as the tests' admin sets it up."""
     institution = env_overrides.pop("institution", "St. Test Hospital")
-    return Stack.on(
+    return kind.on(
         data,
         institution=institution,
         admin_password=ADMIN_PASSWORD,
@@ -126,6 +217,23 @@ def make_stack(data: Path, **env_overrides: str) -> Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One portal shared by the tests that only read from it or add their own data."""
     running = make_stack(tmp_path_factory.mktemp("stack"))
+    running.start()
+    yield running
+    running.stop()
+
+
+def make_tls_stack(folder: Path) -> TLSStack:
+    """A stack (not started) with SSL on, its own certificate and the web server name ``pacs.test``."""
+    made = make_stack(folder / "data", TLSStack, PACS_WEB_SERVER_NAME=SITE_NAME)
+    assert isinstance(made, TLSStack)
+    made.turn_ssl_on(SiteCertificate.make(folder / "certificate"))
+    return made
+
+
+@pytest.fixture(scope="session")
+def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSStack]:
+    """One portal with SSL on, shared like ``stack`` by the tests that only add their own data."""
+    running = make_tls_stack(tmp_path_factory.mktemp("tls-stack"))
     running.start()
     yield running
     running.stop()

@@ -86,8 +86,14 @@ def test_security_headers_on_pages_files_and_errors(stack: Stack) -> None:
         headers = requests.get(f"{stack.url}{path}").headers
         assert headers["X-Content-Type-Options"] == "nosniff", path
         assert headers["X-Frame-Options"] == "DENY", path
-        assert headers["Referrer-Policy"] == "no-referrer", path
+        assert headers["Referrer-Policy"] == "same-origin", path
         assert "Server" not in headers or "Caddy" not in headers["Server"], path
+
+
+def test_patients_pages_send_no_referrer_at_all(stack: Stack) -> None:
+    # Their URL holds the token: not even the portal's own files may see it in a Referer.
+    for path in ("/token?" + "x" * 64, "/token/viewer?" + "x" * 64, "/token/handout?abc"):
+        assert requests.get(f"{stack.url}{path}").headers["Referrer-Policy"] == "no-referrer", path
 
 
 def test_sign_in_shows_the_archive_and_sign_out_ends_the_session(stack: Stack) -> None:

@@ -7,26 +7,40 @@ key); a bad value is refused next to its field and nothing changes. A good chang
 applied to the running portal (control.apply): if Caddy refuses it, the store is rolled back and
 the old configuration keeps serving. Every change is an activity event with old and new values,
 never with a key's contents.
+
+A change that moves the page itself (SSL on or off, another web port) answers with a page that
+waits until the old address stops answering as before, then takes the admin to the same page at
+the new address, still signed in (control.cookies hands the session over). Web port 0 asks first:
+nothing answers browsers after it, so the page says how to turn web access back on from a shell.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, flash, g, redirect, render_template, request, url_for
+from flask import current_app, flash, g, make_response, redirect, render_template, request, url_for
 from werkzeug.datastructures import FileStorage
 
-from control import apply, configs, db, network, stack, tls
+from control import apply, configs, cookies, db, network, stack, tls
 from control.activity import Action, record_activity
 from control.admin import bp
 from control.settings import SETTINGS, Setting
+from control.site import REPOSITORY
 
 # How the page groups the settings, as in the seed's dialog; anything not named here is listed
 # under "Other settings", so a newly declared setting is never missing from the page.
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "This web server",
-        ("institution", "department", "public_address", "web_port", "ssl_enabled", "web_server_name"),
+        (
+            "institution",
+            "department",
+            "public_address",
+            "web_port",
+            "ssl_enabled",
+            "web_server_name",
+            "hsts_include_subdomains",
+        ),
     ),
     ("Web server usage", ("zip_content", "date_format", "time_zone")),
     ("Accessibility of studies via tokens", ("token_days", "token_identity_check")),
@@ -81,6 +95,7 @@ def settings():
     current = g.settings
     errors: dict[str, str] = {}
     typed: dict[str, Any] = dict(current)
+    confirm_web_off = False
     if request.method == "POST":
         if request.form.get("clear_ssl"):
             return _clear_ssl(current)
@@ -109,7 +124,9 @@ def settings():
             # A port is fine when it is free, or when it is the one this portal already listens on.
             if name not in errors and port and port != current[name] and not stack.port_is_free(port):
                 errors[name] = f"Port {port} is used by another program."
-        if not errors:
+        turns_web_off = not typed.get("web_port") and current["web_port"]
+        confirm_web_off = bool(turns_web_off and request.form.get("confirm_web_off") != "yes")
+        if not errors and not confirm_web_off:
             try:
                 _save(current, typed, new_pair)
             except apply.ApplyError as error:
@@ -117,7 +134,7 @@ def settings():
                     f"The web server refused the new configuration, which was not applied: {error}"
                 )
             else:
-                return redirect(url_for("admin.settings", saved=1))
+                return _after_save(current, typed)
     return render_template(
         "admin/settings.html",
         sections=sections(),
@@ -132,7 +149,48 @@ def settings():
         saved=request.args.get("saved") and request.method == "GET",
         archive_settings=apply.ARCHIVE_SETTINGS,
         next_start_settings=apply.NEXT_START_SETTINGS,
+        confirm_web_off=confirm_web_off,
+        web_on_command=web_on_command(current["web_port"] or 3000),
     ), (400 if errors else 200)
+
+
+def web_on_command(port: int) -> str:
+    """The shell command that turns web access back on, for this installation."""
+    site = current_app.extensions["site"]
+    data = "" if site.data == (REPOSITORY / "data").resolve() else f" --data {site.data}"
+    return f"./pacs{data} config set web_port {port}"
+
+
+def _split_host(host: str) -> tuple[str, str]:
+    """``host[:port]`` as the browser sent it, in its two parts (the port may be empty)."""
+    name, _, port = host.rpartition(":")
+    if not name or not port.isdigit() or host.endswith("]"):
+        return host, ""
+    return name, port
+
+
+def _after_save(current: dict[str, Any], typed: dict[str, Any]):
+    """The answer to a saved change: this page again, at the address the portal now answers."""
+    if not typed["web_port"]:
+        return render_template("admin/web_off.html", web_on_command=web_on_command(current["web_port"]))
+    page = url_for("admin.settings", saved=1)
+    host, port = _split_host(request.host)
+    scheme = "https" if typed["ssl_enabled"] else "http"
+    if typed["web_port"] != current["web_port"]:
+        port = str(typed["web_port"])
+    target = f"{scheme}://{host}{':' + port if port else ''}"
+    if target == f"{request.scheme}://{request.host}":
+        return redirect(page)
+    response = make_response(
+        render_template("admin/moving.html", target=target + page, origin=target, to_https=scheme == "https")
+    )
+    if request.is_secure and scheme == "http":
+        # The admin's browser must come back over plain http: it forgets this name's HSTS, and
+        # its session goes along under the plain cookie (a __Host- one is never sent over http).
+        response.headers["Strict-Transport-Security"] = "max-age=0"
+        cookies.carry_session_to_http()
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _save(current: dict[str, Any], typed: dict[str, Any], new_pair) -> None:
@@ -176,7 +234,8 @@ def _save(current: dict[str, Any], typed: dict[str, Any], new_pair) -> None:
         )
     if changed.keys() & apply.NEXT_START_SETTINGS:
         flash("The archive's internal port changes at the next start of the portal.", "info")
-    flash(f"Saved. The portal is reachable at {network.public_origin(typed)}/", "info")
+    if typed["web_port"]:
+        flash(f"Saved. The portal is reachable at {network.public_origin(typed)}/", "info")
 
 
 def _clear_ssl(current: dict[str, Any]):
@@ -198,4 +257,4 @@ def _clear_ssl(current: dict[str, Any]):
     for name in ("site.crt", "site.key"):
         (tls_folder() / name).unlink(missing_ok=True)
     flash("The certificate and key are cleared; SSL is off.", "info")
-    return redirect(url_for("admin.settings"))
+    return _after_save(current, typed)

@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Flask
-from itsdangerous import BadData
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.http import parse_cookie
 
 from control import db
 from control.auth import sessions
+from control.cookies import SiteSessionInterface
+from control.cookies import session_id as session_id_in
 from control.dicomweb import rules
 from control.dicomweb.frames import FrameRequest, FrameSource
 from control.dicomweb.relay import origin
@@ -43,10 +44,9 @@ class QuickGate:
 
     def __init__(self, app: WSGIApp, flask_app: Flask) -> None:
         self.app = app
+        self.flask_app = flask_app
         self.site = flask_app.extensions["site"]
-        self.session_cookie = flask_app.config["SESSION_COOKIE_NAME"]
-        self.session_max_age = flask_app.permanent_session_lifetime.total_seconds()
-        self.session_signing = flask_app.session_interface.get_signing_serializer(flask_app)  # type: ignore[attr-defined]
+        self.session_interface: SiteSessionInterface = flask_app.session_interface  # type: ignore[assignment]
         self.grant_signing = grants.serializer(flask_app.config["SECRET_KEY"])
         self.frames: FrameSource = flask_app.extensions["frames"]
 
@@ -89,8 +89,10 @@ class QuickGate:
 
     def _allows(self, method: str, uri: str, environ: dict[str, Any]) -> bool:
         cookies = parse_cookie(environ.get("HTTP_COOKIE", ""))
-        session_id = self._session_id(cookies.get(self.session_cookie, ""))
-        presented = grants.read_value(cookies.get(grants.COOKIE, ""), self.grant_signing)
+        # The cookies' names follow the scheme the browser uses (control.cookies).
+        secure = origin(environ).startswith("https:")
+        session_id = session_id_in(self.session_interface, self.flask_app, cookies, secure)
+        presented = grants.read_value(cookies.get(grants.cookie_name(secure), ""), self.grant_signing)
         if session_id is None and not presented:
             return False
         now = db.utcnow()
@@ -106,14 +108,3 @@ class QuickGate:
                 held = grants.still_valid(connection, presented, settings["token_days"], now.date())
                 visitor = rules.Visitor(granted_studies=frozenset(grant.study_uid for grant in held))
         return rules.decide(method, uri, visitor).verdict is rules.Verdict.ALLOW
-
-    def _session_id(self, cookie: str) -> str | None:
-        """The server-side session id in Flask's signed session cookie (flask-login keeps it there)."""
-        if not cookie:
-            return None
-        try:
-            session = self.session_signing.loads(cookie, max_age=self.session_max_age)
-        except BadData:
-            return None  # the app refuses it
-        session_id = session.get("_user_id")
-        return session_id if isinstance(session_id, str) and session_id else None

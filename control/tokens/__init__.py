@@ -277,9 +277,7 @@ def patient_viewer(token: store.StudyToken, study: StudyView):
     """Grant this browser the study for the viewer, then open it."""
     _used(token, Action.VIEWER_OPENED)
     response = redirect(f"/viewer?StudyInstanceUIDs={quote(study.study_uid)}")
-    grants.add(
-        request, response, grants.Grant(token.id, study.study_uid), secure=bool(g.settings.get("ssl_enabled"))
-    )
+    grants.add(request, response, grants.Grant(token.id, study.study_uid), secure=request.is_secure)
     return response
 
 

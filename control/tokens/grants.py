@@ -1,7 +1,8 @@
 """Viewer grants: what lets a patient's browser read one study through the DICOMweb gate.
 
 Opening the viewer from a patient's page puts a signed, short-lived grant for that one study in a
-cookie (``pacs_grant``: HttpOnly, SameSite=Lax, Secure with SSL, gone when the browser closes).
+cookie (``pacs_grant``, ``__Host-pacs_grant`` over https as ``control.cookies`` explains; HttpOnly,
+SameSite=Lax, Secure with SSL, gone when the browser closes).
 The gate accepts a grant only while its token still works: revoking or expiry ends it at once, as
 the token row is checked on every request. A browser can hold grants for a few studies at once
 (a patient with several links); nothing else in the archive opens with them.
@@ -20,6 +21,7 @@ from control import db
 from control.tokens import store
 
 COOKIE = "pacs_grant"
+SECURE_COOKIE = "__Host-pacs_grant"
 MAX_AGE = 12 * 3600
 MAX_GRANTS = 8
 
@@ -28,6 +30,11 @@ MAX_GRANTS = 8
 class Grant:
     token_id: int
     study_uid: str
+
+
+def cookie_name(secure: bool) -> str:
+    """The grants' cookie over https (``secure``) or http."""
+    return SECURE_COOKIE if secure else COOKIE
 
 
 def serializer(secret_key: str) -> URLSafeTimedSerializer:
@@ -40,11 +47,11 @@ def _serializer() -> URLSafeTimedSerializer:
 
 def read(request: Request) -> list[Grant]:
     """The grants the browser presents; a forged, tampered or stale cookie presents none."""
-    return read_value(request.cookies.get(COOKIE, ""), _serializer())
+    return read_value(request.cookies.get(cookie_name(request.is_secure), ""), _serializer())
 
 
 def read_value(value: str, signed_by: URLSafeTimedSerializer) -> list[Grant]:
-    """The grants in a ``pacs_grant`` cookie's value (none when it is forged, tampered or stale)."""
+    """The grants in a grants cookie's value (none when it is forged, tampered or stale)."""
     if not value:
         return []
     try:
@@ -84,5 +91,10 @@ def add(request: Request, response: Response, grant: Grant, secure: bool) -> Non
     kept = [existing for existing in read(request) if existing != grant]
     entries = [[item.token_id, item.study_uid] for item in [grant, *kept][:MAX_GRANTS]]
     response.set_cookie(
-        COOKIE, _serializer().dumps(entries), httponly=True, samesite="Lax", secure=secure, path="/"
+        cookie_name(secure),
+        _serializer().dumps(entries),
+        httponly=True,
+        samesite="Lax",
+        secure=secure,
+        path="/",
     )
