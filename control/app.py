@@ -21,6 +21,7 @@ from control.dicomweb.frames import FrameSource
 from control.extensions import csrf, login_manager
 from control.orthanc import Orthanc
 from control.site import Site
+from control.watch import ArchiveWatch
 
 
 class SiteSessionInterface(SecureCookieSessionInterface):
@@ -57,6 +58,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         site.secrets.orthanc_password,
     )
     app.extensions["frames"] = FrameSource(app.extensions["orthanc"])
+    # Started in each gunicorn worker (control.serving); tests run rounds of it themselves.
+    app.extensions["archive_watch"] = ArchiveWatch(site)
 
     # Caddy is the only listener and the only client of this app: trust its one forwarded hop.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]

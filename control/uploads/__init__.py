@@ -37,7 +37,7 @@ from control.auth import safe_next
 from control.errors import error_response, wants_json
 from control.extensions import csrf
 from control.orthanc import OrthancError, OrthancUnavailable
-from control.settings import Modality, parse_modalities
+from control.settings import Modality, parse_modalities, registrable
 from control.uploads import archive, modalities, pdf, store, worklist
 
 bp = Blueprint("uploads", __name__, url_prefix="/upload")
@@ -358,7 +358,7 @@ def worklist_modalities():
         return _save_modalities(old_text, [modality for modality in current if modality.aet != removing])
     aet, host, port = (request.form.get(name, "").strip() for name in ("aet", "host", "port"))
     try:
-        parsed = parse_modalities(f"{aet}@{host}:{port}") if aet and host and port else []
+        parsed = registrable(f"{aet}@{host}:{port}") if aet and host and port else []
         if len(parsed) != 1:
             raise ValueError("give one AE title, its host and its port")
     except ValueError as error:
