@@ -14,6 +14,10 @@ and records each as a ``dicom-refused`` event with the caller's AE title and add
 is written whatever Orthanc's verbosity, and the decision stays Orthanc's own; what the portal adds
 is the record.
 
+The same watcher follows Orthanc's changes (``GET /changes``) for new studies: one whose Study
+Instance UID another patient's study already has is flagged to the admin as it arrives
+(``control.tokens.shared``).
+
 Every control-plane process runs a watcher thread (started by gunicorn's ``post_worker_init``,
 ``control.serving``); one at a time does the work, under an exclusive lock on a file in ``run/``,
 where the reading position is kept too, so each line is recorded once however many processes
@@ -40,10 +44,13 @@ import sqlalchemy as sa
 
 from control import db
 from control.activity import Action, Outcome, record_activity
+from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.site import Site
+from control.tokens import shared
 
 INTERVAL = 2.0  # seconds between two readings
 MOST_READ = 4 * 1024 * 1024  # bytes of log read in one round, so that a long backlog is read in steps
+CHANGES_PAGE = 200  # of Orthanc's changes read in one round
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +114,14 @@ def _reason(orthanc_says: str) -> str:
 class ArchiveWatch:
     """Reads what Orthanc logged since the last reading and records it (see the module)."""
 
-    def __init__(self, site: Site, interval: float = INTERVAL) -> None:
+    def __init__(self, site: Site, orthanc: Orthanc, interval: float = INTERVAL) -> None:
         self.site = site
+        self.orthanc = orthanc
         self.interval = interval
-        self.tasks: list[Callable[[dict[str, Any], sa.Connection], None]] = [self._read_log]
+        self.tasks: list[Callable[[dict[str, Any], sa.Connection], None]] = [
+            self._read_log,
+            self._new_studies,
+        ]
         self._stop = threading.Event()
 
     @property
@@ -201,3 +212,29 @@ class ArchiveWatch:
                 **detail,
             )
         state["log"] = {"inode": inode, "offset": offset + len(complete)}
+
+    def _new_studies(self, state: dict[str, Any], connection: sa.Connection) -> None:
+        """Flag the new studies (since the change kept in ``state``) whose UID another study has."""
+        try:
+            if "changes" not in state:
+                # The watcher's first round: studies the archive had before are checked when used.
+                state["changes"] = self.orthanc.get_json("/changes", params={"last": ""})["Last"]
+                return
+            page = self.orthanc.get_json(
+                "/changes", params={"since": str(state["changes"]), "limit": str(CHANGES_PAGE)}
+            )
+            for change in page.get("Changes", []):
+                if change.get("ChangeType") == "NewStudy":
+                    self._check_study(connection, change["ID"])
+        except OrthancUnavailable:
+            return  # the archive is away: the next round goes on from the same change
+        state["changes"] = page.get("Last", state["changes"])
+
+    def _check_study(self, connection: sa.Connection, orthanc_id: str) -> None:
+        try:
+            study_uid = self.orthanc.get_json(f"/studies/{orthanc_id}")["MainDicomTags"]["StudyInstanceUID"]
+        except (OrthancError, KeyError):
+            return  # deleted meanwhile, or no UID to share
+        holders = shared.holders(self.orthanc, study_uid)
+        if len(holders) > 1:
+            shared.flag(connection, study_uid, shared.describe(self.orthanc, holders), found_by="a new study")
