@@ -21,7 +21,7 @@ import shutil
 import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,7 +64,14 @@ class FileResult:
     sop_instance_uid: str = ""
 
     def as_json(self) -> dict[str, str]:
-        return {**asdict(self), "outcome": self.outcome.name.lower()}
+        """The row as the upload page's JSON answer has it (its docstring's fields)."""
+        return {
+            "name": self.name,
+            "outcome": self.outcome.name.lower(),
+            "detail": self.detail,
+            "study": self.study,
+            "patient": self.patient,
+        }
 
 
 class DiskGuard:
