@@ -346,7 +346,7 @@ def token_command(site: Site, study: str) -> None:
     """
     from control import configs, network
     from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
-    from control.tokens import SHARED_UID, flag_shared, shared, store, study_facts
+    from control.tokens import SHARED_UID, shared, store, study_facts
 
     db.migrate(site.engine)
     values = site.load_settings()
@@ -367,7 +367,7 @@ def token_command(site: Site, study: str) -> None:
         _fail(f"no study {study!r} in the archive")
     if len(holders) > 1:
         with site.engine.begin() as connection:
-            flag_shared(connection, orthanc, facts.study_uid, holders, "./pacs token")
+            shared.flag(connection, orthanc, facts.study_uid, holders, "./pacs token")
         _fail(SHARED_UID)
     with site.engine.begin() as connection:
         token, new = store.issue(connection, site.secrets.token_key, facts, db.utcnow())

@@ -237,4 +237,4 @@ class ArchiveWatch:
             return  # deleted meanwhile, or no UID to share
         holders = shared.holders(self.orthanc, study_uid)
         if len(holders) > 1:
-            shared.flag(connection, study_uid, shared.describe(self.orthanc, holders), found_by="a new study")
+            shared.flag(connection, self.orthanc, study_uid, holders, "a new study")

@@ -27,6 +27,7 @@ from control.activity import Action, Outcome, record_activity
 from control.dicomweb import relay, rules
 from control.dicomweb.frames import FrameRequest, NotTheGrantedStudy, StudyShared
 from control.extensions import csrf
+from control.orthanc import OrthancUnavailable
 from control.tokens import grants, shared
 from control.uploads import discard_small_body, stow
 
@@ -78,15 +79,9 @@ def _denied(decision: rules.Decision, method: str, path: str) -> None:
         reason=decision.reason,
     )
     if decision.verdict is rules.Verdict.CONFLICT:
-        flag_shared(decision.study_uid)
-
-
-def flag_shared(study_uid: str, holders: list[str] | None = None) -> None:
-    """Tell the admin about a UID found shared (once; see control.tokens.shared)."""
-    held = holders if holders is not None else _holders(study_uid)
-    if len(held) > 1:
+        # Tell the admin (once; see control.tokens.shared).
         with current_app.extensions["site"].engine.begin() as connection:
-            shared.flag(connection, study_uid, shared.describe(_orthanc(), held), found_by="dicomweb")
+            shared.flag(connection, _orthanc(), decision.study_uid, _holders(decision.study_uid), "dicomweb")
 
 
 def _refusal(decision: rules.Decision) -> Response:
@@ -99,7 +94,16 @@ def gate():
     """Caddy's ``forward_auth`` question: may this DICOMweb request through? (2xx = yes)"""
     method = request.headers.get("X-Forwarded-Method", "GET").upper()
     uri = request.headers.get("X-Forwarded-Uri", "")
-    return _verdict(method, uri) or Response("", status=200, mimetype="text/plain")
+    try:
+        return _verdict(method, uri) or Response("", status=200, mimetype="text/plain")
+    except OrthancUnavailable:
+        # Caddy hands this answer to the viewer: the words Caddy itself uses when Orthanc is down.
+        return Response(
+            "The image archive is not reachable at the moment. Please try again in a minute.",
+            status=503,
+            mimetype="text/plain",
+            headers={"Retry-After": "30"},
+        )
 
 
 def decision_for(method: str, uri: str, asking: rules.Visitor) -> rules.Decision:
@@ -138,10 +142,11 @@ def retrieve_frame(**_uids: str):
     granted = "" if asking.signed_in else asking.granted_studies.get(wanted.study, "")
     try:
         return _passed_on(current_app.extensions["frames"].answer(wanted, accept, origin, granted))
-    except StudyShared:
-        decision = rules.owned(rules.decide("GET", uri, asking), asking, wanted.study, ["", ""])
-    except NotTheGrantedStudy:
-        decision = rules.owned(rules.decide("GET", uri, asking), asking, wanted.study, [])
+    except (StudyShared, NotTheGrantedStudy):
+        allowed = rules.decide("GET", uri, asking)
+        decision = rules.owned(allowed, asking, wanted.study, _holders(wanted.study))
+    if decision.verdict is rules.Verdict.ALLOW:
+        decision = rules.Decision(rules.Verdict.NOT_FOUND, "the study changed meanwhile", wanted.study)
     _denied(decision, "GET", wanted.path)
     return _refusal(decision)
 

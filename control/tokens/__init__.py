@@ -169,7 +169,7 @@ def with_token(view: Callable[..., Any]) -> Callable[..., Any]:
         holders = shared.holders(orthanc, token.row.study_uid)
         if len(holders) > 1:
             with _engine().begin() as connection:
-                flag_shared(connection, orthanc, token.row.study_uid, holders, "a patient's link")
+                shared.flag(connection, orthanc, token.row.study_uid, holders, "a patient's link")
                 # Not a refused link (those count towards blocking an address): the link is good.
                 record_activity(
                     Action.TOKEN_USED,
@@ -186,12 +186,6 @@ def with_token(view: Callable[..., Any]) -> Callable[..., Any]:
         return view(token, study, *args, **kwargs)
 
     return wrapper
-
-
-def flag_shared(
-    connection: sa.Connection, orthanc: Orthanc, study_uid: str, holders: list[str], found_by: str
-) -> None:
-    shared.flag(connection, study_uid, shared.describe(orthanc, holders), found_by=found_by)
 
 
 SHARED_UID = (
@@ -349,7 +343,7 @@ def study_link(orthanc_id: str):
     holders = shared.holders(orthanc, facts.study_uid)
     if len(holders) > 1:
         with _engine().begin() as connection:
-            flag_shared(connection, orthanc, facts.study_uid, holders, "copy study link")
+            shared.flag(connection, orthanc, facts.study_uid, holders, "copy study link")
             record_activity(
                 Action.TOKEN_MADE,
                 Outcome.REFUSED,

@@ -9,16 +9,16 @@ existing link, shows the patient that the study is held; the admin is told (acti
 study links page) as soon as the second study arrives (``control.watch`` follows Orthanc's
 changes) or whenever one of those refusals finds it.
 
-``holders`` asks Orthanc each time (an indexed look-up, about a third of a millisecond): a study
-that arrives or goes counts at once. ``flag`` keeps the UID in ``shared_study_uids`` for the
-admin's page, which checks each one again against the archive when it is shown.
+``holders`` asks Orthanc each time (``/tools/lookup``, an indexed look-up that costs Orthanc about
+what ``/system`` does): a study that arrives or goes counts at once. ``flag`` keeps the UID in
+``shared_study_uids`` for the admin's page, which checks each one again against the archive when
+it is shown.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import sqlalchemy as sa
 
@@ -65,13 +65,14 @@ def describe(orthanc: Orthanc, orthanc_ids: list[str]) -> list[HeldStudy]:
     return studies
 
 
-def flag(connection: sa.Connection, study_uid: str, studies: list[HeldStudy], **detail: Any) -> bool:
-    """Tell the admin that ``study_uid`` is shared by ``studies``, once; True when it was new."""
+def flag(connection: sa.Connection, orthanc: Orthanc, study_uid: str, held: list[str], found_by: str) -> bool:
+    """Tell the admin that ``study_uid`` is held by the studies ``held``, once; True when it was new."""
     known = connection.execute(
         sa.select(db.shared_study_uids.c.study_uid).where(db.shared_study_uids.c.study_uid == study_uid)
     ).first()
     if known is not None:
         return False
+    studies = describe(orthanc, held)
     connection.execute(
         db.shared_study_uids.insert().values(
             study_uid=study_uid,
@@ -84,9 +85,9 @@ def flag(connection: sa.Connection, study_uid: str, studies: list[HeldStudy], **
         Outcome.FAILED,
         connection=connection,
         study=study_uid,
-        patient=" / ".join(f"{study.patient_name} ({study.patient_id})" for study in studies),
-        studies=len(studies),
-        **detail,
+        patient=" / ".join(f"{study.patient_name} ({study.patient_id})" for study in studies)[:200],
+        studies=len(held),
+        found_by=found_by,
     )
     return True
 
