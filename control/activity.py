@@ -50,6 +50,8 @@ class Action(enum.StrEnum):
     TOKEN_EXTENDED = "token-extended"
     VIEWER_OPENED = "viewer-opened"
     DICOMWEB_DENIED = "dicomweb-denied"
+    DICOM_REFUSED = "dicom-refused"  # a modality's request the archive refused (from its log)
+    STUDY_UID_SHARED = "study-uid-shared"  # two patients' studies arrived with one Study Instance UID
 
 
 class Outcome(enum.StrEnum):
@@ -71,10 +73,16 @@ def record_activity(
     patient: str = "",
     study: str = "",
     connection: sa.Connection | None = None,
+    client_address: str = "",
+    at: dt.datetime | None = None,
     **detail: Any,
 ) -> None:
-    """Record one event. Request details (client, browser, signed-in user) are filled in."""
-    client_address = user_agent = ""
+    """Record one event. Request details (client, browser, signed-in user) are filled in.
+
+    Events seen outside a request (a modality's refused call, read from the archive's log) give
+    their ``client_address`` and the time ``at`` which they happened (naive UTC) themselves.
+    """
+    user_agent = ""
     if has_request_context():
         client_address = request.remote_addr or ""
         user_agent = request.headers.get("User-Agent", "")[:300]
@@ -82,7 +90,7 @@ def record_activity(
             user_id = current_user.id
             username = username or current_user.username
     row = {
-        "at": db.utcnow(),
+        "at": at or db.utcnow(),
         "action": str(action),
         "outcome": str(outcome),
         "user_id": user_id,

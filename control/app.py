@@ -9,6 +9,7 @@ query/retrieve, admin, patients' token pages, the DICOMweb gate and uploads.
 from __future__ import annotations
 
 import datetime as dt
+from functools import partial
 from typing import Any
 
 from flask import Flask, g, request
@@ -21,6 +22,8 @@ from control.dicomweb.frames import FrameSource
 from control.extensions import csrf, login_manager
 from control.orthanc import Orthanc
 from control.site import Site
+from control.tokens import shared
+from control.watch import ArchiveWatch
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -52,6 +55,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         site.secrets.orthanc_password,
     )
     app.extensions["frames"] = FrameSource(app.extensions["orthanc"])
+    # Which archive studies hold a Study Instance UID now, for the DICOMweb gate (both its ways).
+    app.extensions["study_holders"] = partial(shared.holders, app.extensions["orthanc"])
+    # Started in each gunicorn worker (control.serving); tests run rounds of it themselves.
+    app.extensions["archive_watch"] = ArchiveWatch(site, app.extensions["orthanc"])
 
     # Caddy is the only listener and the only client of this app: trust its one forwarded hop.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]

@@ -22,7 +22,7 @@ from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.site import Site
 
 # Settings in Orthanc's own configuration file, applied by restarting it.
-ARCHIVE_SETTINGS = frozenset({"dicom_port", "dicom_aet", "dicom_modalities"})
+ARCHIVE_SETTINGS = frozenset({"dicom_port", "dicom_aet", "dicom_modalities", "dicom_store_from"})
 # Settings that the running processes read only when they start.
 NEXT_START_SETTINGS = frozenset({"orthanc_http_port"})
 

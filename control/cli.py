@@ -350,7 +350,7 @@ def token_command(site: Site, study: str) -> None:
     """
     from control import configs, network
     from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
-    from control.tokens import store, study_facts
+    from control.tokens import SHARED_UID, shared, store, study_facts
 
     db.migrate(site.engine)
     values = site.load_settings()
@@ -362,12 +362,17 @@ def token_command(site: Site, study: str) -> None:
         found = orthanc.lookup(study.strip())
         orthanc_id = next((item["ID"] for item in found if item["Type"] == "Study"), study)
         facts, _view = study_facts(orthanc, orthanc_id)
+        holders = shared.holders(orthanc, facts.study_uid)
     except OrthancUnavailable:
         _fail("the archive is not reachable: start the portal first (./pacs up --detach)")
     except OrthancError as error:
         if error.status != 404:
             raise
         _fail(f"no study {study!r} in the archive")
+    if len(holders) > 1:
+        with site.engine.begin() as connection:
+            shared.flag(connection, orthanc, facts.study_uid, holders, "./pacs token")
+        _fail(SHARED_UID)
     with site.engine.begin() as connection:
         token, new = store.issue(connection, site.secrets.token_key, facts, db.utcnow())
         _record_shell_activity(

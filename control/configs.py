@@ -129,6 +129,9 @@ def render_orthanc(site: Site, settings: dict[str, Any], topology: Topology) -> 
         "storage": str(site.orthanc_storage),
         "worklists": str(site.worklists),
         "dicom_modalities": orthanc_modalities(settings),
+        # Registered modalities store under their own registration (AE title and address, as
+        # DicomCheckModalityHost checks them); this opens storing to any caller besides.
+        "always_allow_store": settings["dicom_store_from"] == "any",
     }
     return json.dumps(_fill(template, values), indent=2) + "\n"
 

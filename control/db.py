@@ -199,5 +199,16 @@ study_tokens = sa.Table(
     sa.Column("identity_locked_until", sa.DateTime),
     sa.UniqueConstraint("study_uid", "generation", name="uq_study_tokens_study_generation"),
     sa.Index("ix_study_tokens_patient_id", "patient_id"),
+    # A link names one study of one patient: it is found by the archive's id of that study.
+    sa.Index("ix_study_tokens_orthanc_study_id", "orthanc_study_id"),
     sqlite_autoincrement=True,
+)
+
+shared_study_uids = sa.Table(
+    "shared_study_uids",
+    metadata,
+    # Study Instance UIDs found held by several patients' studies, for the admin (control.tokens.shared).
+    sa.Column("study_uid", sa.String(64), primary_key=True),
+    sa.Column("flagged_at", sa.DateTime, nullable=False),
+    sa.Column("studies", sa.Text, nullable=False, server_default="[]"),
 )

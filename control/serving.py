@@ -1,10 +1,13 @@
-"""gunicorn's access log for the control plane.
+"""gunicorn's settings for the control plane: its access log, and the archive watcher.
 
-A viewer opening a series asks for every frame (which the control plane answers) and Caddy asks the
-DICOMweb gate about its other requests: a hundred lines of "yes" for every series a user looks at,
-written while the frames wait. Those lines tell nothing the activity log does not (it records who
-opened which study, and every refusal), so they are left out; every other request, and every frame
-or gate answer other than a plain success, is logged as usual.
+gunicorn reads this module as its configuration (``--config python:control.serving``): each worker,
+once it has built the app, starts the app's archive watcher (``control.watch``).
+
+The access log: a viewer opening a series asks for every frame (which the control plane answers)
+and Caddy asks the DICOMweb gate about its other requests: a hundred lines of "yes" for every
+series a user looks at, written while the frames wait. Those lines tell nothing the activity log
+does not (it records who opened which study, and every refusal), so they are left out; every other
+request, and every frame or gate answer other than a plain success, is logged as usual.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from gunicorn.glogging import Logger
 
 from control.dicomweb.fast import GATE_PATH
 from control.dicomweb.frames import FRAME_REQUEST
+
+
+def post_worker_init(worker: Any) -> None:
+    worker.wsgi.extensions["archive_watch"].start()
 
 
 class AccessLogger(Logger):

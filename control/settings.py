@@ -12,6 +12,7 @@ database wins, so a second ``up`` keeps what the admin chose.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import zoneinfo
@@ -92,6 +93,18 @@ class Modality:
     def __str__(self) -> str:
         return f"{self.aet}@{self.host}:{self.port}"
 
+    @property
+    def host_is_address(self) -> bool:
+        """Whether the host is an IPv4 address written plainly, the only form the archive can match.
+
+        Orthanc (``DicomCheckModalityHost``) compares a caller's address with the registered host as
+        text: a host name, or an address written another way (``010.0.0.1``), never matches.
+        """
+        try:
+            return str(ipaddress.IPv4Address(self.host)) == self.host
+        except ValueError:
+            return False
+
 
 # AE titles are kept to letters, digits and _ . - so that one can also name the modality in
 # Orthanc's REST API (``/modalities/{name}``) without any escaping.
@@ -120,8 +133,20 @@ def parse_modalities(text: str) -> list[Modality]:
     return found
 
 
+def registrable(text: str) -> list[Modality]:
+    """The modalities of ``text`` as a new registration must give them: each host an IPv4 address."""
+    modalities = parse_modalities(text)
+    for modality in modalities:
+        if not modality.host_is_address:
+            raise ValueError(
+                f"{modality}: give the modality's IP address (such as 10.0.0.21), not a name: the archive "
+                "checks that each call comes from that address"
+            )
+    return modalities
+
+
 def _modalities(text: str) -> None:
-    parse_modalities(text)
+    registrable(text)
 
 
 def _port(name: str, default: int, label: str, help: str, env: str, minimum: int = 1) -> Setting:
@@ -334,9 +359,23 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Registered modalities",
         "The modalities that may query the worklist and the archive over DICOM (C-FIND, C-MOVE, "
-        "C-GET), as AET@host:port separated by spaces, e.g. CT1@10.0.0.21:104. Any modality may "
-        "store; only these may query.",
+        "C-GET), as AET@address:port separated by spaces, e.g. CT1@10.0.0.21:104. A call is let in "
+        "only when its AE title and the IP address it comes from are both those registered: DICOM has "
+        "no passwords, so that pair is the only lock. Give each modality a fixed address.",
         check=_modalities,
+    ),
+    Setting(
+        "dicom_store_from",
+        str,
+        "any",
+        "Modalities that may store",
+        "Who may send studies to the archive over DICOM (C-STORE). Refused stores are recorded in "
+        "the activity log with the caller's AE title and address. Changing this restarts the archive "
+        "for a few seconds.",
+        choices=(
+            ("any", "Any modality"),
+            ("registered", "Registered modalities only (AE title and address)"),
+        ),
     ),
 )
 

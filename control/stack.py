@@ -278,6 +278,9 @@ def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
         # gunicorn 27 opens a control socket in the home folder by default: shared by every
         # installation of the same user, and outside the data directory. The portal does not use it.
         "--no-control-socket",
+        # The access log's class and the workers' archive watcher (see control.serving).
+        "--config",
+        "python:control.serving",
         "control.app:create_app()",
     ]
 

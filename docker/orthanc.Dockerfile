@@ -24,4 +24,6 @@ COPY docker/await-file.sh /usr/local/bin/await-file
 USER pacs
 VOLUME /data
 EXPOSE 4242
-CMD ["await-file", "/data/run/orthanc.json", "Orthanc", "/data/run/orthanc.json"]
+# Orthanc's log goes to the data volume, as beside the native runner: the control container reads
+# the DICOM requests Orthanc refused there (control/watch.py).
+CMD ["await-file", "/data/run/orthanc.json", "Orthanc", "--logfile=/data/logs/orthanc.log", "/data/run/orthanc.json"]

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from control.dicomweb.rules import Verdict, Visitor, decide, narrowed_query, orthanc_query
+from control.dicomweb.rules import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    Verdict,
+    Visitor,
+    decide,
+    narrowed_query,
+    orthanc_query,
+    owned,
+    search_limit,
+    searched_studies,
+)
 
 MINE = "1.2.840.10008.9.1"
 OTHER = "1.2.840.10008.9.2"
 SERIES = "1.2.840.10008.9.1.1"
 INSTANCE = "1.2.840.10008.9.1.1.1"
 
-patient = Visitor(granted_studies={MINE})
+patient = Visitor(granted_studies={MINE: "study-of-the-link"})
 reader = Visitor(signed_in=True)
 uploader = Visitor(signed_in=True, can_upload=True)
 nobody = Visitor()
@@ -72,10 +83,76 @@ FRAME = f"{STUDY}/series/{SERIES}/instances/{INSTANCE}/frames/1"
         # Nobody at all.
         (nobody, "GET", f"{STUDY}/metadata", Verdict.SIGN_IN),
         (nobody, "GET", "/dicom-web/studies", Verdict.SIGN_IN),
+        # What Orthanc 1.10.1 reads as a DELETE, however spelled.
+        (reader, "GET", f"{STUDY}/metadata?_method=DELETE", Verdict.BAD_REQUEST),
+        (patient, "GET", f"{STUDY}/metadata?a=1&%5Fmethod=DELETE", Verdict.BAD_REQUEST),
+        (patient, "GET", f"{STUDY}/metadata?%5fmethod=%44ELETE", Verdict.BAD_REQUEST),
+        (reader, "GET", "/dicom-web/studies?_Method=DELETE", Verdict.BAD_REQUEST),
+        (reader, "GET", f"{STUDY}/metadata?the_method=x", Verdict.ALLOW),
     ],
 )
 def test_gate_decisions(who: Visitor, method: str, uri: str, verdict: Verdict) -> None:
     assert decide(method, uri, who).verdict is verdict
+
+
+@pytest.mark.parametrize(
+    ("headers", "verdict"),
+    [
+        ({"x-http-method-override": "DELETE"}, Verdict.BAD_REQUEST),
+        ({"x-http-method-override": ""}, Verdict.BAD_REQUEST),
+        ({"content-encoding": "gzip"}, Verdict.UNSUPPORTED),
+        ({"content-encoding": "identity"}, Verdict.ALLOW),
+    ],
+)
+def test_headers_orthanc_would_act_on_are_refused(headers: dict[str, str], verdict: Verdict) -> None:
+    for who in (reader, uploader, patient):
+        assert decide("GET", f"{STUDY}/metadata", who, headers).verdict is verdict
+    assert decide("POST", "/dicom-web/studies", uploader, headers).verdict is verdict
+
+
+@pytest.mark.parametrize(
+    ("who", "holders", "verdict"),
+    [
+        (reader, ["study-of-the-link"], Verdict.ALLOW),
+        (reader, [], Verdict.ALLOW),  # Orthanc answers 404 itself
+        (reader, ["a", "b"], Verdict.CONFLICT),
+        (patient, ["study-of-the-link"], Verdict.ALLOW),
+        (patient, ["study-of-the-link", "another patient's"], Verdict.CONFLICT),
+        (patient, ["another patient's"], Verdict.NOT_FOUND),
+        (patient, [], Verdict.NOT_FOUND),
+    ],
+)
+def test_a_uid_held_by_several_studies_or_another_study_is_refused(
+    who: Visitor, holders: list[str], verdict: Verdict
+) -> None:
+    allowed = decide("GET", f"{STUDY}/series", who)
+    assert owned(allowed, who, MINE, holders).verdict is verdict
+
+
+@pytest.mark.parametrize(
+    ("query", "rest", "limit"),
+    [
+        ("", "", DEFAULT_LIMIT),
+        ("PatientID=*", "PatientID=*", DEFAULT_LIMIT),
+        ("PatientID=*&limit=5", "PatientID=*", 5),
+        ("limit=0", "", DEFAULT_LIMIT),  # Orthanc reads 0 as "everything"
+        ("limit=100000", "", MAX_LIMIT),
+        ("limit=3&%6Cimit=100000", "", MAX_LIMIT),  # Orthanc decodes the key and takes the last
+        ("LIMIT=7&offset=20", "offset=20", 7),
+    ],
+)
+def test_searches_are_paged(query: str, rest: str, limit: int) -> None:
+    assert search_limit(query) == (rest, limit)
+
+
+@pytest.mark.parametrize("query", ["limit=abc", "limit=-1", "offset=-1", "limit=1e3"])
+def test_a_bad_page_is_refused(query: str) -> None:
+    with pytest.raises(ValueError):
+        search_limit(query)
+
+
+def test_the_studies_a_search_names() -> None:
+    assert searched_studies(f"StudyInstanceUID={MINE}%5C{OTHER}&0020000D={SERIES}") == [MINE, OTHER, SERIES]
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,9 @@ from control.tokens import grants, store
 
 OWN, OTHER = "1.2.840.99.1", "1.2.840.99.2"
 REVOKED, EXPIRED = "1.2.840.99.3", "1.2.840.99.4"
+# Two patients' studies under one UID; and a UID whose study of the link is gone, another
+# patient's study now holding it.
+SHARED, REPLACED = "1.2.840.99.5", "1.2.840.99.6"
 PASSWORD = "a long enough password"
 
 REQUESTS = [
@@ -39,7 +42,21 @@ REQUESTS = [
     ("GET", f"/wado?requestType=WADO&studyUID={OWN}&seriesUID=1.2&objectUID=1.3"),
     ("POST", "/dicom-web/studies"),
     ("DELETE", f"/dicom-web/studies/{OWN}"),
+    ("GET", f"/dicom-web/studies/{SHARED}/series"),
+    ("GET", f"/dicom-web/studies/{REPLACED}/series/1.2/metadata"),
+    ("GET", f"/wado?requestType=WADO&studyUID={SHARED}&seriesUID=1.2&objectUID=1.3"),
+    ("GET", f"/dicom-web/studies/{OWN}/metadata?_method=DELETE"),
+    ("GET", f"/dicom-web/studies/{OWN}/metadata?%5Fmethod=DELETE"),
 ]
+# Which archive studies hold each UID: the gate asks Orthanc; this app has no Orthanc running.
+HOLDERS = {
+    OWN: ["o-" + OWN],
+    OTHER: ["o-" + OTHER],
+    REVOKED: ["o-" + REVOKED],
+    EXPIRED: ["o-" + EXPIRED],
+    SHARED: ["o-" + SHARED, "o-of-another-patient"],
+    REPLACED: ["o-of-another-patient"],
+}
 
 
 def facts(study_uid: str, study_date: str) -> store.StudyFacts:
@@ -52,6 +69,7 @@ def portal(tmp_path_factory):
     data = tmp_path_factory.mktemp("quick-gate")
     db.migrate(Site(data).engine)
     app = create_app({"DATA_DIR": data})
+    app.extensions["study_holders"] = lambda study_uid: HOLDERS.get(study_uid, [])
     site = app.extensions["site"]
     now = db.utcnow()
     today = now.strftime("%Y%m%d")
@@ -64,7 +82,13 @@ def portal(tmp_path_factory):
         idle = sessions.start_session(connection, reader, "127.0.0.1").session_id
         tokens = {
             uid: store.issue(connection, "k" * 64, facts(uid, date), now)[0]
-            for uid, date in ((OWN, today), (REVOKED, today), (EXPIRED, "20000101"))
+            for uid, date in (
+                (OWN, today),
+                (REVOKED, today),
+                (EXPIRED, "20000101"),
+                (SHARED, today),
+                (REPLACED, today),
+            )
         }
         store.revoke(connection, tokens[REVOKED].id, now)
         connection.execute(
@@ -89,6 +113,8 @@ def portal(tmp_path_factory):
             "signed out": signed_in(ended),
             "idle": signed_in(idle),
             "grant": grant(OWN),
+            "grant of a shared UID": grant(SHARED),
+            "grant of a replaced study": grant(REPLACED),
             "revoked grant": grant(REVOKED),
             "expired grant": grant(EXPIRED),
             "grant for another study's token": {
@@ -101,25 +127,29 @@ def portal(tmp_path_factory):
     return app, visitors
 
 
-def environ(method: str, uri: str, cookies: dict[str, str]) -> dict:
+def environ(method: str, uri: str, cookies: dict[str, str], **more_headers: str) -> dict:
     header = "; ".join(f"{name}={value}" for name, value in cookies.items())
     headers = {"X-Forwarded-Method": method, "X-Forwarded-Uri": uri, "X-Forwarded-For": "127.0.0.1"}
+    headers.update({name.replace("_", "-"): value for name, value in more_headers.items()})
     if header:
         headers["Cookie"] = header
     return EnvironBuilder(path=GATE_PATH, headers=headers).get_environ()
 
 
-def full_gate_status(app, method: str, uri: str, cookies: dict[str, str]) -> int:
-    flask_only = Client(app.wsgi_app.app, use_cookies=False)  # behind the quick layer
-    return flask_only.open(environ(method, uri, cookies)).status_code
+DISGUISES = [{}, {"X_HTTP_Method_Override": "DELETE"}, {"Content_Encoding": "gzip"}]
 
 
 def test_a_quick_yes_is_always_a_yes_of_the_full_gate(portal) -> None:
     app, visitors = portal
     quick = app.wsgi_app
-    for (name, cookies), (method, uri) in itertools.product(visitors.items(), REQUESTS):
-        if quick.allows(environ(method, uri, cookies)):
-            assert full_gate_status(app, method, uri, cookies) == 200, (name, method, uri)
+    flask_only = Client(app.wsgi_app.app, use_cookies=False)
+    for (name, cookies), (method, uri), more in itertools.product(visitors.items(), REQUESTS, DISGUISES):
+        if quick.allows(environ(method, uri, cookies, **more)):
+            assert flask_only.open(environ(method, uri, cookies, **more)).status_code == 200, (
+                name,
+                uri,
+                more,
+            )
 
 
 @pytest.mark.parametrize(
@@ -149,6 +179,15 @@ def test_the_viewers_plain_requests_get_the_quick_yes(portal, visitor: str, meth
         ("forged session", "GET", f"/dicom-web/studies/{OWN}/metadata", 401),
         ("signed in", "POST", "/dicom-web/studies", 403),
         ("grant", "DELETE", f"/dicom-web/studies/{OWN}", 403),
+        # A UID two patients' studies share: nobody reads it by DICOMweb.
+        ("signed in", "GET", f"/dicom-web/studies/{SHARED}/series", 409),
+        ("grant of a shared UID", "GET", f"/dicom-web/studies/{SHARED}/series", 409),
+        ("grant of a shared UID", "GET", REQUESTS[-3][1], 409),
+        # A grant reads the study of its link, not another patient's that took its UID.
+        ("grant of a replaced study", "GET", f"/dicom-web/studies/{REPLACED}/series/1.2/metadata", 404),
+        # What Orthanc would read as a DELETE.
+        ("signed in", "GET", f"/dicom-web/studies/{OWN}/metadata?_method=DELETE", 400),
+        ("grant", "GET", f"/dicom-web/studies/{OWN}/metadata?%5Fmethod=DELETE", 400),
     ],
 )
 def test_refusals_come_from_the_full_gate(portal, visitor: str, method: str, uri: str, status: int) -> None:
@@ -210,3 +249,14 @@ def test_frames_get_the_quick_way_or_the_full_gates_refusal(
     assert app.wsgi_app.allows_frame(frame_environ(uri, cookies)) is (status is None)
     if status is not None:
         assert Client(app.wsgi_app, use_cookies=False).open(frame_environ(uri, cookies)).status_code == status
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"), [({"X_HTTP_Method_Override": "DELETE"}, 400), ({"Content_Encoding": "gzip"}, 415)]
+)
+def test_requests_orthanc_would_read_otherwise_are_refused(portal, headers: dict, status: int) -> None:
+    app, visitors = portal
+    for visitor in ("signed in", "grant"):
+        asked = environ("GET", f"/dicom-web/studies/{OWN}/metadata", visitors[visitor], **headers)
+        assert not app.wsgi_app.allows(asked)
+        assert Client(app.wsgi_app, use_cookies=False).open(asked).status_code == status

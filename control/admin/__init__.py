@@ -44,7 +44,8 @@ from control.activity import (
 )
 from control.admin.forms import ActivityFilterForm, ContactForm, CredentialsForm, NewUserForm, TokenForm
 from control.formatting import local_time
-from control.tokens import store
+from control.orthanc import OrthancUnavailable
+from control.tokens import shared, store
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -366,13 +367,18 @@ def tokens():
     """Every study token: for whom, issued, last used, uses, from where, and its state."""
     patient_id = request.args.get("patient_id", "").strip()
     page = _page_number()
-    with _engine().connect() as connection:
+    with _engine().begin() as connection:
         total, listed = store.list_tokens(
             connection, patient_id=patient_id, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
         )
+        try:
+            shared_uids = shared.flagged(connection, current_app.extensions["orthanc"])
+        except OrthancUnavailable:
+            shared_uids = None
     today = dt.date.today()
     return render_template(
         "admin/tokens.html",
+        shared_uids=shared_uids,
         tokens=listed,
         total=total,
         page=page,

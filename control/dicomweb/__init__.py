@@ -3,12 +3,15 @@
 Most of it does not pass through Python: Caddy asks ``/internal/gate/dicom-web`` before it
 proxies a DICOMweb request (``forward_auth``), then streams Orthanc's answer itself, adding
 Orthanc's credentials and a ``Forwarded`` header so that the URLs in Orthanc's answers point back
-through the portal. Two kinds of request come here instead: searches at the top
+through the portal. Three kinds of request come here instead: searches at the top
 (``/dicom-web/studies``, ``/series``, ``/instances``), because a patient's grant must see its own
-study whatever the search asks for; and single frames, which the control plane answers from
-Orthanc's core at a fraction of the plugin's cost (``control.dicomweb.frames``).
+study whatever the search asks for, and because searches are paged here; single frames, which the
+control plane answers from Orthanc's core at a fraction of the plugin's cost
+(``control.dicomweb.frames``); and stores (STOW-RS), which go through the upload page's checks
+(``control.uploads.stow``).
 
-The decision itself is ``rules.decide``; this module finds out who is asking.
+The decision itself is ``rules.decide`` and ``rules.owned``; this module finds out who is asking
+and which archive studies hold the UID asked for.
 """
 
 from __future__ import annotations
@@ -22,10 +25,18 @@ from flask_login import current_user
 from control import db
 from control.activity import Action, Outcome, record_activity
 from control.dicomweb import relay, rules
-from control.dicomweb.frames import FrameRequest
-from control.tokens import grants
+from control.dicomweb.frames import FrameRequest, NotTheGrantedStudy, StudyShared
+from control.extensions import csrf
+from control.orthanc import OrthancUnavailable
+from control.tokens import grants, shared
+from control.uploads import discard_small_body, stow
 
 bp = Blueprint("dicomweb", __name__)
+
+# Request headers the rules read (control.dicomweb.rules); Caddy's forward_auth passes the
+# client's headers to the gate as they came.
+RULED_HEADERS = (rules.METHOD_OVERRIDE_HEADER, "content-encoding")
+MOST_SEARCHED_STUDIES = 100
 
 
 def valid_grants() -> list[grants.Grant]:
@@ -41,7 +52,19 @@ def visitor() -> tuple[rules.Visitor, list[grants.Grant]]:
     if current_user.is_authenticated:
         return rules.Visitor(signed_in=True, can_upload=current_user.can_upload), []
     held = valid_grants()
-    return rules.Visitor(granted_studies=frozenset(grant.study_uid for grant in held)), held
+    return rules.Visitor(granted_studies=grants.granted_studies(held)), held
+
+
+def ruled_headers() -> dict[str, str]:
+    return {name: request.headers[name] for name in RULED_HEADERS if name in request.headers}
+
+
+def _orthanc():
+    return current_app.extensions["orthanc"]
+
+
+def _holders(study_uid: str) -> list[str]:
+    return current_app.extensions["study_holders"](study_uid)
 
 
 def _denied(decision: rules.Decision, method: str, path: str) -> None:
@@ -55,6 +78,15 @@ def _denied(decision: rules.Decision, method: str, path: str) -> None:
         path=path[:200],
         reason=decision.reason,
     )
+    if decision.verdict is rules.Verdict.CONFLICT:
+        # Tell the admin (once; see control.tokens.shared).
+        with current_app.extensions["site"].engine.begin() as connection:
+            shared.flag(connection, _orthanc(), decision.study_uid, _holders(decision.study_uid), "dicomweb")
+
+
+def _refusal(decision: rules.Decision) -> Response:
+    answer = relay.refusal(decision.verdict.value)
+    return _passed_on(answer)
 
 
 @bp.route("/internal/gate/dicom-web")
@@ -62,19 +94,36 @@ def gate():
     """Caddy's ``forward_auth`` question: may this DICOMweb request through? (2xx = yes)"""
     method = request.headers.get("X-Forwarded-Method", "GET").upper()
     uri = request.headers.get("X-Forwarded-Uri", "")
-    return _verdict(method, uri) or Response("", status=200, mimetype="text/plain")
+    try:
+        return _verdict(method, uri) or Response("", status=200, mimetype="text/plain")
+    except OrthancUnavailable:
+        # Caddy hands this answer to the viewer: the words Caddy itself uses when Orthanc is down.
+        return Response(
+            "The image archive is not reachable at the moment. Please try again in a minute.",
+            status=503,
+            mimetype="text/plain",
+            headers={"Retry-After": "30"},
+        )
+
+
+def decision_for(method: str, uri: str, asking: rules.Visitor) -> rules.Decision:
+    """The rules' answer, then, for a request that names a study, the archive's say on who holds
+    its UID (frames are left to control.dicomweb.frames, which knows the study already)."""
+    decision = rules.decide(method, uri, asking, ruled_headers())
+    study_uid = rules.study_named(uri)
+    if decision.verdict is rules.Verdict.ALLOW and study_uid and FrameRequest.of(uri) is None:
+        decision = rules.owned(decision, asking, study_uid, _holders(study_uid))
+    return decision
 
 
 def _verdict(method: str, uri: str) -> Response | None:
     """None when ``method uri`` may go through; else the refusal, recorded."""
     asking, _held = visitor()
-    decision = rules.decide(method, uri, asking)
+    decision = decision_for(method, uri, asking)
     if decision.verdict is rules.Verdict.ALLOW:
         return None
     _denied(decision, method, rules.split_uri(uri)[0])
-    status = decision.verdict.value
-    body = {401: "Sign-in needed", 403: "Not allowed", 404: "Not found"}[status]
-    return Response(body, status=status, mimetype="text/plain")
+    return _refusal(decision)
 
 
 @bp.route("/dicom-web/studies/<study>/series/<series>/instances/<instance>/frames/<frame>", methods=["GET"])
@@ -87,9 +136,34 @@ def retrieve_frame(**_uids: str):
     wanted = FrameRequest.of(uri)
     accept = request.headers.get("Accept", "")
     origin = relay.origin(request.environ)
-    if wanted is not None:
-        return _passed_on(current_app.extensions["frames"].answer(wanted, accept, origin))
-    return _passed_on(relay.relay(current_app.extensions["orthanc"], uri, accept, origin))
+    if wanted is None:
+        return _passed_on(relay.relay(_orthanc(), uri, accept, origin))
+    asking, _held = visitor()
+    granted = "" if asking.signed_in else asking.granted_studies.get(wanted.study, "")
+    try:
+        return _passed_on(current_app.extensions["frames"].answer(wanted, accept, origin, granted))
+    except (StudyShared, NotTheGrantedStudy):
+        allowed = rules.decide("GET", uri, asking)
+        decision = rules.owned(allowed, asking, wanted.study, _holders(wanted.study))
+    if decision.verdict is rules.Verdict.ALLOW:
+        decision = rules.Decision(rules.Verdict.NOT_FOUND, "the study changed meanwhile", wanted.study)
+    _denied(decision, "GET", wanted.path)
+    return _refusal(decision)
+
+
+@bp.route("/dicom-web/studies", methods=["POST"])
+@bp.route("/dicom-web/studies/<study>", methods=["POST"])
+@csrf.exempt  # a cross-site page cannot send multipart/related without a preflight: see stow
+def store_instances(study: str = ""):
+    """STOW-RS: instances into the archive, through the upload page's checks (control.uploads.stow)."""
+    uri = rules.request_uri(request.environ)
+    asking, _held = visitor()
+    decision = rules.decide("POST", uri, asking, ruled_headers())
+    if decision.verdict is not rules.Verdict.ALLOW:
+        discard_small_body()
+        _denied(decision, "POST", rules.split_uri(uri)[0])
+        return _refusal(decision)
+    return stow.receive(study)
 
 
 def _passed_on(answer: relay.Answer) -> Response:
@@ -100,38 +174,44 @@ def _passed_on(answer: relay.Answer) -> Response:
 @bp.route("/dicom-web/series", methods=["GET"])
 @bp.route("/dicom-web/instances", methods=["GET"])
 def search():
-    """QIDO-RS searches: unchanged for signed-in users, narrowed to the granted studies for patients."""
+    """QIDO-RS searches, paged (``rules.search_limit``): as asked for signed-in users, narrowed to
+    the granted studies for patients. A search naming a UID two patients share is refused."""
     raw_query = request.query_string.decode("latin-1")
     asking, held = visitor()
-    decision = rules.decide("GET", request.path, asking)
-    if asking.signed_in:
-        studies = request.args.get("StudyInstanceUID", "")
-        if request.path == "/dicom-web/studies" and studies:
-            # The viewer's first question when it opens a study: the one place that sees it open.
-            record_activity(Action.VIEWER_OPENED, study=studies[:100], via="dicomweb")
-        return _relay(request.path, raw_query)
-    if decision.verdict is rules.Verdict.SIGN_IN:
+    decision = rules.decide("GET", request.full_path.rstrip("?"), asking, ruled_headers())
+    if decision.verdict is not rules.Verdict.ALLOW and not (decision.verdict is rules.Verdict.DENY and held):
         _denied(decision, "GET", request.path)
-        return Response("Sign-in needed", status=401, mimetype="text/plain")
-    orthanc = current_app.extensions["orthanc"]
-    headers = relay.asking(_accept(), relay.origin(request.environ))
+        return _refusal(decision)
+    try:
+        rest, limit = rules.search_limit(raw_query)
+    except ValueError as error:
+        return _passed_on(relay.refusal(400, f"Bad request: {error}."))
+    if asking.signed_in:
+        asked = rules.searched_studies(raw_query)
+        if len(asked) > MOST_SEARCHED_STUDIES:
+            return _passed_on(
+                relay.refusal(400, f"Bad request: ask for {MOST_SEARCHED_STUDIES} studies at most.")
+            )
+        for study_uid in asked:
+            refused = rules.owned(decision, asking, study_uid, _holders(study_uid))
+            if refused.verdict is not rules.Verdict.ALLOW:
+                _denied(refused, "GET", request.path)
+                return _refusal(refused)
+        if request.path == "/dicom-web/studies" and asked:
+            # The viewer's first question when it opens a study: the one place that sees it open.
+            record_activity(Action.VIEWER_OPENED, study=",".join(asked)[:100], via="dicomweb")
+        return _paged_answer(request.path, rest, limit)
     answers: list[Any] = []
-    for study_uid in dict.fromkeys(grant.study_uid for grant in held):
-        narrowed = rules.narrowed_query(raw_query, study_uid)
+    for study_uid, orthanc_study_id in asking.granted_studies.items():
+        narrowed = rules.narrowed_query(rest, study_uid)
         if narrowed is None:
             continue
-        upstream = orthanc.open_raw(_orthanc_target(request.path, narrowed), headers)
-        body = relay.Relayed(upstream)
-        try:
-            found = b"".join(body) if upstream.status == 200 else b""
-        finally:
-            body.close()
-        if found:
-            # Whatever the query did, only the granted study's entries leave the portal.
-            answers.extend(
-                item for item in json.loads(found) if item.get("0020000D", {}).get("Value") == [study_uid]
-            )
-    return Response(json.dumps(answers), status=200, mimetype="application/dicom+json")
+        if _holders(study_uid) != [orthanc_study_id]:
+            continue  # the patient's page says why: the study is held (control.tokens)
+        _status, found, _more = _search_orthanc(request.path, narrowed, limit)
+        # Whatever the query did, only the granted study's entries leave the portal.
+        answers.extend(item for item in found if item.get("0020000D", {}).get("Value") == [study_uid])
+    return Response(json.dumps(answers[:limit]), status=200, mimetype="application/dicom+json")
 
 
 def _accept() -> str:
@@ -144,7 +224,35 @@ def _orthanc_target(path: str, raw_query: str) -> str:
     return path + (f"?{query}" if query else "")
 
 
-def _relay(path: str, raw_query: str) -> Response:
-    orthanc = current_app.extensions["orthanc"]
-    target = _orthanc_target(path, raw_query)
-    return _passed_on(relay.relay(orthanc, target, _accept(), relay.origin(request.environ)))
+def _search_orthanc(path: str, raw_query: str, limit: int) -> tuple[int, list[Any], bool]:
+    """Orthanc's status and JSON answer to a search (at most ``limit`` entries), and whether it had
+    more. The page is read whole: ``MAX_LIMIT`` entries of a few kB at most."""
+    target = _orthanc_target(path, "&".join(part for part in (raw_query, f"limit={limit + 1}") if part))
+    upstream = _orthanc().open_raw(
+        target, relay.asking("application/dicom+json", relay.origin(request.environ))
+    )
+    body = relay.Relayed(upstream)
+    try:
+        found = b"".join(body) if upstream.status == 200 else b"[]"
+    finally:
+        body.close()
+    entries = json.loads(found or b"[]")
+    return upstream.status, entries[:limit], len(entries) > limit
+
+
+def _paged_answer(path: str, rest: str, limit: int) -> Response:
+    """A signed-in user's search: in JSON, with a warning when there is more than the page."""
+    if "xml" in _accept():
+        target = _orthanc_target(path, "&".join(part for part in (rest, f"limit={limit}") if part))
+        return _passed_on(relay.relay(_orthanc(), target, _accept(), relay.origin(request.environ)))
+    status, found, more = _search_orthanc(path, rest, limit)
+    if status != 200:
+        return _passed_on(relay.refusal(status))
+    response = Response(json.dumps(found), status=200, mimetype="application/dicom+json")
+    if more:
+        # DICOM PS3.18's way of saying that a search answered a page of what it found.
+        response.headers["Warning"] = (
+            '299 - "The number of results exceeded the maximum supported by the server. '
+            'Additional results can be requested."'
+        )
+    return response

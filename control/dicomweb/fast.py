@@ -10,7 +10,9 @@ setting counts at once.
 
 Anything else goes on to the full gate in ``control.dicomweb``, which decides again, records
 refusals in the activity log and touches the session's last-seen time when it is due. The quick
-answer only ever says yes; "no" always comes from the full gate.
+answer only ever says yes; "no" always comes from the full gate. Like the full gate, it asks
+Orthanc which studies hold the Study Instance UID of a request that names one (a single frame's
+study is checked by ``control.dicomweb.frames`` itself).
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ from control.auth import sessions
 from control.cookies import SiteSessionInterface
 from control.cookies import session_id as session_id_in
 from control.dicomweb import rules
-from control.dicomweb.frames import FrameRequest, FrameSource
+from control.dicomweb.frames import FrameRequest, FrameSource, NotTheGrantedStudy, StudyShared
 from control.dicomweb.relay import origin
-from control.orthanc import OrthancUnavailable
+from control.orthanc import OrthancError, OrthancUnavailable
 from control.tokens import grants
+
+# The request headers the rules read, as WSGI names them.
+_RULED_HEADERS = {
+    "HTTP_X_HTTP_METHOD_OVERRIDE": rules.METHOD_OVERRIDE_HEADER,
+    "HTTP_CONTENT_ENCODING": "content-encoding",
+}
 
 GATE_PATH = "/internal/gate/dicom-web"
 _ALLOWED = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "0")]
@@ -49,6 +57,7 @@ class QuickGate:
         self.session_interface: SiteSessionInterface = flask_app.session_interface  # type: ignore[assignment]
         self.grant_signing = grants.serializer(flask_app.config["SECRET_KEY"])
         self.frames: FrameSource = flask_app.extensions["frames"]
+        self.extensions = flask_app.extensions
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -58,23 +67,28 @@ class QuickGate:
                 return [b""]
         elif path.startswith("/dicom-web/") and environ.get("REQUEST_METHOD") == "GET":
             wanted = FrameRequest.of(rules.request_uri(environ))
-            if wanted is not None and self._quick_yes(self.allows_frame, environ):
-                return self._frame(wanted, environ, start_response)
+            visitor = self._quick_yes(self._frame_visitor, environ) if wanted is not None else None
+            if wanted is not None and visitor is not None:
+                granted = "" if visitor.signed_in else visitor.granted_studies.get(wanted.study, "")
+                return self._frame(wanted, granted, environ, start_response)
         return self.app(environ, start_response)
 
-    def _quick_yes(self, question: Callable[[dict[str, Any]], bool], environ: dict[str, Any]) -> bool:
+    def _quick_yes(self, question: Callable[[dict[str, Any]], Any], environ: dict[str, Any]) -> Any:
         try:
             return question(environ)
         except SQLAlchemyError:
-            return False  # the database is in trouble: the app answers, as it does for every page
+            return None  # the database is in trouble: the app answers, as it does for every page
+        except (OrthancUnavailable, OrthancError):
+            return None  # the app answers: a 503 while the archive is away
 
     def _frame(
-        self, wanted: FrameRequest, environ: dict[str, Any], start_response: StartResponse
+        self, wanted: FrameRequest, granted: str, environ: dict[str, Any], start_response: StartResponse
     ) -> Iterable[bytes]:
         try:
-            answer = self.frames.answer(wanted, environ.get("HTTP_ACCEPT", ""), origin(environ))
-        except OrthancUnavailable:
-            return self.app(environ, start_response)  # the app's 503, as for every page
+            answer = self.frames.answer(wanted, environ.get("HTTP_ACCEPT", ""), origin(environ), granted)
+        except (OrthancUnavailable, StudyShared, NotTheGrantedStudy):
+            # The app's answer: its 503 as for every page, or the refusal, recorded.
+            return self.app(environ, start_response)
         start_response(answer.status, answer.headers)
         return answer.body
 
@@ -85,16 +99,45 @@ class QuickGate:
 
     def allows_frame(self, environ: dict[str, Any]) -> bool:
         """True when a frame the viewer asks for itself may plainly be sent; False means "ask the app"."""
-        return self._allows(environ.get("REQUEST_METHOD", "GET"), rules.request_uri(environ), environ)
+        return self._frame_visitor(environ) is not None
+
+    def _frame_visitor(self, environ: dict[str, Any]) -> rules.Visitor | None:
+        """The visitor a frame may plainly be sent to, or None: ask the app."""
+        visitor = self._visitor(environ)
+        uri = rules.request_uri(environ)
+        if (
+            visitor is None
+            or self._decide(environ.get("REQUEST_METHOD", "GET"), uri, visitor, environ) is None
+        ):
+            return None
+        return visitor
 
     def _allows(self, method: str, uri: str, environ: dict[str, Any]) -> bool:
+        visitor = self._visitor(environ)
+        decision = self._decide(method, uri, visitor, environ) if visitor is not None else None
+        if decision is None:
+            return False
+        study_uid = rules.study_named(uri)
+        if study_uid and FrameRequest.of(uri) is None:
+            decision = rules.owned(decision, visitor, study_uid, self.extensions["study_holders"](study_uid))
+        return decision.verdict is rules.Verdict.ALLOW
+
+    def _decide(
+        self, method: str, uri: str, visitor: rules.Visitor, environ: dict[str, Any]
+    ) -> rules.Decision | None:
+        headers = {name: environ[key] for key, name in _RULED_HEADERS.items() if key in environ}
+        decision = rules.decide(method, uri, visitor, headers)
+        return decision if decision.verdict is rules.Verdict.ALLOW else None
+
+    def _visitor(self, environ: dict[str, Any]) -> rules.Visitor | None:
+        """Who asks, when the quick way can tell (a live session not due for a touch, or grants)."""
         cookies = parse_cookie(environ.get("HTTP_COOKIE", ""))
         # The cookies' names follow the scheme the browser uses (control.cookies).
         secure = origin(environ).startswith("https:")
         session_id = session_id_in(self.session_interface, self.flask_app, cookies, secure)
         presented = grants.read_value(cookies.get(grants.cookie_name(secure), ""), self.grant_signing)
         if session_id is None and not presented:
-            return False
+            return None
         now = db.utcnow()
         with self.site.engine.connect() as connection:
             settings = self.site.load_settings(connection)
@@ -102,9 +145,7 @@ class QuickGate:
                 row = sessions.find_session(connection, session_id)
                 # A session whose last-seen time is due for an update is left to the app.
                 if row is None or not sessions.is_live(row, now, settings) or sessions.touch_due(row, now):
-                    return False
-                visitor = rules.Visitor(signed_in=True, can_upload=row.can_upload)
-            else:
-                held = grants.still_valid(connection, presented, settings["token_days"], now.date())
-                visitor = rules.Visitor(granted_studies=frozenset(grant.study_uid for grant in held))
-        return rules.decide(method, uri, visitor).verdict is rules.Verdict.ALLOW
+                    return None
+                return rules.Visitor(signed_in=True, can_upload=row.can_upload)
+            held = grants.still_valid(connection, presented, settings["token_days"], now.date())
+        return rules.Visitor(granted_studies=grants.granted_studies(held))

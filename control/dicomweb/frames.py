@@ -17,7 +17,10 @@ frame number past the last), is relayed from the plugin as it answers, so errors
 
 Orthanc names an instance by the SHA-1 of its patient ID and UIDs, so one look-up of the study's
 patient ID (kept per process) is enough to address every frame of the study, and the id can only
-name an instance of the study and series the URL gives, the ones the gate checked.
+name an instance of that patient's study and of the series the URL gives, the ones the gate
+checked. A Study Instance UID that two patients' studies share is refused (``StudyShared``), and a
+grant's frames come only from the study its link was made for (``NotTheGrantedStudy``): the
+plugin, which finds an instance by its own UID, is asked only after the study is looked up again.
 """
 
 from __future__ import annotations
@@ -128,19 +131,39 @@ class FrameRequest:
         )
 
 
+class StudyShared(Exception):
+    """The frame's Study Instance UID is held by several patients' studies."""
+
+
+class NotTheGrantedStudy(Exception):
+    """The archive's study under the UID is not the one the grant's link was made for."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The archive's one study under a Study Instance UID."""
+
+    orthanc_id: str
+    patient_id: str
+
+
 class FrameSource:
     """Frames from Orthanc's core, answered as the DICOMweb plugin answers them."""
 
     def __init__(self, orthanc: Orthanc) -> None:
         self.orthanc = orthanc
-        self._patients: OrderedDict[str, str] = OrderedDict()
+        self._holders: OrderedDict[str, Holder] = OrderedDict()
         self._lock = threading.Lock()
 
-    def answer(self, wanted: FrameRequest, accept: str, origin: str) -> Answer:
+    def answer(self, wanted: FrameRequest, accept: str, origin: str, granted_study: str = "") -> Answer:
         """The answer to ``GET wanted.path`` with ``accept``; ``origin`` (``https://host:port``)
-        is where the client reached the portal, for the part's ``Content-Location``."""
-        frame = self.from_core(wanted, accept)
+        is where the client reached the portal, for the part's ``Content-Location``;
+        ``granted_study`` the archive's study a grant holder's link names ('' for signed-in users).
+
+        Raises StudyShared or NotTheGrantedStudy (see the module)."""
+        frame = self.from_core(wanted, accept, granted_study)
         if frame is None:
+            self._holder(wanted.study, granted_study, fresh=True)
             return relay(self.orthanc, wanted.path, accept, origin)
         syntax, upstream = frame
         length = int(upstream.headers["Content-Length"])
@@ -160,12 +183,14 @@ class FrameSource:
         ]
         return Answer("200 OK", headers, Relayed(upstream, head, tail))
 
-    def from_core(self, wanted: FrameRequest, accept: str) -> tuple[str, urllib3.BaseHTTPResponse] | None:
+    def from_core(
+        self, wanted: FrameRequest, accept: str, granted_study: str = ""
+    ) -> tuple[str, urllib3.BaseHTTPResponse] | None:
         """The syntax to name and the open answer of the core's raw frame, or None: ask the plugin."""
-        patient_id = self._patient_id(wanted.study)
-        if patient_id is None:
+        holder = self._holder(wanted.study, granted_study)
+        if holder is None:
             return None
-        instance_id = resource_id(patient_id, wanted.study, wanted.series, wanted.instance)
+        instance_id = resource_id(holder.patient_id, wanted.study, wanted.series, wanted.instance)
         try:
             stored = self.orthanc.get_text(f"/instances/{instance_id}/metadata/TransferSyntax")
         except OrthancError:
@@ -181,21 +206,32 @@ class FrameSource:
             return None
         return syntax, upstream
 
-    def _patient_id(self, study_uid: str) -> str | None:
+    def _holder(self, study_uid: str, granted_study: str, *, fresh: bool = False) -> Holder | None:
+        """The study under ``study_uid`` (None when the archive has none), kept per process unless
+        ``fresh``; raises StudyShared or NotTheGrantedStudy."""
+        holder = None
         with self._lock:
-            if study_uid in self._patients:
-                self._patients.move_to_end(study_uid)
-                return self._patients[study_uid]
-        found = self.orthanc.find("Study", {"StudyInstanceUID": study_uid}, expand=True)
-        if len(found) != 1:
-            return None  # unknown, or one UID for several patients' studies: the plugin sorts it out
-        patient_id = found[0].get("PatientMainDicomTags", {}).get("PatientID", "")
-        with self._lock:
-            self._patients[study_uid] = patient_id
-            while len(self._patients) > KEPT_STUDIES:
-                self._patients.popitem(last=False)
-        return patient_id
+            if not fresh and study_uid in self._holders:
+                self._holders.move_to_end(study_uid)
+                holder = self._holders[study_uid]
+        if holder is None:
+            found = self.orthanc.find("Study", {"StudyInstanceUID": study_uid}, expand=True)
+            if len(found) > 1:
+                self._forget(study_uid)
+                raise StudyShared(study_uid)
+            if not found:
+                if granted_study:
+                    raise NotTheGrantedStudy(study_uid)
+                return None
+            holder = Holder(found[0]["ID"], found[0].get("PatientMainDicomTags", {}).get("PatientID", ""))
+            with self._lock:
+                self._holders[study_uid] = holder
+                while len(self._holders) > KEPT_STUDIES:
+                    self._holders.popitem(last=False)
+        if granted_study and holder.orthanc_id != granted_study:
+            raise NotTheGrantedStudy(study_uid)
+        return holder
 
     def _forget(self, study_uid: str) -> None:
         with self._lock:
-            self._patients.pop(study_uid, None)
+            self._holders.pop(study_uid, None)

@@ -76,9 +76,36 @@ def asking(accept: str, origin: str) -> dict[str, str]:
     return {"Accept": accept, "Forwarded": f"host={host};proto={scheme}"}
 
 
+# The portal's own answers for refusals and errors. Orthanc's error texts are not passed on: they
+# tell, for one, whether an instance UID exists in another study ("Accessing an inexistent
+# instance" against "the instance does not belong to this series").
+SHORT_ANSWERS = {
+    400: "Bad request",
+    401: "Sign-in needed",
+    403: "Not allowed",
+    404: "Not found",
+    409: "Two patients' studies share this Study Instance UID: the archive's administrator has been told.",
+    413: "Too large",
+    415: "Unsupported media type",
+}
+
+
+def refusal(status: int, text: str = "") -> Answer:
+    """A short plain-text answer of the portal's own for ``status``."""
+    body = (text or SHORT_ANSWERS.get(status) or status_line(status).partition(" ")[2]).encode()
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+    return Answer(status_line(status), headers, [body])
+
+
 def relay(orthanc: Orthanc, target: str, accept: str, origin: str) -> Answer:
-    """Orthanc's answer to ``GET target`` (path and raw query), streamed whatever its status."""
+    """Orthanc's answer to ``GET target`` (path and raw query), streamed; an error status comes
+    with the portal's short answer instead of Orthanc's text."""
     upstream = orthanc.open_raw(target, asking(accept, origin))
+    if upstream.status >= 400:
+        upstream.close()
+        upstream.release_conn()
+        # As Caddy answers for Orthanc's errors on the viewer's other requests: "404 Not Found".
+        return refusal(upstream.status, status_line(upstream.status))
     headers = [(name, upstream.headers[name]) for name in PASSED_BACK if name in upstream.headers]
     return Answer(status_line(upstream.status), headers, Relayed(upstream))
 

@@ -13,16 +13,27 @@ Who may do what:
 - a patient's study grant reads its own study (metadata, frames, rendered images, bulk data) and
   searches that answer with that study alone; nothing else, and nothing but GET and HEAD;
 - anyone else: 401.
+
+Whoever asks, a request that Orthanc would read as another method is refused: Orthanc 1.10.1
+takes ``X-HTTP-Method-Override: DELETE`` on any request, and ``?_method=DELETE`` (with the key or
+value percent-encoded too) on a GET, as a DELETE. So is a request body with a ``Content-Encoding``:
+Orthanc 1.10.1 would inflate it without bounds.
+
+DICOMweb names a study by its Study Instance UID alone, and a modality can send two patients'
+studies under one UID: Orthanc then keeps two studies, and its DICOMweb answers for that UID mix
+them. So once the rules say yes to a request that names a study, ``owned`` looks at which archive
+studies hold that UID right now: a UID held by several is refused to everyone (409), and a grant
+reads its UID only while the one study holding it is the study its link was made for.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 UID = r"[0-9]+(?:\.[0-9]+)*"
 _PARTS = r"(?:/metadata|/rendered|/thumbnail)"
@@ -40,18 +51,30 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 
 class Verdict(enum.Enum):
     ALLOW = 200
+    BAD_REQUEST = 400
     SIGN_IN = 401
     DENY = 403
     NOT_FOUND = 404
+    CONFLICT = 409
+    UNSUPPORTED = 415
+
+
+# The header Orthanc 1.10.1 reads as the request's method, and the query key it reads so on a GET.
+METHOD_OVERRIDE_HEADER = "x-http-method-override"
+METHOD_OVERRIDE_KEY = "_method"
 
 
 @dataclass(frozen=True)
 class Visitor:
-    """Who is asking: a signed-in user (with or without the upload right), or study grants."""
+    """Who is asking: a signed-in user (with or without the upload right), or study grants.
+
+    ``granted_studies`` maps each granted Study Instance UID to the archive's id of the study its
+    link was made for.
+    """
 
     signed_in: bool = False
     can_upload: bool = False
-    granted_studies: Collection[str] = ()
+    granted_studies: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,11 +98,17 @@ def split_uri(uri: str) -> tuple[str, str]:
     return path, query
 
 
-def decide(method: str, uri: str, visitor: Visitor) -> Decision:
-    """The gate's answer for ``method uri`` from ``visitor``."""
+def decide(method: str, uri: str, visitor: Visitor, headers: Mapping[str, str] | None = None) -> Decision:
+    """The gate's answer for ``method uri`` from ``visitor``; ``headers`` (lower-case names) are the
+    request's, of which the method override and the content encoding count."""
     path, query = split_uri(uri)
+    headers = headers or {}
     if not visitor.signed_in and not visitor.granted_studies:
         return Decision(Verdict.SIGN_IN, "no session and no study grant")
+    if METHOD_OVERRIDE_HEADER in headers or _names_a_method(query):
+        return Decision(Verdict.BAD_REQUEST, "the request names another method than its own")
+    if headers.get("content-encoding", "identity").strip().lower() != "identity":
+        return Decision(Verdict.UNSUPPORTED, "a request body with a content encoding")
     if not (path == WADO_URI or path in SEARCHES or STUDY_RESOURCE.match(path) or STORE.match(path)):
         return Decision(Verdict.NOT_FOUND, "not a DICOMweb resource in canonical form")
 
@@ -101,6 +130,51 @@ def decide(method: str, uri: str, visitor: Visitor) -> Decision:
     if study and study in visitor.granted_studies:
         return Decision(Verdict.ALLOW, "read of a granted study", study)
     return Decision(Verdict.DENY, "the study is not granted", study)
+
+
+def _names_a_method(query: str) -> bool:
+    return any(key.lower() == METHOD_OVERRIDE_KEY for key, _value in decoded_pairs(query))
+
+
+def decoded_pairs(query: str) -> list[tuple[str, str]]:
+    """A query string's pairs, keys and values percent-decoded as Orthanc decodes them."""
+    pairs = []
+    for part in query.split("&") if query else []:
+        key, _, value = part.partition("=")
+        pairs.append((unquote(key).strip(), unquote(value)))
+    return pairs
+
+
+def study_named(uri: str) -> str:
+    """The Study Instance UID a request's path names (a study's resources, WADO-URI), or ''."""
+    return _study_of(*split_uri(uri))
+
+
+def searched_studies(query: str) -> list[str]:
+    """The Study Instance UIDs a search's query string asks for, however it spells the key."""
+    asked = []
+    for key, value in decoded_pairs(query):
+        if key.lower() in STUDY_UID_KEYS:
+            asked.extend(item for item in re.split(r"[,\\]", value) if item)
+    return asked
+
+
+def owned(decision: Decision, visitor: Visitor, study_uid: str, holders: Sequence[str]) -> Decision:
+    """The final answer to a request the rules allowed that names ``study_uid``, given ``holders``:
+    the archive's ids of the studies that hold that UID now (see the module)."""
+    if decision.verdict is not Verdict.ALLOW:
+        return decision
+    if len(holders) > 1:
+        return Decision(
+            Verdict.CONFLICT,
+            f"the Study Instance UID is shared by {len(holders)} patients' studies",
+            study_uid,
+        )
+    if not visitor.signed_in and list(holders) != [visitor.granted_studies.get(study_uid)]:
+        return Decision(
+            Verdict.NOT_FOUND, "the study of the link is no longer the archive's study", study_uid
+        )
+    return decision
 
 
 def _study_of(path: str, query: str) -> str:
@@ -158,3 +232,32 @@ def orthanc_query(raw_query: str) -> str:
         return character if character in _PLAIN_FOR_ORTHANC else match.group(0)
 
     return _ESCAPE.sub(unescape, raw_query)
+
+
+# QIDO searches are paged: an answer of every study in the archive took Orthanc 7 s at 1,500
+# studies (it reads each study's tags). A search without a limit gets the default, one asking for
+# more than the maximum gets the maximum.
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 500
+_COUNT = re.compile(r"[0-9]{1,9}")
+
+
+def search_limit(raw_query: str) -> tuple[str, int]:
+    """A search's raw query string without its ``limit``, and the limit the portal puts instead.
+
+    Orthanc decodes the key (``%6Cimit``), reads the last ``limit`` given and takes 0 for "all":
+    every ``limit`` the client gave goes, and the caller adds one. Raises ValueError for a limit
+    or an offset that is not a whole number (Orthanc answers those with a 400 or a 500).
+    """
+    kept, asked = [], ""
+    for part in raw_query.split("&") if raw_query else []:
+        key, _, value = part.partition("=")
+        name, number = unquote(key).strip().lower(), unquote(value).strip()
+        if name in ("limit", "offset") and not _COUNT.fullmatch(number):
+            raise ValueError(f"{name} must be a whole number")
+        if name == "limit":
+            asked = number
+        else:
+            kept.append(part)
+    limit = min(int(asked), MAX_LIMIT) if asked and int(asked) else DEFAULT_LIMIT
+    return "&".join(kept), limit

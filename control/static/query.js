@@ -37,7 +37,15 @@ document.addEventListener("DOMContentLoaded", () => {
           headers: { "X-CSRFToken": csrf ? csrf.content : "", Accept: "application/json" },
           credentials: "same-origin",
         });
-        if (!response.ok) throw new Error(`the portal answered ${response.status}`);
+        if (!response.ok) {
+          let reason = `the portal answered ${response.status}`;
+          try {
+            reason = (await response.json()).message || reason;
+          } catch {
+            // not the portal's JSON answer: the status says it
+          }
+          throw new Error(reason);
+        }
         link = (await response.json()).link;
       } catch (error) {
         shown.hidden = false;

@@ -7,6 +7,9 @@ as any made-up token. Refused attempts are recorded and, past a limit per client
 outright for a while. Every use is an activity event naming the token's public id, never the token.
 
 Signed-in users get a study's link from the study results (``POST /tokens/studies/<id>/link``).
+A link names one study of one patient (the archive's study, not its UID alone): while two
+patients' studies share its Study Instance UID, none is made and an existing one is held
+(``control.tokens.shared``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from control import db, network
 from control.activity import Action, Outcome, record_activity
 from control.errors import error_response, wants_json
 from control.orthanc import Orthanc, OrthancError
-from control.tokens import grants, store
+from control.tokens import grants, shared, store
 
 bp = Blueprint("tokens", __name__)
 
@@ -154,19 +157,42 @@ def with_token(view: Callable[..., Any]) -> Callable[..., Any]:
                 return _status_page(
                     "tokens/expired.html", 410, until=token.accessible_until(settings["token_days"])
                 )
+        orthanc = current_app.extensions["orthanc"]
         try:
-            _facts, study = study_facts(current_app.extensions["orthanc"], token.row.orthanc_study_id)
+            _facts, study = study_facts(orthanc, token.row.orthanc_study_id)
         except OrthancError as error:
             if error.status != 404:
                 raise
             with _engine().begin() as connection:
                 _refuse(connection, "study no longer in the archive", token)
             return _status_page("tokens/invalid.html", 404)
+        holders = shared.holders(orthanc, token.row.study_uid)
+        if len(holders) > 1:
+            with _engine().begin() as connection:
+                shared.flag(connection, orthanc, token.row.study_uid, holders, "a patient's link")
+                # Not a refused link (those count towards blocking an address): the link is good.
+                record_activity(
+                    Action.TOKEN_USED,
+                    Outcome.REFUSED,
+                    connection=connection,
+                    token_id=token.public_id,
+                    patient=token.row.patient_name,
+                    study=token.row.study_uid,
+                    reason="held: another patient's study has the same Study Instance UID",
+                )
+            return _status_page("tokens/held.html", 409)
         if needs_identity_check(token) and token.id not in session.get("verified_tokens", []):
             return identity_check(token)
         return view(token, study, *args, **kwargs)
 
     return wrapper
+
+
+SHARED_UID = (
+    "This study's Study Instance UID is also the UID of another patient's study in the archive: no "
+    "link can be made while both are there, as the viewer could not tell them apart. The admin sees "
+    "it under Study links; correct or delete one of the studies."
+)
 
 
 def needs_identity_check(token: store.StudyToken) -> bool:
@@ -303,14 +329,28 @@ def study_link(orthanc_id: str):
     """The fully qualified link of a study's token, for a signed-in user to copy and send.
 
     Answers JSON: ``{"link", "token_id", "accessible_until", "new"}``. The first request for a
-    study makes its token.
+    study makes its token. A study whose UID another patient's study shares gets 409 and no link.
     """
+    orthanc = current_app.extensions["orthanc"]
     try:
-        facts, _study = study_facts(current_app.extensions["orthanc"], orthanc_id)
+        facts, _study = study_facts(orthanc, orthanc_id)
     except OrthancError as error:
         if error.status == 404:
             abort(404)
         raise
+    holders = shared.holders(orthanc, facts.study_uid)
+    if len(holders) > 1:
+        with _engine().begin() as connection:
+            shared.flag(connection, orthanc, facts.study_uid, holders, "copy study link")
+            record_activity(
+                Action.TOKEN_MADE,
+                Outcome.REFUSED,
+                connection=connection,
+                patient=facts.patient_name,
+                study=facts.study_uid,
+                reason="another patient's study has the same Study Instance UID",
+            )
+        return error_response(409, SHARED_UID)
     with _engine().begin() as connection:
         token, new = store.issue(
             connection, current_app.extensions["site"].secrets.token_key, facts, db.utcnow()

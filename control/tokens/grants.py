@@ -11,7 +11,7 @@ the token row is checked on every request. A browser can hold grants for a few s
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from flask import Request, Response, current_app
@@ -30,6 +30,8 @@ MAX_GRANTS = 8
 class Grant:
     token_id: int
     study_uid: str
+    # The archive's study the token was made for, read from its row (the cookie holds the first two).
+    orthanc_study_id: str = field(default="", compare=False)
 
 
 def cookie_name(secure: bool) -> str:
@@ -78,12 +80,17 @@ def still_valid(
         for row in connection.execute(_TOKENS_BY_ID, {"ids": [grant.token_id for grant in presented]})
     }
     return [
-        grant
+        Grant(grant.token_id, grant.study_uid, rows[grant.token_id].row.orthanc_study_id)
         for grant in presented
         if grant.token_id in rows
         and rows[grant.token_id].row.study_uid == grant.study_uid
         and rows[grant.token_id].state(token_days, today) is store.TokenState.VALID
     ]
+
+
+def granted_studies(held: list[Grant]) -> dict[str, str]:
+    """The gate's view of valid grants: each granted Study Instance UID and its archive study."""
+    return {grant.study_uid: grant.orthanc_study_id for grant in held}
 
 
 def add(request: Request, response: Response, grant: Grant, secure: bool) -> None:

@@ -114,10 +114,12 @@ class StudyToken:
         return self.row.identity_locked_until is not None and self.row.identity_locked_until > now
 
 
-def _active_row(connection: sa.Connection, study_uid: str) -> sa.Row | None:
+def _active_row(connection: sa.Connection, orthanc_study_id: str) -> sa.Row | None:
+    """The live token of one study of one patient: the archive's study, not its UID, which another
+    patient's study can share (control.tokens.shared)."""
     return connection.execute(
         sa.select(db.study_tokens).where(
-            db.study_tokens.c.study_uid == study_uid, db.study_tokens.c.revoked_at.is_(None)
+            db.study_tokens.c.orthanc_study_id == orthanc_study_id, db.study_tokens.c.revoked_at.is_(None)
         )
     ).first()
 
@@ -125,8 +127,12 @@ def _active_row(connection: sa.Connection, study_uid: str) -> sa.Row | None:
 def issue(
     connection: sa.Connection, token_key: str, study: StudyFacts, now: dt.datetime
 ) -> tuple[StudyToken, bool]:
-    """The study's current token, made on first request; also says whether it was new."""
-    row = _active_row(connection, study.study_uid)
+    """The study's current token, made on first request; also says whether it was new.
+
+    Generations count per Study Instance UID, across the archive's studies that have held it, so
+    that a token is never made twice.
+    """
+    row = _active_row(connection, study.orthanc_study_id)
     if row is not None:
         return StudyToken(row, derive_token(token_key, row.study_uid, row.generation)), False
     last = connection.execute(
@@ -141,9 +147,9 @@ def issue(
         with connection.begin_nested():
             _insert(connection, study, generation, token, now)
     except sa.exc.IntegrityError:
-        row = _active_row(connection, study.study_uid)
+        row = _active_row(connection, study.orthanc_study_id)
         return StudyToken(row, derive_token(token_key, row.study_uid, row.generation)), False
-    return StudyToken(_active_row(connection, study.study_uid), token), True
+    return StudyToken(_active_row(connection, study.orthanc_study_id), token), True
 
 
 def _insert(

@@ -37,7 +37,7 @@ from control.auth import safe_next
 from control.errors import error_response, wants_json
 from control.extensions import csrf
 from control.orthanc import OrthancError, OrthancUnavailable
-from control.settings import Modality, parse_modalities
+from control.settings import Modality, parse_modalities, registrable
 from control.uploads import archive, modalities, pdf, store, worklist
 
 bp = Blueprint("uploads", __name__, url_prefix="/upload")
@@ -75,23 +75,24 @@ def guard():
     if request.method != "POST":
         return None
     if request.endpoint in UPLOADS:
+        request.environ["wsgi.input"] = CountedBody(request.environ["wsgi.input"])
         request.max_content_length = _limit_bytes()
         # Werkzeug's multipart reader also holds up to this much of a file part in its buffer: the
         # app-wide 64 kB (meant for text fields) would refuse every file larger than that.
         request.max_form_memory_size = FORM_BUFFER_BYTES
         if (request.content_length or 0) > _limit_bytes():
-            _discard_small_body()
+            discard_small_body()
             return _too_large()
         problem = _disk().problem(request.content_length or 0)
         if problem:
-            _discard_small_body()
+            discard_small_body()
             record_activity(Action.UPLOAD, Outcome.REFUSED, reason="disk nearly full")
             return _refusal(507, problem)
     csrf.protect()
     return None
 
 
-def _discard_small_body() -> None:
+def discard_small_body() -> None:
     """Read and drop a refused upload's body when it is small, before answering.
 
     An answer sent while Caddy is still passing the body on reached the browser as a 502 about one
@@ -108,6 +109,42 @@ def _discard_small_body() -> None:
         if not chunk:
             break
         length -= len(chunk)
+
+
+class CountedBody:
+    """The request body as the server hands it, counting the bytes that really arrived.
+
+    A body can end before its ``Content-Length`` (the client stopped; Caddy then cuts the request
+    and answers the client 502 itself) after a complete closing boundary: the form reads as
+    whole, and only the count tells that the upload did not arrive. gunicorn's reader cannot say.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.received = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.received += len(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        data = self.stream.readline(size)
+        self.received += len(data)
+        return data
+
+
+def body_incomplete() -> str:
+    """After the form was read: why the body is not all there (read to its end first), or ''."""
+    counted = request.environ["wsgi.input"]
+    declared = request.content_length
+    if not isinstance(counted, CountedBody) or declared is None:
+        return ""
+    while counted.received < declared and counted.read(min(declared - counted.received, FORM_BUFFER_BYTES)):
+        pass
+    if counted.received >= declared:
+        return ""
+    return f"the upload ended after {counted.received:,} of its {declared:,} bytes"
 
 
 @bp.errorhandler(RequestEntityTooLarge)
@@ -161,6 +198,11 @@ def upload_files():
     cancelled), else the upload page with the results table.
     """
     files: list[FileStorage] = [file for file in request.files.getlist("files") if file.filename]
+    incomplete = body_incomplete()
+    if incomplete:
+        # Nothing is stored from a body that did not arrive whole: the client hears of a failure.
+        record_activity(Action.UPLOAD, Outcome.REFUSED, reason=incomplete, bytes=request.content_length)
+        return _refusal(400, f"Nothing was stored: {incomplete}. Please send the files again.")
     if not files:
         return _refusal(400, "Choose one or more files to upload.", back=_back())
     upload = store.Upload(
@@ -358,7 +400,7 @@ def worklist_modalities():
         return _save_modalities(old_text, [modality for modality in current if modality.aet != removing])
     aet, host, port = (request.form.get(name, "").strip() for name in ("aet", "host", "port"))
     try:
-        parsed = parse_modalities(f"{aet}@{host}:{port}") if aet and host and port else []
+        parsed = registrable(f"{aet}@{host}:{port}") if aet and host and port else []
         if len(parsed) != 1:
             raise ValueError("give one AE title, its host and its port")
     except ValueError as error:

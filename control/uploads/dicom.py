@@ -72,6 +72,9 @@ class Header:
     study_instance_uid: str
     patient_id: str
     patient_name: str
+    series_instance_uid: str = ""
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
 
 
 def check_dicom(file: BinaryIO, size: int) -> Header:
@@ -89,6 +92,9 @@ def check_dicom(file: BinaryIO, size: int) -> Header:
             study_instance_uid=str(dataset.get("StudyInstanceUID", "")),
             patient_id=str(dataset.get("PatientID", "")),
             patient_name=str(dataset.get("PatientName", "")),
+            series_instance_uid=str(dataset.get("SeriesInstanceUID", "")),
+            sop_class_uid=str(dataset.get("SOPClassUID", "")),
+            sop_instance_uid=str(dataset.get("SOPInstanceUID", "")),
         )
         missing = [label for keyword, label in REQUIRED_UIDS if not str(dataset.get(keyword, "")).strip()]
         media_class = dataset.file_meta.get("MediaStorageSOPClassUID", "") if dataset.file_meta else ""

@@ -21,7 +21,7 @@ import shutil
 import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -58,9 +58,20 @@ class FileResult:
     detail: str = ""
     study: str = ""
     patient: str = ""
+    # For DICOMweb's answer to a store (control.uploads.stow): which instance this was.
+    series: str = ""
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
 
     def as_json(self) -> dict[str, str]:
-        return {**asdict(self), "outcome": self.outcome.name.lower()}
+        """The row as the upload page's JSON answer has it (its docstring's fields)."""
+        return {
+            "name": self.name,
+            "outcome": self.outcome.name.lower(),
+            "detail": self.detail,
+            "study": self.study,
+            "patient": self.patient,
+        }
 
 
 class DiskGuard:
@@ -89,6 +100,8 @@ class Upload:
     worklists: Path
     zip_limits: archive.ZipLimits
     disk: DiskGuard
+    # A DICOMweb store to one study's URL takes that study's instances only.
+    only_study: str = ""
     results: list[FileResult | Future] = field(default_factory=list)
     orders: list[tuple[hl7orders.Order, worklist.Change]] = field(default_factory=list)
 
@@ -116,6 +129,10 @@ class Upload:
             self._refuse(name, "an empty file")
         else:
             self._refuse(name, "not a DICOM file, a zip of DICOM files or an HL7 order file")
+
+    def receive_dicom(self, name: str, file: BinaryIO, size: int) -> None:
+        """Take one file that must be DICOM (a DICOMweb store's part); it is closed when sent."""
+        self._send(archive.display_name(name), file, size, owned=True)
 
     def finish(self) -> list[FileResult]:
         """Wait for the senders; every file's result, in the order the files came."""
@@ -156,17 +173,24 @@ class Upload:
 
     def _store(self, name: str, body: BinaryIO, size: int, owned: bool) -> FileResult:
         """Check one DICOM file and send it (in a sender thread)."""
+        known: dict[str, str] = {}  # which instance it is, once its header is read
         try:
             header = check_dicom(body, size)
+            known = {"sop_class_uid": header.sop_class_uid, "sop_instance_uid": header.sop_instance_uid}
+            if self.only_study and header.study_instance_uid != self.only_study:
+                raise NotForTheArchive(
+                    f"its study {header.study_instance_uid} is not the study of the request's URL"
+                )
             small = size <= archive.IN_MEMORY_LIMIT
             answer = self.orthanc.store_instance(body.read() if small else body, size)
         except NotForTheArchive as error:
             outcome = Outcome.SKIPPED if error.skipped else Outcome.REFUSED
-            return FileResult(name, outcome, str(error))
+            return FileResult(name, outcome, str(error), **known)
         except OrthancRefused as error:
-            return FileResult(name, Outcome.REFUSED, f"the archive refused it: {error.reason}")
+            return FileResult(name, Outcome.REFUSED, f"the archive refused it: {error.reason}", **known)
         except OrthancUnavailable:
-            return FileResult(name, Outcome.REFUSED, "the archive did not answer; please send it again")
+            detail = "the archive did not answer; please send it again"
+            return FileResult(name, Outcome.REFUSED, detail, **known)
         except Exception:
             log.exception("Unexpected error storing %s", name)
             return FileResult(name, Outcome.REFUSED, "an unexpected error (logged for the administrator)")
@@ -175,7 +199,15 @@ class Upload:
                 body.close()
         outcome = Outcome.DUPLICATE if answer.get("Status") == "AlreadyStored" else Outcome.STORED
         patient = f"{header.patient_name} ({header.patient_id})" if header.patient_id else header.patient_name
-        return FileResult(name, outcome, study=header.study_instance_uid, patient=patient)
+        return FileResult(
+            name,
+            outcome,
+            study=header.study_instance_uid,
+            patient=patient,
+            series=header.series_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            sop_instance_uid=header.sop_instance_uid,
+        )
 
     def _receive_hl7(self, name: str, file: BinaryIO, size: int) -> None:
         if size > HL7_MAX_BYTES:
