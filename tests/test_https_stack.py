@@ -77,9 +77,13 @@ def test_every_page_answers_405_to_a_method_it_does_not_take(tls_stack: TLSStack
     log = tls_stack.data / "logs" / "control.log"
     logged_before = log.read_text(errors="replace")
     called = 0
+    urls = app.url_map.bind("portal")
     for rule in app.url_map.iter_rules():
-        wrong = next(method for method in METHODS if method not in (rule.methods or ()))
         path = sample_path(rule)
+        # One path may be served by several rules (DICOMweb's searches and stores): a method none of
+        # them takes.
+        taken = urls.allowed_methods(path)
+        wrong = next(method for method in METHODS if method not in taken)
         # Straight to the control plane: Caddy answers a few of these paths itself (the viewer's,
         # DICOMweb through the gate), and the control plane must answer for all of its own.
         status, body = unixhttp.request(
