@@ -28,6 +28,7 @@ class Action(enum.StrEnum):
     SIGN_IN = "sign-in"
     SIGN_OUT = "sign-out"
     LOCKED_OUT = "locked-out"
+    SIGN_IN_LOCK_LIFTED = "sign-in-lock-lifted"
     SESSION_EXPIRED = "session-expired"
     ACCESS_DENIED = "access-denied"
     SEARCH = "search"

@@ -133,7 +133,10 @@ def prepare(site: Site) -> None:
 @click.pass_obj
 def serve(site: Site) -> None:
     """Set up, then run the control plane alone in the foreground (the control container's command)."""
-    prepared = stack.prepare(site)
+    try:
+        prepared = stack.prepare(site)
+    except stack.StackError as error:
+        _fail(str(error))
     argv = stack.gunicorn_argv(site, prepared.topology)
     os.environ["TMPDIR"] = str(site.spool)  # see Site.spool
     sys.stdout.flush()

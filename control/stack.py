@@ -85,7 +85,10 @@ def create_first_admin(site: Site, say: Callable[..., None]) -> str | None:
             return None
         chosen = os.environ.get("PACS_ADMIN_PASSWORD")
         password = chosen or secrets.token_urlsafe(12)
-        accounts.create_user(connection, ADMIN_USERNAME, password, is_admin=True)
+        try:
+            accounts.create_user(connection, ADMIN_USERNAME, password, is_admin=True)
+        except accounts.AccountError as error:
+            raise StackError(f"PACS_ADMIN_PASSWORD is refused: {error}") from None
     if chosen:
         say(f"pacs: created the admin account {ADMIN_USERNAME!r} with the password in PACS_ADMIN_PASSWORD")
         return None

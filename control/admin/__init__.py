@@ -43,6 +43,7 @@ from control.activity import (
     refused_by_address,
 )
 from control.admin.forms import ActivityFilterForm, ContactForm, CredentialsForm, NewUserForm, TokenForm
+from control.auth import throttle
 from control.formatting import local_time
 from control.tokens import store
 
@@ -71,16 +72,47 @@ def index():
 def users():
     with _engine().connect() as connection:
         listed = accounts.list_users(connection)
-    return render_template("admin/users.html", users=listed)
+        locks = throttle.current_locks(connection)
+    names = {accounts.username_key(user.username): user.username for user in listed}
+    return render_template(
+        "admin/users.html", users=listed, locks=locks, names=names, lock_kinds=throttle.LockKind
+    )
+
+
+@bp.route("/users/locks/lift", methods=["POST"])
+def lift_lock():
+    """Lift one sign-in lock: the failures behind it are forgotten, the log keeps them."""
+    try:
+        kind = throttle.LockKind(request.form.get("kind", ""))
+    except ValueError:
+        abort(400)
+    account_key = request.form.get("account_key", "")
+    client_address = request.form.get("client_address", "")
+    with _engine().begin() as connection:
+        forgotten = throttle.lift(connection, kind, account_key, client_address)
+        record_activity(
+            Action.SIGN_IN_LOCK_LIFTED,
+            connection=connection,
+            lock=str(kind),
+            account=account_key,
+            address=client_address,
+            failures=forgotten,
+        )
+    what = " from ".join(part for part in (account_key, client_address) if part)
+    flash(f"Lifted the sign-in lock of {what}.", "info")
+    return redirect(url_for("admin.users"))
 
 
 @bp.route("/users/new", methods=["GET", "POST"])
 def new_user():
     form = NewUserForm()
+    form.password.description = accounts.password_help(g.settings["password_min_length"])
     if form.validate_on_submit():
         try:
             with _engine().begin() as connection:
-                accounts.check_new_password(form.password.data, form.confirm.data)
+                accounts.check_new_password(
+                    connection, form.password.data, form.username.data, form.confirm.data
+                )
                 created = accounts.create_user(
                     connection,
                     form.username.data,
@@ -164,6 +196,9 @@ def credentials(user_id: int):
     with _engine().connect() as connection:
         user = _user_or_404(connection, user_id)
     form = CredentialsForm(username=user.username)
+    form.password.description = "Leave blank to keep it. " + accounts.password_help(
+        g.settings["password_min_length"]
+    )
     if form.validate_on_submit():
         new_name = form.username.data
         try:
