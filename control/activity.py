@@ -47,6 +47,8 @@ class Action(enum.StrEnum):
     TOKEN_USED = "token-used"
     TOKEN_REFUSED = "token-refused"
     TOKEN_IDENTITY = "token-identity-check"
+    TOKEN_IDENTITY_LOCKED = "token-identity-locked"
+    TOKEN_IDENTITY_RELEASED = "token-identity-released"
     TOKEN_REVOKED = "token-revoked"
     TOKEN_EXTENDED = "token-extended"
     VIEWER_OPENED = "viewer-opened"

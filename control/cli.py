@@ -349,7 +349,7 @@ def token_command(site: Site, study: str) -> None:
     """
     from control import configs, network
     from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
-    from control.tokens import store, study_facts
+    from control.tokens import NO_BIRTH_DATE, store, study_facts, unchecked_link_warning
 
     db.migrate(site.engine)
     values = site.load_settings()
@@ -367,6 +367,7 @@ def token_command(site: Site, study: str) -> None:
         if error.status != 404:
             raise
         _fail(f"no study {study!r} in the archive")
+    warning = unchecked_link_warning(values, facts)
     with site.engine.begin() as connection:
         token, new = store.issue(connection, site.secrets.token_key, facts, db.utcnow())
         _record_shell_activity(
@@ -375,8 +376,11 @@ def token_command(site: Site, study: str) -> None:
             token_id=token.public_id,
             patient=facts.patient_name,
             study=facts.study_uid,
+            **({"identity_check": NO_BIRTH_DATE} if warning else {}),
         )
     click.echo(network.token_link(values, token.token))
+    if warning:
+        click.echo(f"pacs: {warning}", err=True)
 
 
 @main.command(

@@ -400,12 +400,17 @@ def event(event_id: int):
 def tokens():
     """Every study token: for whom, issued, last used, uses, from where, and its state."""
     patient_id = request.args.get("patient_id", "").strip()
+    held = request.args.get("held") == "1"
     page = _page_number()
     with _engine().connect() as connection:
         total, listed = store.list_tokens(
-            connection, patient_id=patient_id, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
+            connection, patient_id=patient_id, held=held, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
         )
+        held_count = store.count_held(connection)
     today = dt.date.today()
+    arguments = {"patient_id": patient_id} if patient_id else {}
+    if held:
+        arguments["held"] = "1"
     return render_template(
         "admin/tokens.html",
         tokens=listed,
@@ -415,7 +420,10 @@ def tokens():
         patient_id=patient_id,
         token_days=g.settings["token_days"],
         today=today,
-        arguments={"patient_id": patient_id} if patient_id else {},
+        now=db.utcnow(),
+        held=held,
+        held_count=held_count,
+        arguments=arguments,
     )
 
 
@@ -434,7 +442,11 @@ def token(token_id: int):
                 "patient": found.row.patient_name,
                 "study": found.row.study_uid,
             }
-            if form.revoke.data:
+            if form.release.data:
+                store.release_identity(connection, token_id)
+                record_activity(Action.TOKEN_IDENTITY_RELEASED, connection=connection, **detail)
+                flash("Released: the link asks for the date of birth again, with a fresh count.", "info")
+            elif form.revoke.data:
                 store.revoke(connection, token_id, db.utcnow())
                 record_activity(Action.TOKEN_REVOKED, connection=connection, **detail)
                 flash(
@@ -459,6 +471,8 @@ def token(token_id: int):
         form=form,
         token_days=g.settings["token_days"],
         state=found.state(g.settings["token_days"], dt.date.today()),
+        now=db.utcnow(),
+        lock_steps=len(store.IDENTITY_LOCKS),
     )
 
 

@@ -53,4 +53,5 @@ class ActivityFilterForm(FlaskForm):
 class TokenForm(FlaskForm):
     extend_until = DateField("Works until", validators=[Optional()])
     revoke = SubmitField("Revoke this link")
+    release = SubmitField("Release: ask the birth date again")
     save = SubmitField("Extend")
