@@ -19,7 +19,7 @@ from control import accounts, db, stack
 from control import settings as site_settings
 from control.activity import Action, record_activity
 from control.network import local_address
-from control.site import REPOSITORY, Site
+from control.site import REPOSITORY, Site, SiteError
 
 
 def _fail(message: str) -> None:
@@ -39,6 +39,11 @@ def main(context: click.Context, data: Path | None) -> None:
     """The PACS web portal: Orthanc, the control plane and Caddy on one machine."""
     context.obj = Site(data)
     os.environ["PACS_DATA"] = str(context.obj.data)
+    # Whatever a command writes into the data directory (the database first) is private from creation.
+    try:
+        os.umask(context.obj.umask)
+    except SiteError as error:
+        _fail(str(error))
 
 
 def banner(site: Site, prepared: stack.Prepared) -> str:

@@ -145,6 +145,8 @@ class Process:
     log: Path
     ready: Callable[[], bool]
     env: dict[str, str] = field(default_factory=dict)
+    # Files the program writes are the service's alone from creation (see control.site).
+    umask: int = 0o077
     popen: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
 
@@ -158,6 +160,7 @@ class Process:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
                 process_group=0,
+                umask=self.umask,
                 preexec_fn=_die_with_parent,
                 cwd=REPOSITORY,
             )
@@ -222,7 +225,11 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
     caddy_home = site.cache / "caddy"
     return [
         Process(
-            "orthanc", ["Orthanc", str(site.run / "orthanc.json")], site.logs / "orthanc.log", orthanc_ready
+            "orthanc",
+            ["Orthanc", str(site.run / "orthanc.json")],
+            site.logs / "orthanc.log",
+            orthanc_ready,
+            umask=site.umask,
         ),
         Process(
             "control",
@@ -230,6 +237,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             site.logs / "control.log",
             control_ready,
             env={"PACS_DATA": str(site.data), "TMPDIR": str(site.spool)},
+            umask=site.umask,
         ),
         Process(
             "caddy",
@@ -237,6 +245,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             site.logs / "caddy-process.log",
             caddy_ready,
             env={"XDG_CONFIG_HOME": str(caddy_home / "config"), "XDG_DATA_HOME": str(caddy_home / "data")},
+            umask=site.umask,
         ),
     ]
 
@@ -281,6 +290,9 @@ def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
         # gunicorn 27 opens a control socket in the home folder by default: shared by every
         # installation of the same user, and outside the data directory. The portal does not use it.
         "--no-control-socket",
+        # gunicorn's own umask (0 by default) applies to its unix socket: keep it the site's.
+        "--umask",
+        oct(site.umask),
         "control.app:create_app()",
     ]
 
