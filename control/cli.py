@@ -131,7 +131,10 @@ def status(site: Site) -> None:
 @click.pass_obj
 def prepare(site: Site) -> None:
     """Set up the data directory and generated configs, then exit."""
-    stack.prepare(site)
+    try:
+        stack.prepare(site)
+    except stack.StackError as error:
+        _fail(str(error))
 
 
 @main.command()

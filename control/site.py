@@ -175,9 +175,15 @@ class Site:
                     mode |= (mode & 0o500) >> 3
                     if stat.S_ISDIR(info.st_mode):
                         mode |= stat.S_ISGID
-                    if info.st_gid != group:
+                try:
+                    if shared and info.st_gid != group:
                         os.chown(name, -1, group, follow_symlinks=False)
-                os.chmod(name, mode)
+                    os.chmod(name, mode)
+                except PermissionError:
+                    raise SiteError(
+                        f"cannot restrict who reads {name}: it belongs to another user (or the service's "
+                        "user is not in PACS_DATA_GROUP). Give the data directory to the service's user."
+                    ) from None
             directories[:] = [
                 directory for directory in directories if not os.path.islink(os.path.join(folder, directory))
             ]

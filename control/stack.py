@@ -30,7 +30,7 @@ import requests
 
 from control import accounts, configs, db, unixhttp
 from control import settings as site_settings
-from control.site import REPOSITORY, Site
+from control.site import REPOSITORY, Site, SiteError
 from control.viewer import ensure_viewer
 
 ADMIN_USERNAME = "admin"
@@ -57,7 +57,10 @@ class Prepared:
 
 def prepare(site: Site, *, fetch_viewer: bool = True, say: Callable[..., None] = print) -> Prepared:
     """Make the installation at ``site`` ready to run; safe to call on every start."""
-    site.make_directories()
+    try:
+        site.make_directories()
+    except SiteError as error:
+        raise StackError(str(error)) from None
     site.secrets  # noqa: B018 - generated on first use
     db.migrate(site.engine)
     with site.engine.begin() as connection:
