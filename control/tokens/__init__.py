@@ -260,8 +260,8 @@ def _identity_locked(token: store.StudyToken, now: dt.datetime):
     else:
         minutes = max(1, math.ceil((token.row.identity_locked_until - now).total_seconds() / 60))
         message = (
-            "The date of birth was entered wrongly too many times: this link is locked for "
-            f"{minutes} more minute{'s' if minutes > 1 else ''}. Please try again then, or contact {contact}."
+            "The date of birth was entered wrongly too many times: this link is locked for now. Please "
+            f"try again in {minutes} minute{'s' if minutes > 1 else ''}, or contact {contact}."
         )
     if wants_json():
         return error_response(429, message)
