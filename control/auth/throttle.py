@@ -113,10 +113,8 @@ def _count(connection: sa.Connection, condition: list, since: dt.datetime) -> in
 def _lock_end(
     connection: sa.Connection, condition: list, window: dt.timedelta, limit: int, now: dt.datetime
 ) -> dt.datetime | None:
-    """When the count over the window drops below ``limit`` again; None when it is below now.
-
-    That is when the ``limit``-th most recent failure leaves the window.
-    """
+    """When the count over the window drops below ``limit`` again (when the ``limit``-th most
+    recent failure leaves the window); None when it is below the limit already."""
     query = (
         sa.select(failures.c.at)
         .where(failures.c.at > now - window, *condition)
