@@ -1,9 +1,10 @@
-"""The admin's pages: web users and the server activity log.
+"""The admin's pages: web users and their sign-in locks, study links, the server activity log.
 
 Only admins reach this blueprint (``control.access`` says so). Every change to an account is one
 activity event naming the account and what changed, never a password. Forms that change state are
 POSTs carrying a CSRF token; the account rules themselves (the last active admin stays, nobody
-deletes or deactivates themselves) live in ``control.accounts``.
+deletes or deactivates themselves) live in ``control.accounts``, the locks in
+``control.auth.throttle``. Lifting a sign-in lock and releasing a held study link are events too.
 """
 
 from __future__ import annotations
