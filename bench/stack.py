@@ -32,7 +32,7 @@ import requests
 from control import configs
 from control.site import REPOSITORY
 
-ADMIN_PASSWORD = "bench admin password, long enough"  # noqa: S105 - a throwaway stack's
+ADMIN_PASSWORD = "the bench keeper's long passphrase"  # noqa: S105 - a throwaway stack's
 START_TIMEOUT = 240
 BANNER = "Press Ctrl-C to stop."
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

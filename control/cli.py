@@ -19,7 +19,7 @@ from control import accounts, db, stack
 from control import settings as site_settings
 from control.activity import Action, record_activity
 from control.network import local_address
-from control.site import REPOSITORY, Site
+from control.site import REPOSITORY, Site, SiteError
 
 
 def _fail(message: str) -> None:
@@ -39,6 +39,11 @@ def main(context: click.Context, data: Path | None) -> None:
     """The PACS web portal: Orthanc, the control plane and Caddy on one machine."""
     context.obj = Site(data)
     os.environ["PACS_DATA"] = str(context.obj.data)
+    # Whatever a command writes into the data directory (the database first) is private from creation.
+    try:
+        os.umask(context.obj.umask)
+    except SiteError as error:
+        _fail(str(error))
 
 
 def banner(site: Site, prepared: stack.Prepared) -> str:
@@ -130,14 +135,20 @@ def status(site: Site) -> None:
 @click.pass_obj
 def prepare(site: Site) -> None:
     """Set up the data directory and generated configs, then exit."""
-    stack.prepare(site)
+    try:
+        stack.prepare(site)
+    except stack.StackError as error:
+        _fail(str(error))
 
 
 @main.command()
 @click.pass_obj
 def serve(site: Site) -> None:
     """Set up, then run the control plane alone in the foreground (the control container's command)."""
-    prepared = stack.prepare(site)
+    try:
+        prepared = stack.prepare(site)
+    except stack.StackError as error:
+        _fail(str(error))
     argv = stack.gunicorn_argv(site, prepared.topology)
     os.environ["TMPDIR"] = str(site.spool)  # see Site.spool
     sys.stdout.flush()
@@ -350,7 +361,7 @@ def token_command(site: Site, study: str) -> None:
     """
     from control import configs, network
     from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
-    from control.tokens import SHARED_UID, shared, store, study_facts
+    from control.tokens import NO_BIRTH_DATE, SHARED_UID, shared, store, study_facts, unchecked_link_warning
 
     db.migrate(site.engine)
     values = site.load_settings()
@@ -373,6 +384,7 @@ def token_command(site: Site, study: str) -> None:
         with site.engine.begin() as connection:
             shared.flag(connection, orthanc, facts.study_uid, holders, "./pacs token")
         _fail(SHARED_UID)
+    warning = unchecked_link_warning(values, facts)
     with site.engine.begin() as connection:
         token, new = store.issue(connection, site.secrets.token_key, facts, db.utcnow())
         _record_shell_activity(
@@ -381,8 +393,11 @@ def token_command(site: Site, study: str) -> None:
             token_id=token.public_id,
             patient=facts.patient_name,
             study=facts.study_uid,
+            **({"identity_check": NO_BIRTH_DATE} if warning else {}),
         )
     click.echo(network.token_link(values, token.token))
+    if warning:
+        click.echo(f"pacs: {warning}", err=True)
 
 
 @main.command(

@@ -47,6 +47,9 @@ users = sa.Table(
     sa.Column("password_hash", sa.String(200), nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("last_login_at", sa.DateTime),
+    # What is wrong with the password by the site's rules, as found when it was last typed (a
+    # sign-in or a change): "" when nothing, NULL when not checked since the rules came in.
+    sa.Column("password_problem", sa.String(200)),
     # The log keeps a deleted user's history under their id: an id must never be given out again.
     sqlite_autoincrement=True,
 )
@@ -84,6 +87,19 @@ activity = sa.Table(
     sa.Index("ix_activity_at", "at"),
     sa.Index("ix_activity_user_id_at", "user_id", "at"),
     sa.Index("ix_activity_client_address_at", "client_address", "at"),
+)
+
+sign_in_failures = sa.Table(
+    "sign_in_failures",
+    metadata,
+    # One wrong password (or unknown name), counted by the key sign-in matches accounts with
+    # (``accounts.username_key``): the activity log keeps the name as it was typed.
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("account_key", sa.String(64), nullable=False),
+    sa.Column("client_address", sa.String(64), nullable=False),
+    sa.Index("ix_sign_in_failures_account_key_at", "account_key", "at"),
+    sa.Index("ix_sign_in_failures_client_address_at", "client_address", "at"),
 )
 
 
@@ -197,6 +213,10 @@ study_tokens = sa.Table(
     sa.Column("last_used_from", sa.String(64), nullable=False, server_default=""),
     sa.Column("identity_failures", sa.Integer, nullable=False, server_default="0"),
     sa.Column("identity_locked_until", sa.DateTime),
+    # Locks in a row since the last right answer: each one is longer, and past the last the link
+    # is held (``identity_held_at``) until an admin releases it.
+    sa.Column("identity_locks", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("identity_held_at", sa.DateTime),
     sa.UniqueConstraint("study_uid", "generation", name="uq_study_tokens_study_generation"),
     sa.Index("ix_study_tokens_patient_id", "patient_id"),
     # A link names one study of one patient: it is found by the archive's id of that study.

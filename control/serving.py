@@ -8,16 +8,22 @@ and Caddy asks the DICOMweb gate about its other requests: a hundred lines of "y
 series a user looks at, written while the frames wait. Those lines tell nothing the activity log
 does not (it records who opened which study, and every refusal), so they are left out; every other
 request, and every frame or gate answer other than a plain success, is logged as usual.
+
+gunicorn gives its log files to its own user and primary group whenever it opens them; with
+``PACS_DATA_GROUP`` they go back to the data directory's group (see ``control.site``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from gunicorn.glogging import Logger
 
 from control.dicomweb.fast import GATE_PATH
 from control.dicomweb.frames import FRAME_REQUEST
+from control.site import data_group
 
 
 def post_worker_init(worker: Any) -> None:
@@ -25,6 +31,14 @@ def post_worker_init(worker: Any) -> None:
 
 
 class AccessLogger(Logger):
+    """gunicorn's logger, without the routine lines of the viewer and the gate."""
+
+    def _set_handler(self, log: logging.Logger, output: Any, fmt: Any, stream: Any = None) -> None:
+        super()._set_handler(log, output, fmt, stream)
+        group = data_group()
+        if group is not None and isinstance(output, str) and output != "-":
+            os.chown(output, -1, group)
+
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
         path = environ.get("PATH_INFO", "")
         if resp.status_code == 200 and (path == GATE_PATH or FRAME_REQUEST.fullmatch(path)):

@@ -322,6 +322,18 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=24 * 30,
     ),
     Setting(
+        "password_min_length",
+        int,
+        12,
+        "Shortest password",
+        "New passwords need at least this many characters (8 at the least). Whatever their length, "
+        "passwords on the shipped list of common and breached passwords, and passwords that contain "
+        "the username, are refused. Existing passwords keep working; the web users page shows which "
+        "ones fall short, as found at their owner's last sign-in.",
+        minimum=8,
+        maximum=64,
+    ),
+    Setting(
         "upload_max_mb",
         int,
         2048,

@@ -12,13 +12,23 @@ or ``PACS_DATA`` say otherwise)::
     cache/              the OHIF viewer build and other downloads
 
 Two installations with two data directories and different ports run side by side.
+
+Everything in the data directory is readable by the service's user only: the processes of the
+stack run with the umask ``Site.umask`` (077), so even the files Orthanc writes are private from
+creation. ``PACS_DATA_GROUP`` (a group name or number) lets one group read what is not secret too
+(a backup operator, say): folders get that group and its setgid bit, files are group-readable
+(umask 027); ``secrets/``, ``run/`` and ``tmp/`` stay the service's alone. An installation made
+before, or under another choice, has its files put right at the next start, once
+(``.permissions`` records what was applied).
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -50,6 +60,23 @@ class Secrets:
     orthanc_password: str
     session_key: str
     token_key: str
+
+
+class SiteError(RuntimeError):
+    """An installation that cannot be used as it is set up, with a message for the admin."""
+
+
+def data_group() -> int | None:
+    """The group id named by ``PACS_DATA_GROUP`` (a name or a number), or None when unset."""
+    name = os.environ.get("PACS_DATA_GROUP", "").strip()
+    if not name:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise SiteError(f"PACS_DATA_GROUP: there is no group {name!r} on this machine") from None
 
 
 class Site:
@@ -101,13 +128,65 @@ class Site:
     def database_url(self) -> str:
         return os.environ.get("PACS_DATABASE_URL") or db.default_url(self.data)
 
+    @property
+    def umask(self) -> int:
+        """The umask of every process of the stack: private, or readable by ``PACS_DATA_GROUP`` too."""
+        return 0o027 if data_group() is not None else 0o077
+
+    @property
+    def private_directories(self) -> tuple[Path, ...]:
+        """Folders for the service alone, whatever group may read the rest."""
+        return (self.secrets_dir, self.run, self.spool)
+
     def make_directories(self) -> None:
-        """Create the data directory's folders; secrets and run files are private to the service."""
+        """Create the data directory's folders with the permissions of the site's choice.
+
+        Also puts right the files of an installation made before, or under another choice of
+        group, once: ``.permissions`` records what was applied.
+        """
+        group = data_group()
+        os.umask(self.umask)
         for path in (self.data, self.orthanc_storage, self.worklists, self.logs, self.cache):
             path.mkdir(parents=True, exist_ok=True)
-        for path in (self.secrets_dir, self.run, self.spool):
+        for path in self.private_directories:
             path.mkdir(parents=True, exist_ok=True)
+        applied = f"group {group}" if group is not None else "private"
+        record = self.data / ".permissions"
+        if not record.exists() or record.read_text().strip() != applied:
+            self._restrict(self.data, group)
+            record.write_text(applied + "\n")
+        for path in self.private_directories:
             path.chmod(0o700)
+
+    def _restrict(self, top: Path, group: int | None) -> None:
+        """Take every permission from others (and from the group, unless it is the site's group)."""
+        private = {str(path) for path in self.private_directories}
+        for folder, directories, files in os.walk(top):
+            shared = group is not None and not any(
+                folder == path or folder.startswith(path + os.sep) for path in private
+            )
+            for name in [folder, *(os.path.join(folder, file) for file in files)]:
+                info = os.lstat(name)
+                if stat.S_ISLNK(info.st_mode):
+                    continue
+                mode = stat.S_IMODE(info.st_mode) & 0o700
+                if shared:
+                    # The group may read (and enter) what the owner may; folders hand it down.
+                    mode |= (mode & 0o500) >> 3
+                    if stat.S_ISDIR(info.st_mode):
+                        mode |= stat.S_ISGID
+                try:
+                    if shared and info.st_gid != group:
+                        os.chown(name, -1, group, follow_symlinks=False)
+                    os.chmod(name, mode)
+                except PermissionError:
+                    raise SiteError(
+                        f"cannot restrict who reads {name}: it belongs to another user (or the service's "
+                        "user is not in PACS_DATA_GROUP). Give the data directory to the service's user."
+                    ) from None
+            directories[:] = [
+                directory for directory in directories if not os.path.islink(os.path.join(folder, directory))
+            ]
 
     @cached_property
     def secrets(self) -> Secrets:

@@ -30,7 +30,7 @@ import requests
 
 from control import accounts, configs, db, unixhttp
 from control import settings as site_settings
-from control.site import REPOSITORY, Site
+from control.site import REPOSITORY, Site, SiteError
 from control.viewer import ensure_viewer
 
 ADMIN_USERNAME = "admin"
@@ -57,7 +57,10 @@ class Prepared:
 
 def prepare(site: Site, *, fetch_viewer: bool = True, say: Callable[..., None] = print) -> Prepared:
     """Make the installation at ``site`` ready to run; safe to call on every start."""
-    site.make_directories()
+    try:
+        site.make_directories()
+    except SiteError as error:
+        raise StackError(str(error)) from None
     site.secrets  # noqa: B018 - generated on first use
     db.migrate(site.engine)
     with site.engine.begin() as connection:
@@ -85,7 +88,10 @@ def create_first_admin(site: Site, say: Callable[..., None]) -> str | None:
             return None
         chosen = os.environ.get("PACS_ADMIN_PASSWORD")
         password = chosen or secrets.token_urlsafe(12)
-        accounts.create_user(connection, ADMIN_USERNAME, password, is_admin=True)
+        try:
+            accounts.create_user(connection, ADMIN_USERNAME, password, is_admin=True)
+        except accounts.AccountError as error:
+            raise StackError(f"PACS_ADMIN_PASSWORD is refused: {error}") from None
     if chosen:
         say(f"pacs: created the admin account {ADMIN_USERNAME!r} with the password in PACS_ADMIN_PASSWORD")
         return None
@@ -142,6 +148,8 @@ class Process:
     log: Path
     ready: Callable[[], bool]
     env: dict[str, str] = field(default_factory=dict)
+    # Files the program writes are the service's alone from creation (see control.site).
+    umask: int = 0o077
     popen: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
 
@@ -155,6 +163,7 @@ class Process:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
                 process_group=0,
+                umask=self.umask,
                 preexec_fn=_die_with_parent,
                 cwd=REPOSITORY,
             )
@@ -219,7 +228,11 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
     caddy_home = site.cache / "caddy"
     return [
         Process(
-            "orthanc", ["Orthanc", str(site.run / "orthanc.json")], site.logs / "orthanc.log", orthanc_ready
+            "orthanc",
+            ["Orthanc", str(site.run / "orthanc.json")],
+            site.logs / "orthanc.log",
+            orthanc_ready,
+            umask=site.umask,
         ),
         Process(
             "control",
@@ -227,6 +240,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             site.logs / "control.log",
             control_ready,
             env={"PACS_DATA": str(site.data), "TMPDIR": str(site.spool)},
+            umask=site.umask,
         ),
         Process(
             "caddy",
@@ -234,6 +248,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             site.logs / "caddy-process.log",
             caddy_ready,
             env={"XDG_CONFIG_HOME": str(caddy_home / "config"), "XDG_DATA_HOME": str(caddy_home / "data")},
+            umask=site.umask,
         ),
     ]
 
@@ -281,6 +296,9 @@ def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
         # The access log's class and the workers' archive watcher (see control.serving).
         "--config",
         "python:control.serving",
+        # gunicorn's own umask (0 by default) applies to its unix socket: keep it the site's.
+        "--umask",
+        oct(site.umask),
         "control.app:create_app()",
     ]
 

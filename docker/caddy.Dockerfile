@@ -28,7 +28,7 @@ RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d \
 # The same unprivileged user, uid 10001, in all three images: they share the data volume.
 RUN groupadd --gid 10001 pacs \
 	&& useradd --uid 10001 --gid pacs --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin pacs \
-	&& install -d -o pacs -g pacs -m 0750 /data
+	&& install -d -o pacs -g pacs -m 0700 /data
 
 COPY --from=ohif /srv/ohif /srv/ohif
 COPY ohif/app-config.js /srv/ohif/app-config.js

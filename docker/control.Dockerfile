@@ -13,7 +13,7 @@ RUN apt-get update \
 # The same unprivileged user, uid 10001, in all three images: they share the data volume.
 RUN groupadd --gid 10001 pacs \
 	&& useradd --uid 10001 --gid pacs --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin pacs \
-	&& install -d -o pacs -g pacs -m 0750 /data
+	&& install -d -o pacs -g pacs -m 0700 /data
 
 ENV PATH=/opt/venv/bin:$PATH \
 	PYTHONDONTWRITEBYTECODE=1 \

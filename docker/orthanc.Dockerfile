@@ -17,7 +17,7 @@ RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d \
 # takes its ownership from the empty /data made here the first time a container mounts it.
 RUN groupadd --gid 10001 pacs \
 	&& useradd --uid 10001 --gid pacs --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin pacs \
-	&& install -d -o pacs -g pacs -m 0750 /data
+	&& install -d -o pacs -g pacs -m 0700 /data
 
 COPY docker/await-file.sh /usr/local/bin/await-file
 

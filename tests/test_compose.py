@@ -334,6 +334,21 @@ def test_modality_stores_to_the_published_dicom_port(compose_stack: ComposeStack
     assert orthanc["aet"] == DICOM_AET
 
 
+def test_the_volume_is_readable_by_the_pacs_user_only(compose_stack: ComposeStack) -> None:
+    """After a store and a sign-in: the database, the archive's files, logs, configurations, secrets."""
+    store_sample(compose_stack.dicom_port)
+    signed_in_session(compose_stack.url)
+    control = compose_stack.containers()["control"]["Id"]
+    listed = compose_stack.engine.docker(
+        "exec", control, "find", "/data", "!", "-type", "l", "-printf", "%m %p\n"
+    ).stdout.splitlines()
+    assert any("/data/orthanc/" in line for line in listed) and any(
+        "control.sqlite3" in line for line in listed
+    )
+    readable = [line for line in listed if int(line.split()[0], 8) & 0o077]
+    assert readable == []
+
+
 def test_signed_in_user_finds_the_stored_study_through_dicomweb(compose_stack: ComposeStack) -> None:
     dataset = store_sample(compose_stack.dicom_port)
     session, _ = signed_in_session(compose_stack.url)

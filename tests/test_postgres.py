@@ -113,13 +113,13 @@ def test_an_account_made_on_one_instance_signs_in_on_the_other(shared: tuple[Sta
         f"{first.url}/admin/users/new",
         data={
             "username": "roaming",
-            "password": "roams far 1",
-            "confirm": "roams far 1",
+            "password": "roams far and wide 1",
+            "confirm": "roams far and wide 1",
             "csrf_token": csrf_token(page.text),
         },
     )
     assert "Created the account roaming" in created.text
-    response = sign_in(requests.Session(), second, "roaming", "roams far 1")
+    response = sign_in(requests.Session(), second, "roaming", "roams far and wide 1")
     assert "Signed in as <strong>roaming</strong>" in response.text
 
 
@@ -141,7 +141,7 @@ def test_failed_sign_ins_count_across_instances(shared: tuple[Stack, str]) -> No
     for url in (first.url, second, first.url, second, first.url):
         assert sign_in(requests.Session(), url, "roaming", "wrong guess").status_code == 401
     for url in (first.url, second):
-        assert sign_in(requests.Session(), url, "roaming", "roams far 1").status_code == 429
+        assert sign_in(requests.Session(), url, "roaming", "roams far and wide 1").status_code == 429
 
 
 def test_a_setting_changed_through_one_instance_shows_on_the_other(shared: tuple[Stack, str]) -> None:

@@ -107,11 +107,31 @@ def test_made_up_tokens_find_nothing(connection, presented: str) -> None:
     assert store.find(connection, presented) is None
 
 
-def test_wrong_birth_dates_lock_the_link_for_a_while(connection) -> None:
+def test_wrong_birth_dates_lock_the_link_for_longer_each_time_then_hold_it(connection) -> None:
     token, _ = store.issue(connection, KEY, facts(), NOW)
-    for attempt in range(store.IDENTITY_ATTEMPTS):
-        locked = store.identity_answer(connection, store.get(connection, token.id), False, NOW)
-        assert locked is (attempt == store.IDENTITY_ATTEMPTS - 1)
-    token = store.get(connection, token.id)
-    assert token.identity_locked(NOW + store.IDENTITY_LOCK - dt.timedelta(seconds=1))
-    assert not token.identity_locked(NOW + store.IDENTITY_LOCK + dt.timedelta(seconds=1))
+    now = NOW
+    for lock in store.IDENTITY_LOCKS:
+        answers = [
+            store.identity_answer(connection, token.id, False, now) for _ in range(store.IDENTITY_ATTEMPTS)
+        ]
+        assert answers == [store.IdentityAnswer.WRONG] * (store.IDENTITY_ATTEMPTS - 1) + [
+            store.IdentityAnswer.LOCKED
+        ]
+        locked = store.get(connection, token.id)
+        assert locked.identity_locked(now + lock - dt.timedelta(seconds=1))
+        assert not locked.identity_locked(now + lock + dt.timedelta(seconds=1))
+        # While locked, even the right answer is not looked at.
+        assert store.identity_answer(connection, token.id, True, now) is store.IdentityAnswer.CLOSED
+        now += lock + dt.timedelta(seconds=1)
+    answers = [
+        store.identity_answer(connection, token.id, False, now) for _ in range(store.IDENTITY_ATTEMPTS)
+    ]
+    assert answers[-1] is store.IdentityAnswer.HELD
+    held = store.get(connection, token.id)
+    assert held.identity_held and held.identity_locked(now + dt.timedelta(days=365))
+    assert store.count_held(connection) == 1
+
+    store.release_identity(connection, token.id)
+    assert not store.get(connection, token.id).identity_locked(now)
+    assert store.identity_answer(connection, token.id, True, now) is store.IdentityAnswer.ACCEPTED
+    assert store.count_held(connection) == 0

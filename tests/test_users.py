@@ -92,7 +92,7 @@ def test_usernames_are_unique_whatever_the_case(admin: Browser) -> None:
 @pytest.mark.parametrize(
     ("password", "confirm", "message"),
     [
-        ("short", "short", "at least 8 characters"),
+        ("short", "short", "at least 12 characters"),
         ("long enough", "long enough!", "confirmation differ"),
     ],
 )
@@ -107,14 +107,14 @@ def test_weak_or_mismatched_passwords_are_refused(
 
 
 def test_wrong_inactive_and_unknown_get_one_generic_answer(stack: Stack, admin: Browser) -> None:
-    add_user(admin, "sleeper", "sleeper password")
+    add_user(admin, "sleeper", "asleep at the wheel 1")
     uid = user_id(stack, "sleeper")
     admin.submit(f"/admin/users/{uid}/flags", {"flag": "is_active", "value": "0"}, form_page="/admin/users")
     answers = []
     for username, password in [
         ("admin", "wrong password"),
         ("nobody-here", "whatever1"),
-        ("sleeper", "sleeper password"),
+        ("sleeper", "asleep at the wheel 1"),
     ]:
         response = sign_in(requests.Session(), stack.url, username, password)
         answers.append(
@@ -128,15 +128,15 @@ def test_wrong_inactive_and_unknown_get_one_generic_answer(stack: Stack, admin: 
 
 
 def test_deactivation_and_new_password_take_effect_on_the_next_request(stack: Stack, admin: Browser) -> None:
-    add_user(admin, "mover", "mover password")
-    mover = Browser(stack, "mover", "mover password")
+    add_user(admin, "mover", "moves house often")
+    mover = Browser(stack, "mover", "moves house often")
     uid = user_id(stack, "mover")
 
     admin.submit(f"/admin/users/{uid}/flags", {"flag": "is_active", "value": "0"}, form_page="/admin/users")
     assert "Signed in as" not in mover.get("/").text
     admin.submit(f"/admin/users/{uid}/flags", {"flag": "is_active", "value": "1"}, form_page="/admin/users")
 
-    mover = Browser(stack, "mover", "mover password")
+    mover = Browser(stack, "mover", "moves house often")
     response = admin.submit(
         f"/admin/users/{uid}/credentials",
         {"username": "mover", "password": "a new secret", "confirm": "a new secret"},
@@ -180,9 +180,9 @@ def test_rename_edit_and_delete_from_the_pages_each_logged_once(stack: Stack, ad
 
 
 def test_user_activity_report_lists_each_action_once_newest_first(stack: Stack, admin: Browser) -> None:
-    add_user(admin, "reporter", "reporter password")
+    add_user(admin, "reporter", "writes the news daily")
     uid = user_id(stack, "reporter")
-    reporter = Browser(stack, "reporter", "reporter password")
+    reporter = Browser(stack, "reporter", "writes the news daily")
     reporter.session.post(f"{stack.url}/logout", data={"csrf_token": csrf_token(reporter.get("/").text)})
 
     report = admin.get(f"/admin/users/{uid}").text
@@ -304,9 +304,10 @@ def test_repeated_failures_lock_the_account_then_release(fresh_stack: Stack) -> 
 
     # Fifteen minutes later (the failures are moved back in time) the right password works again.
     with engine(fresh_stack).begin() as connection:
-        for row in connection.execute(sa.select(db.activity.c.id, db.activity.c.at)).all():
-            earlier = row.at - dt.timedelta(minutes=16)
-            connection.execute(db.activity.update().where(db.activity.c.id == row.id).values(at=earlier))
+        for table in (db.activity, db.sign_in_failures):
+            for row in connection.execute(sa.select(table.c.id, table.c.at)).all():
+                earlier = row.at - dt.timedelta(minutes=16)
+                connection.execute(table.update().where(table.c.id == row.id).values(at=earlier))
     fresh_stack.sign_in("admin", ADMIN_PASSWORD)
 
     admin = Browser(fresh_stack, "admin")
@@ -381,7 +382,7 @@ def test_shell_user_commands(stack: Stack) -> None:
         env=env,
         cwd=REPOSITORY,
     )
-    assert short.returncode == 1 and "at least 8 characters" in short.stderr
+    assert short.returncode == 1 and "at least 12 characters" in short.stderr
 
 
 def test_no_password_or_session_cookie_reaches_the_log_or_the_process_logs(
@@ -400,10 +401,11 @@ def test_no_password_or_session_cookie_reaches_the_log_or_the_process_logs(
 
 def test_a_user_needs_only_a_name_and_a_password(stack: Stack, admin: Browser) -> None:
     response = admin.submit(
-        "/admin/users/new", {"username": "minimal", "password": "minimal pw", "confirm": "minimal pw"}
+        "/admin/users/new",
+        {"username": "minimal", "password": "just the basics 1", "confirm": "just the basics 1"},
     )
     assert "Created the account minimal" in response.text
-    Browser(stack, "minimal", "minimal pw")
+    Browser(stack, "minimal", "just the basics 1")
 
 
 def test_taking_away_the_upload_right_takes_effect_on_the_next_request(stack: Stack, admin: Browser) -> None:
@@ -421,18 +423,19 @@ def test_users_change_their_own_password_and_their_other_sessions_end(stack: Sta
     elsewhere = Browser(stack, "self.service", "first password 1")
     here = Browser(stack, "self.service", "first password 1")
     wrong = here.submit(
-        "/account/password", {"current": "not it", "password": "second pw 2", "confirm": "second pw 2"}
+        "/account/password",
+        {"current": "not it", "password": "second password 2", "confirm": "second password 2"},
     )
     assert "This is not your current password" in wrong.text
     short = here.submit(
         "/account/password", {"current": "first password 1", "password": "short", "confirm": "short"}
     )
-    assert "at least 8 characters" in short.text
+    assert "at least 12 characters" in short.text
     done = here.submit(
         "/account/password",
-        {"current": "first password 1", "password": "second pw 2", "confirm": "second pw 2"},
+        {"current": "first password 1", "password": "second password 2", "confirm": "second password 2"},
     )
     assert "Your password is changed" in done.text
     assert "Signed in as <strong>self.service</strong>" in here.get("/").text
     assert "Signed in as" not in elsewhere.get("/").text
-    Browser(stack, "self.service", "second pw 2")
+    Browser(stack, "self.service", "second password 2")

@@ -1,9 +1,10 @@
-"""The admin's pages: web users and the server activity log.
+"""The admin's pages: web users and their sign-in locks, study links, the server activity log.
 
 Only admins reach this blueprint (``control.access`` says so). Every change to an account is one
 activity event naming the account and what changed, never a password. Forms that change state are
 POSTs carrying a CSRF token; the account rules themselves (the last active admin stays, nobody
-deletes or deactivates themselves) live in ``control.accounts``.
+deletes or deactivates themselves) live in ``control.accounts``, the locks in
+``control.auth.throttle``. Lifting a sign-in lock and releasing a held study link are events too.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from control.activity import (
     refused_by_address,
 )
 from control.admin.forms import ActivityFilterForm, ContactForm, CredentialsForm, NewUserForm, TokenForm
+from control.auth import throttle
 from control.formatting import local_time
 from control.orthanc import OrthancUnavailable
 from control.tokens import shared, store
@@ -72,16 +74,47 @@ def index():
 def users():
     with _engine().connect() as connection:
         listed = accounts.list_users(connection)
-    return render_template("admin/users.html", users=listed)
+        locks = throttle.current_locks(connection)
+    names = {accounts.username_key(user.username): user.username for user in listed}
+    return render_template(
+        "admin/users.html", users=listed, locks=locks, names=names, lock_kinds=throttle.LockKind
+    )
+
+
+@bp.route("/users/locks/lift", methods=["POST"])
+def lift_lock():
+    """Lift one sign-in lock: the failures behind it are forgotten, the log keeps them."""
+    try:
+        kind = throttle.LockKind(request.form.get("kind", ""))
+    except ValueError:
+        abort(400)
+    account_key = request.form.get("account_key", "")
+    client_address = request.form.get("client_address", "")
+    with _engine().begin() as connection:
+        forgotten = throttle.lift(connection, kind, account_key, client_address)
+        record_activity(
+            Action.SIGN_IN_LOCK_LIFTED,
+            connection=connection,
+            lock=str(kind),
+            account=account_key,
+            address=client_address,
+            failures=forgotten,
+        )
+    what = " from ".join(part for part in (account_key, client_address) if part)
+    flash(f"Lifted the sign-in lock of {what}.", "info")
+    return redirect(url_for("admin.users"))
 
 
 @bp.route("/users/new", methods=["GET", "POST"])
 def new_user():
     form = NewUserForm()
+    form.password.description = accounts.password_help(g.settings["password_min_length"])
     if form.validate_on_submit():
         try:
             with _engine().begin() as connection:
-                accounts.check_new_password(form.password.data, form.confirm.data)
+                accounts.check_new_password(
+                    connection, form.password.data, form.username.data, form.confirm.data
+                )
                 created = accounts.create_user(
                     connection,
                     form.username.data,
@@ -165,6 +198,9 @@ def credentials(user_id: int):
     with _engine().connect() as connection:
         user = _user_or_404(connection, user_id)
     form = CredentialsForm(username=user.username)
+    form.password.description = "Leave blank to keep it. " + accounts.password_help(
+        g.settings["password_min_length"]
+    )
     if form.validate_on_submit():
         new_name = form.username.data
         try:
@@ -366,16 +402,21 @@ def event(event_id: int):
 def tokens():
     """Every study token: for whom, issued, last used, uses, from where, and its state."""
     patient_id = request.args.get("patient_id", "").strip()
+    held = request.args.get("held") == "1"
     page = _page_number()
     with _engine().begin() as connection:
         total, listed = store.list_tokens(
-            connection, patient_id=patient_id, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
+            connection, patient_id=patient_id, held=held, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
         )
         try:
             shared_uids = shared.flagged(connection, current_app.extensions["orthanc"])
         except OrthancUnavailable:
             shared_uids = None
+        held_count = store.count_held(connection)
     today = dt.date.today()
+    arguments = {"patient_id": patient_id} if patient_id else {}
+    if held:
+        arguments["held"] = "1"
     return render_template(
         "admin/tokens.html",
         shared_uids=shared_uids,
@@ -386,7 +427,10 @@ def tokens():
         patient_id=patient_id,
         token_days=g.settings["token_days"],
         today=today,
-        arguments={"patient_id": patient_id} if patient_id else {},
+        now=db.utcnow(),
+        held=held,
+        held_count=held_count,
+        arguments=arguments,
     )
 
 
@@ -405,7 +449,11 @@ def token(token_id: int):
                 "patient": found.row.patient_name,
                 "study": found.row.study_uid,
             }
-            if form.revoke.data:
+            if form.release.data:
+                store.release_identity(connection, token_id)
+                record_activity(Action.TOKEN_IDENTITY_RELEASED, connection=connection, **detail)
+                flash("Released: the link asks for the date of birth again, with a fresh count.", "info")
+            elif form.revoke.data:
                 store.revoke(connection, token_id, db.utcnow())
                 record_activity(Action.TOKEN_REVOKED, connection=connection, **detail)
                 flash(
@@ -430,6 +478,8 @@ def token(token_id: int):
         form=form,
         token_days=g.settings["token_days"],
         state=found.state(g.settings["token_days"], dt.date.today()),
+        now=db.utcnow(),
+        lock_steps=len(store.IDENTITY_LOCKS),
     )
 
 

@@ -6,13 +6,6 @@ from flask_wtf import FlaskForm
 from wtforms import BooleanField, DateField, PasswordField, StringField, SubmitField, TextAreaField
 from wtforms.validators import DataRequired, Length, Optional, Regexp
 
-from control.accounts import MINIMUM_PASSWORD_LENGTH
-
-PASSWORD_HELP = (
-    f"At least {MINIMUM_PASSWORD_LENGTH} characters. Use a mix of lower and upper case letters, digits "
-    "and symbols, or a long passphrase; any characters are accepted and none is cut off."
-)
-
 
 def _trimmed(value: str | None) -> str:
     """Typed text without surrounding blanks; a field left out of the request reads as empty."""
@@ -36,9 +29,8 @@ class ContactForm(FlaskForm):
 
 class NewUserForm(ContactForm):
     username = StringField("Username", validators=[DataRequired(), Length(max=64)], filters=[_trimmed])
-    password = PasswordField(
-        "Password", validators=[DataRequired(), Length(max=1024)], description=PASSWORD_HELP
-    )
+    # The help under the password fields says the site's rules: the views fill it in.
+    password = PasswordField("Password", validators=[DataRequired(), Length(max=1024)])
     confirm = PasswordField("Confirm password", validators=[DataRequired(), Length(max=1024)])
     is_admin = BooleanField("Admin (manages users, settings and activity)")
     can_upload = BooleanField("Can upload files (DICOM, zips of DICOM, HL7 orders, PDF reports)")
@@ -46,9 +38,7 @@ class NewUserForm(ContactForm):
 
 class CredentialsForm(FlaskForm):
     username = StringField("Username", validators=[DataRequired(), Length(max=64)], filters=[_trimmed])
-    password = PasswordField(
-        "New password", validators=[Length(max=1024)], description="Leave blank to keep it. " + PASSWORD_HELP
-    )
+    password = PasswordField("New password", validators=[Length(max=1024)])
     confirm = PasswordField("Confirm new password", validators=[Length(max=1024)])
 
 
@@ -63,4 +53,5 @@ class ActivityFilterForm(FlaskForm):
 class TokenForm(FlaskForm):
     extend_until = DateField("Works until", validators=[Optional()])
     revoke = SubmitField("Revoke this link")
+    release = SubmitField("Release: ask the birth date again")
     save = SubmitField("Extend")

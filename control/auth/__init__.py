@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from urllib.parse import urlsplit
 
-from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
+from flask import Blueprint, current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 from flask_wtf import FlaskForm
 from wtforms import HiddenField, PasswordField, StringField
@@ -24,6 +24,16 @@ from control.auth.sessions import SignedInUser
 bp = Blueprint("auth", __name__)
 
 GENERIC_FAILURE = "The username or password is not correct, or the account is not active."
+_ASK_ADMIN = "ask the site's administrator if you have forgotten your password."
+LOCKED_MESSAGES = {
+    throttle.LockKind.ACCOUNT_FROM_ADDRESS: "Too many failed sign-ins for this account from your address. "
+    "Sign-in is blocked here for {minutes} more minute{s}; " + _ASK_ADMIN,
+    throttle.LockKind.ADDRESS: "Too many failed sign-ins from your address. Sign-in is blocked here for "
+    "{minutes} more minute{s}; " + _ASK_ADMIN,
+    throttle.LockKind.ACCOUNT: "Too many failed sign-ins for this account from many places. For "
+    "{minutes} more minute{s} it can be signed in to only from where it was used lately; the site's "
+    "administrator can lift this.",
+}
 
 
 class SignInForm(FlaskForm):
@@ -59,15 +69,25 @@ def login():
     client_address = request.remote_addr or ""
     typed_name = form.username.data.strip()
     engine = current_app.extensions["site"].engine
+    password_problem = None
     with engine.begin() as connection:
         verdict = throttle.check(connection, typed_name, client_address)
         if verdict.locked:
-            record_activity(Action.LOCKED_OUT, Outcome.REFUSED, username=typed_name, connection=connection)
+            record_activity(
+                Action.LOCKED_OUT,
+                Outcome.REFUSED,
+                username=typed_name,
+                connection=connection,
+                lock=str(verdict.lock.kind),
+            )
         else:
             account = accounts.authenticate(connection, typed_name, form.password.data)
             if account is None:
+                throttle.record_failure(connection, typed_name, client_address)
                 record_activity(Action.SIGN_IN, Outcome.REFUSED, username=typed_name, connection=connection)
             else:
+                throttle.record_success(connection, typed_name, client_address)
+                password_problem = accounts.stored_password_problem(connection, account.id)
                 user = sessions.start_session(connection, account, client_address)
                 record_activity(
                     Action.SIGN_IN, user_id=account.id, username=account.username, connection=connection
@@ -75,10 +95,7 @@ def login():
     if verdict.locked:
         minutes = max(1, math.ceil(verdict.retry_after.total_seconds() / 60))
         flash(
-            f"Too many failed sign-ins for this account or from your address. Sign-in is blocked for "
-            f"{minutes} more minute{'s' if minutes > 1 else ''}; ask the site's administrator if you "
-            "have forgotten your password.",
-            "error",
+            LOCKED_MESSAGES[verdict.lock.kind].format(minutes=minutes, s="s" if minutes > 1 else ""), "error"
         )
         return render_template("auth/login.html", form=form), 429
     if account is None:
@@ -88,6 +105,12 @@ def login():
     # A fresh cookie at every sign-in: nothing from before it carries over.
     session.clear()
     login_user(user)
+    if password_problem:
+        flash(
+            f"Your password falls short of this site's rules ({password_problem}): please change it "
+            "now (Password, at the top of the page).",
+            "error",
+        )
     return redirect(safe_next(form.next.data))
 
 
@@ -126,7 +149,11 @@ def own_password():
             login_user(renewed)
             flash("Your password is changed. Your other sessions have ended.", "info")
             return redirect(url_for("public.index"))
-    return render_template("auth/own_password.html", form=form)
+    return render_template(
+        "auth/own_password.html",
+        form=form,
+        password_help=accounts.password_help(g.settings["password_min_length"]),
+    )
 
 
 @bp.route("/logout", methods=["POST"])

@@ -31,6 +31,7 @@ document.addEventListener("DOMContentLoaded", () => {
       const field = shown.querySelector("input");
       const note = shown.querySelector(".copy-note");
       let link;
+      let warning = "";
       try {
         const response = await fetch(button.dataset.linkUrl, {
           method: "POST",
@@ -46,7 +47,10 @@ document.addEventListener("DOMContentLoaded", () => {
           }
           throw new Error(reason);
         }
-        link = (await response.json()).link;
+        const answer = await response.json();
+        link = answer.link;
+        // A link that will open without the birth-date question: the portal says so.
+        warning = answer.warning ? ` ${answer.warning}` : "";
       } catch (error) {
         shown.hidden = false;
         field.value = "";
@@ -57,11 +61,11 @@ document.addEventListener("DOMContentLoaded", () => {
       shown.hidden = false;
       try {
         await navigator.clipboard.writeText(link);
-        note.textContent = " Copied to the clipboard.";
+        note.textContent = ` Copied to the clipboard.${warning}`;
       } catch {
         field.focus();
         field.select();
-        note.textContent = " The browser did not allow copying: press Ctrl+C (or Cmd+C) to copy it.";
+        note.textContent = ` The browser did not allow copying: press Ctrl+C (or Cmd+C) to copy it.${warning}`;
       }
     });
   });

@@ -15,6 +15,7 @@ patients' studies share its Study Instance UID, none is made and an existing one
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -196,7 +197,7 @@ SHARED_UID = (
 
 
 def needs_identity_check(token: store.StudyToken) -> bool:
-    # Without a birth date on file there is nothing to ask; the admin's token page says so.
+    # Without a birth date on file nothing is asked (see unchecked_link_warning); the admin is told.
     return bool(g.settings["token_identity_check"] and token.row.patient_birth_date)
 
 
@@ -227,24 +228,37 @@ def identity_check(token: store.StudyToken):
     form = IdentityForm()
     now = db.utcnow()
     if token.identity_locked(now):
-        return _identity_locked()
+        return _identity_locked(token, now)
     if request.method == "POST" and form.validate_on_submit():
         correct = _parse_birth_date(form.birth_date.data) == token.row.patient_birth_date
+        about = {"token_id": token.public_id, "patient": token.row.patient_name, "study": token.row.study_uid}
         with _engine().begin() as connection:
-            locked = store.identity_answer(connection, token, correct, now)
-            record_activity(
-                Action.TOKEN_IDENTITY,
-                Outcome.OK if correct else Outcome.REFUSED,
-                connection=connection,
-                token_id=token.public_id,
-                patient=token.row.patient_name,
-                study=token.row.study_uid,
-            )
-        if correct:
+            answer = store.identity_answer(connection, token.id, correct, now)
+            if answer is not store.IdentityAnswer.CLOSED:
+                record_activity(
+                    Action.TOKEN_IDENTITY,
+                    Outcome.OK if correct else Outcome.REFUSED,
+                    connection=connection,
+                    **about,
+                )
+            answered = store.get(connection, token.id)
+            if answer in (store.IdentityAnswer.LOCKED, store.IdentityAnswer.HELD):
+                # The admin's study links page shows it too; a held link waits for their release.
+                record_activity(
+                    Action.TOKEN_IDENTITY_LOCKED,
+                    Outcome.REFUSED,
+                    connection=connection,
+                    locks=answered.row.identity_locks,
+                    until="held until an admin releases it"
+                    if answered.identity_held
+                    else answered.row.identity_locked_until.isoformat(timespec="seconds") + "Z",
+                    **about,
+                )
+        if answer is store.IdentityAnswer.ACCEPTED:
             session["verified_tokens"] = [token.id, *session.get("verified_tokens", [])][:8]
             return redirect(request.full_path)
-        if locked:
-            return _identity_locked()
+        if answer is not store.IdentityAnswer.WRONG:
+            return _identity_locked(answered, now)
         form.birth_date.errors.append(WRONG_BIRTH_DATE)
     if wants_json():
         errors = [*form.birth_date.errors, *form.csrf_token.errors]
@@ -259,12 +273,25 @@ def identity_check(token: store.StudyToken):
     return _status_page("tokens/identity.html", 200 if request.method == "GET" else 403, form=form)
 
 
-def _identity_locked():
-    if wants_json():
-        return error_response(
-            429, "The date of birth was entered wrongly too many times: this link is locked for now."
+def _identity_locked(token: store.StudyToken, now: dt.datetime):
+    """The answer while the birth-date question is closed: for how long, or until whom."""
+    settings = g.settings
+    contact = f"{settings['institution']}, {settings['department']}"
+    if token.identity_held:
+        message = (
+            "The date of birth was entered wrongly too many times: this link is held. Please contact "
+            f"{contact}, who can open it again."
         )
-    return _status_page("tokens/identity_locked.html", 429)
+        minutes = None
+    else:
+        minutes = max(1, math.ceil((token.row.identity_locked_until - now).total_seconds() / 60))
+        message = (
+            "The date of birth was entered wrongly too many times: this link is locked for now. Please "
+            f"try again in {minutes} minute{'s' if minutes > 1 else ''}, or contact {contact}."
+        )
+    if wants_json():
+        return error_response(429, message)
+    return _status_page("tokens/identity_locked.html", 429, held=token.identity_held, minutes=minutes)
 
 
 def _used(token: store.StudyToken, action: Action, **detail: Any) -> None:
@@ -351,6 +378,7 @@ def study_link(orthanc_id: str):
                 reason="another patient's study has the same Study Instance UID",
             )
         return error_response(409, SHARED_UID)
+    warning = unchecked_link_warning(g.settings, facts)
     with _engine().begin() as connection:
         token, new = store.issue(
             connection, current_app.extensions["site"].secrets.token_key, facts, db.utcnow()
@@ -361,13 +389,37 @@ def study_link(orthanc_id: str):
             token_id=token.public_id,
             patient=facts.patient_name,
             study=facts.study_uid,
+            **({"identity_check": NO_BIRTH_DATE} if warning else {}),
         )
     until = token.accessible_until(g.settings["token_days"])
-    return jsonify(
-        link=network.token_link(g.settings, token.token),
-        token_id=token.public_id,
-        accessible_until=until.isoformat(),
-        new=new,
+    answer = {
+        "link": network.token_link(g.settings, token.token),
+        "token_id": token.public_id,
+        "accessible_until": until.isoformat(),
+        "new": new,
+    }
+    if warning:
+        answer["warning"] = warning
+    return jsonify(answer)
+
+
+NO_BIRTH_DATE = "none: the study has no birth date"
+
+
+def unchecked_link_warning(settings: dict, facts: store.StudyFacts) -> str:
+    """What to tell whoever makes a link that will open without the birth-date question, or "".
+
+    Nothing else is asked instead. The patient ID is what the portal could still ask, but it is no
+    secret of the patient's: it is printed on the papers and discs that travel with the link, and
+    many patients do not know it, so asking it would keep real patients out more often than it would
+    keep a finder of the link out.
+    """
+    if not settings["token_identity_check"] or facts.patient_birth_date:
+        return ""
+    return (
+        "This study has no date of birth, so its link opens without the birth-date question: whoever "
+        "has the link sees the study. Hand it over in person or by a channel only the patient reads, "
+        "or revoke it under Administration, Study links."
     )
 
 

@@ -30,8 +30,11 @@ from control import db
 
 TOKEN_LENGTH = 64
 ALPHABET = string.ascii_letters + string.digits
+# The birth-date question: IDENTITY_ATTEMPTS wrong answers lock the link, for longer each time
+# (IDENTITY_LOCKS); the lock after the last of those holds it until an admin releases it. So a
+# leaked link gives 15 guesses in all, against a year of dates in a day with a fixed lock.
 IDENTITY_ATTEMPTS = 5
-IDENTITY_LOCK = dt.timedelta(minutes=15)
+IDENTITY_LOCKS = (dt.timedelta(minutes=15), dt.timedelta(hours=2))
 
 
 def derive_token(token_key: str, study_uid: str, generation: int) -> str:
@@ -111,7 +114,15 @@ class StudyToken:
         return TokenState.VALID
 
     def identity_locked(self, now: dt.datetime) -> bool:
-        return self.row.identity_locked_until is not None and self.row.identity_locked_until > now
+        """Whether the birth-date question is closed now: locked for a while, or held."""
+        return self.identity_held or (
+            self.row.identity_locked_until is not None and self.row.identity_locked_until > now
+        )
+
+    @property
+    def identity_held(self) -> bool:
+        """Held after repeated locks: only an admin's release opens the question again."""
+        return self.row.identity_held_at is not None
 
 
 def _active_row(connection: sa.Connection, orthanc_study_id: str) -> sa.Row | None:
@@ -221,32 +232,85 @@ def extend(connection: sa.Connection, token_id: int, until: dt.date) -> None:
     )
 
 
-def identity_answer(connection: sa.Connection, token: StudyToken, correct: bool, now: dt.datetime) -> bool:
-    """Count an answer to the birth-date question; True when this answer locked the link."""
+class IdentityAnswer(enum.Enum):
+    """What one answer to the birth-date question did."""
+
+    ACCEPTED = "accepted"
+    WRONG = "wrong"
+    LOCKED = "locked"  # this wrong answer locked the link for a while
+    HELD = "held"  # this wrong answer held the link until an admin releases it
+    CLOSED = "closed"  # the question was closed already: the answer was not looked at
+
+
+def identity_answer(
+    connection: sa.Connection, token_id: int, correct: bool, now: dt.datetime
+) -> IdentityAnswer:
+    """Count an answer to the birth-date question, and lock or hold the link when it is one too many.
+
+    Each answer is counted in the database itself (one UPDATE that adds one, only while the question
+    is open), so answers sent at once cannot all be counted as the first, and none is looked at
+    once the link is locked.
+    """
+    table = db.study_tokens
+    question_open = sa.and_(
+        table.c.id == token_id,
+        table.c.identity_held_at.is_(None),
+        sa.or_(table.c.identity_locked_until.is_(None), table.c.identity_locked_until <= now),
+    )
     if correct:
-        connection.execute(
-            db.study_tokens.update().where(db.study_tokens.c.id == token.id).values(identity_failures=0)
-        )
-        return False
-    failures = token.row.identity_failures + 1
-    locked = failures >= IDENTITY_ATTEMPTS
+        reset = table.update().where(question_open).values(identity_failures=0, identity_locks=0)
+        return IdentityAnswer.ACCEPTED if connection.execute(reset).rowcount else IdentityAnswer.CLOSED
+    counted = table.update().where(question_open).values(identity_failures=table.c.identity_failures + 1)
+    if not connection.execute(counted).rowcount:
+        return IdentityAnswer.CLOSED
+    row = connection.execute(
+        sa.select(table.c.identity_failures, table.c.identity_locks).where(table.c.id == token_id)
+    ).one()
+    if row.identity_failures < IDENTITY_ATTEMPTS:
+        return IdentityAnswer.WRONG
+    locks = row.identity_locks + 1
+    values: dict = {"identity_failures": 0, "identity_locks": locks}
+    if locks > len(IDENTITY_LOCKS):
+        values.update(identity_held_at=now, identity_locked_until=None)
+        outcome = IdentityAnswer.HELD
+    else:
+        values.update(identity_locked_until=now + IDENTITY_LOCKS[locks - 1])
+        outcome = IdentityAnswer.LOCKED
+    connection.execute(table.update().where(table.c.id == token_id).values(**values))
+    return outcome
+
+
+def release_identity(connection: sa.Connection, token_id: int) -> None:
+    """An admin opens the birth-date question again, with a fresh count."""
     connection.execute(
         db.study_tokens.update()
-        .where(db.study_tokens.c.id == token.id)
-        .values(
-            identity_failures=0 if locked else failures,
-            identity_locked_until=now + IDENTITY_LOCK if locked else token.row.identity_locked_until,
-        )
+        .where(db.study_tokens.c.id == token_id)
+        .values(identity_failures=0, identity_locks=0, identity_locked_until=None, identity_held_at=None)
     )
-    return locked
 
 
-def list_tokens(connection: sa.Connection, *, patient_id: str = "", offset: int = 0, limit: int = 50):
+def count_held(connection: sa.Connection) -> int:
+    """How many live links are held after repeated wrong birth dates."""
+    table = db.study_tokens
+    return connection.execute(
+        sa.select(sa.func.count())
+        .select_from(table)
+        .where(table.c.identity_held_at.is_not(None), table.c.revoked_at.is_(None))
+    ).scalar_one()
+
+
+def list_tokens(
+    connection: sa.Connection, *, patient_id: str = "", held: bool = False, offset: int = 0, limit: int = 50
+):
     query = sa.select(db.study_tokens).order_by(
         db.study_tokens.c.issued_at.desc(), db.study_tokens.c.id.desc()
     )
     if patient_id:
         query = query.where(db.study_tokens.c.patient_id == patient_id)
+    if held:
+        query = query.where(
+            db.study_tokens.c.identity_held_at.is_not(None), db.study_tokens.c.revoked_at.is_(None)
+        )
     total = connection.execute(
         sa.select(sa.func.count()).select_from(query.order_by(None).subquery())
     ).scalar_one()
