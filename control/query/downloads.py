@@ -32,10 +32,12 @@ from flask import (
     stream_with_context,
     url_for,
 )
+from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 
-from control.activity import Action, Outcome, record_activity
-from control.errors import wants_json
+from control import spooling
+from control.activity import Action, Outcome, finish_activity, record_activity
+from control.errors import error_response, wants_json
 from control.orthanc import OrthancUnavailable
 from control.query import bp, present, zips
 from control.query.views import check_id, get_or_404, orthanc, safe_back
@@ -138,13 +140,13 @@ class Resource:
             parts += [f"series-{tags.get('SeriesNumber') or ''}".rstrip("-"), tags.get("Modality") or ""]
         return safe_file_name(parts, self.noun)
 
-    def record(self, outcome: Outcome, who: dict[str, str], **detail: Any) -> None:
+    def record(self, outcome: Outcome, who: dict[str, str], **detail: Any) -> int:
         """The activity event of a download of this resource; ``who`` overrides its columns."""
         columns = {
             "patient": present.patient_label(self.patient),
             "study": self.study.get("StudyInstanceUID") or "",
         }
-        record_activity(
+        return record_activity(
             Action.DOWNLOAD,
             outcome,
             **(columns | who),
@@ -257,13 +259,18 @@ def archive(level: str, orthanc_id: str):
     return archive_response(level, orthanc_id)
 
 
-def archive_response(level: str, orthanc_id: str, *, activity: dict[str, str] | None = None) -> Response:
+def archive_response(
+    level: str, orthanc_id: str, *, activity: dict[str, str] | None = None
+) -> ResponseReturnValue:
     """The zip of a patient, study or series as a streamed response, and its activity event.
 
     Any page that offers a zip answers with this (the patients' token page too); ``activity``
     overrides the event's columns (``token_id``, ``patient``, ``study``). A zip of stored files
     has its length and a strong ``ETag``, and answers a single ``Range`` (with ``If-Range``) with
-    206 and just those bytes; an unsatisfiable range gets 416.
+    206 and just those bytes; an unsatisfiable range gets 416. Any other zip (transcoded,
+    compressed, with a DICOMDIR) is made whole in a temporary file first, then sent with its
+    length (``control.spooling``: why). Either way a zip the portal cannot finish ends as a failure
+    the client sees, and its activity event says it did not complete.
     """
     resource = describe(level, orthanc_id)
     content = zip_content()
@@ -279,45 +286,83 @@ def archive_response(level: str, orthanc_id: str, *, activity: dict[str, str] | 
             return refused
         start, stop = span
         status = 206
+    headers = {
+        "Content-Disposition": content_disposition(resource.file_name, resource.noun),
+        "Cache-Control": "no-store",
+        "Accept-Ranges": "bytes" if length is not None else "none",
+    }
+    if request.method == "HEAD":
+        if length is not None:
+            headers |= {"Content-Length": str((stop or 0) - start), "ETag": plan.etag}
+        answer = Response(status=status, mimetype="application/zip")
+        answer.headers.update(headers)
+        return answer
+
+    detail: dict[str, Any] = {"content": content, "bytes_sent": 0, "completed": False}
+    if plan.compress:
+        detail["compressed"] = True
+    if plan.dicomdir:
+        detail["dicomdir"] = True
+    if status == 206:
+        detail["range"] = f"{start}-{(stop or 0) - 1}/{length}"
+    # Recorded before the first byte, so that a download whose worker is killed stays in the log as
+    # not completed; its end fills in the rest.
+    event_id = resource.record(Outcome.FAILED, activity or {}, **detail, stopped_by="server")
+
+    def finish(completed: bool, sent: int, stopped_by: str) -> None:
+        ended = (
+            {"level": level, "orthanc_id": orthanc_id} | detail | {"bytes_sent": sent, "completed": completed}
+        )
+        if not completed:
+            ended["stopped_by"] = stopped_by
+        finish_activity(event_id, Outcome.OK if completed else Outcome.FAILED, **ended)
+
+    if length is None:
+        try:
+            spooled, length = spooling.spool(
+                zips.zip_bytes(orthanc(), plan), spooling.client_gone(request.environ)
+            )
+        except spooling.ClientGone:
+            finish(False, 0, "client")
+            return error_response(503, "The download was stopped.")
+        except (zips.ZipBroken, OrthancUnavailable) as error:
+            current_app.logger.warning("The zip of %s %s could not be made: %s", level, orthanc_id, error)
+            finish(False, 0, "archive")
+            return error_response(
+                503, "The archive stopped answering while the zip was being made. Please download it again."
+            )
+        body: Iterable[bytes] = spooling.read_back(spooled)
+        stop = length
+    else:
+        spooled, body = None, zips.zip_bytes(orthanc(), plan, start, stop)
 
     def relay() -> Iterator[bytes]:
         sent, completed, stopped_by = 0, False, "client"
         try:
-            for chunk in zips.zip_bytes(orthanc(), plan, start, stop):
+            for chunk in body:
                 sent += len(chunk)
                 yield chunk
             completed = True
         except (zips.ZipBroken, OrthancUnavailable) as error:
-            # Raised on, the answer is broken off before its end (short of its length, or with no
-            # last chunk): the client sees a failed download, never a whole-looking cut zip.
+            # Raised on, the answer is broken off short of its length: the client sees a failed
+            # download, never a whole-looking cut zip.
             stopped_by = "archive"
             current_app.logger.warning("The zip of %s %s broke off: %s", level, orthanc_id, error)
             raise
         finally:
-            detail: dict[str, Any] = {"content": content, "bytes_sent": sent, "completed": completed}
-            if plan.compress:
-                detail["compressed"] = True
-            if plan.dicomdir:
-                detail["dicomdir"] = True
-            if status == 206:
-                detail["range"] = f"{start}-{(stop or 0) - 1}/{length}"
-            if not completed:
-                detail["stopped_by"] = stopped_by
-            resource.record(Outcome.OK if completed else Outcome.FAILED, activity or {}, **detail)
+            finish(completed, sent, stopped_by)
 
     response = Response(
         stream_with_context(relay()), status=status, mimetype="application/zip", direct_passthrough=True
     )
-    response.headers["Content-Disposition"] = content_disposition(resource.file_name, resource.noun)
-    response.headers["Cache-Control"] = "no-store"
-    if length is not None:
-        response.headers["Content-Length"] = str((stop or 0) - start)
-        response.headers["Accept-Ranges"] = "bytes"
+    if spooled is not None:
+        response.call_on_close(spooled.close)
+    response.headers.update(headers)
+    response.headers["Content-Length"] = str((stop or 0) - start)
+    if plan.length is not None:
         response.headers["ETag"] = plan.etag
-        if status == 206:
-            response.headers["Content-Range"] = f"bytes {start}-{(stop or 0) - 1}/{length}"
-    else:
-        response.headers["Accept-Ranges"] = "none"
+    if status == 206:
+        response.headers["Content-Range"] = f"bytes {start}-{(stop or 0) - 1}/{length}"
     return response
 
 
