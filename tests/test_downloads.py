@@ -19,11 +19,13 @@ import pydicom
 import pytest
 import requests
 import sqlalchemy as sa
+from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.uid import generate_uid
 
 from control import db
 from control.site import Site
 
-from conftest import Stack, csrf_token
+from conftest import Stack, c_store, csrf_token
 from samples import StudyFacts, make_study, store_study
 
 pytestmark = pytest.mark.stack
@@ -392,3 +394,37 @@ def test_a_compressed_zip_holds_the_same_files(stack: Stack, browser: requests.S
     with zipfile.ZipFile(io.BytesIO(compressed.content)) as archive:
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_DEFLATED}
     assert zip_members(compressed.content) == zip_members(stored.content)
+
+
+@pytest.mark.parametrize(
+    "samples",
+    [("rtplan.dcm", "waveform_ecg.dcm", "chrArab.dcm", "MR_small.dcm", "rtdose.dcm")],
+)
+def test_a_dicomdir_lists_files_that_lack_what_its_records_need(
+    stack: Stack, browser: requests.Session, tmp_path, samples: tuple[str, ...]
+) -> None:
+    """Real files without an instance number, a series number or a study date still get a record."""
+    patient_id = "DICOMDIR-" + generate_uid()[-10:]
+    sent = set()
+    for sample in samples:
+        dataset = pydicom.dcmread(get_testdata_file(sample) or get_charset_files(sample)[0])
+        dataset.PatientID = patient_id
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        assert c_store(stack, dataset) == 0, sample
+        sent.add(dataset.SOPInstanceUID)
+    row = browser.get(f"{stack.url}/query/patients", params={"patient_id": patient_id, "format": "json"})
+    patient = row.json()["rows"][0]["id"]
+    response = browser.get(f"{stack.url}/query/patients/{patient}/archive", params={"dicomdir": "yes"})
+    assert response.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        assert archive.testzip() is None
+        archive.extractall(tmp_path)
+        names = {name for name in archive.namelist() if name != "DICOMDIR"}
+    records = [
+        record
+        for record in pydicom.dcmread(tmp_path / "DICOMDIR").DirectoryRecordSequence
+        if "ReferencedFileID" in record
+    ]
+    assert {"/".join(record.ReferencedFileID) for record in records} == names
+    assert {record.ReferencedSOPInstanceUIDInFile for record in records} == sent
