@@ -360,3 +360,28 @@ def test_the_archive_killed_mid_bulk_data_breaks_it_off(stack: Stack, material: 
     assert isinstance(client.outcome(), http.client.IncompleteRead), client.error
     assert client.status == 200
     stack.wait_for_archive()
+
+
+def test_the_archive_killed_while_a_jpeg_lossless_zip_is_made_gives_an_error_not_a_zip(
+    stack: Stack, material: Material
+) -> None:
+    """A transcoded zip is made whole before it is sent: a cut one is a clear 503, and logged so."""
+    assert stack.pacs("config", "set", "zip_content", "jpeg-lossless").returncode == 0
+    try:
+        before = last_activity_id(stack)
+        client = SlowClient(
+            f"{stack.url}/query/studies/{material.study_id}/archive", {"Cookie": cookies(material.session)}
+        ).start()
+        deadline = time.monotonic() + 120
+        while spooled_bytes(stack) < 1_000_000:
+            assert time.monotonic() < deadline and not client.done.is_set(), "the zip was not being made"
+            time.sleep(0.01)
+        stack.kill_archive()
+        assert client.outcome() is None
+        assert client.status == 503 and client.answer_headers["Content-Type"].startswith("text/html")
+        (event,) = download_events(stack, before)
+        detail = json.loads(event.detail)
+        assert (detail["completed"], detail["stopped_by"], detail["bytes_sent"]) == (False, "archive", 0)
+        stack.wait_for_archive()
+    finally:
+        stack.pacs("config", "set", "zip_content", "dicom")

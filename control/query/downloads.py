@@ -1,14 +1,14 @@
 """Downloads: zip files of a patient, a study or a series, and what the downloader needs.
 
-A zip is Orthanc's own archive (``GET /{patients,studies,series}/{id}/archive``), streamed through
-in fixed chunks: the control plane never holds a study in memory or on disk, and a client that
-goes away closes the upstream response, which stops Orthanc zipping. Orthanc's zips are made on
-the fly, so they have no length and cannot be resumed; the zip page therefore states the expected
-size (the DICOM files' size from Orthanc's statistics; the zip is usually smaller) before the
-download starts, and the downloader (``downloader/``) resumes series by series, reading the list of
-series to fetch from ``manifest``. What a zip holds follows the ``zip_content`` site setting, read
-at each request. Each download is one activity event, with the bytes sent and whether it completed.
-"""
+The control plane builds each zip itself from the archive's stored files (``control.query.zips``
+says how and why): ``zip_plan`` lists what a zip holds, in a layout a person can read, from three
+calls to Orthanc; ``archive_response`` sends it. A zip of stored files has its exact length (the
+zip page states it before the download starts), a strong ``ETag``, and answers a ``Range``, so
+browsers show the time left and resume a broken download, and the downloader (``downloader/``)
+resumes inside a series, reading the series to fetch from ``manifest``. What a zip holds follows
+the ``zip_content`` and ``zip_dicomdir`` site settings, read at each request; the zip page offers
+the other choices. Each download is one activity event, recorded before its first byte and
+completed at its end, with the bytes sent and whether it completed."""
 
 from __future__ import annotations
 
