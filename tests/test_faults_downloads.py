@@ -199,43 +199,82 @@ def pid_of(stack: Stack, name: str) -> int:
     return int((stack.data / "run" / f"{name}.pid").read_text())
 
 
-def busiest_worker(stack: Stack) -> int:
-    """The gunicorn worker writing the most right now: the one sending the download."""
-    workers = stack.processes().workers
+def worker_reading_the_archive(stack: Stack) -> int:
+    """The gunicorn worker making the download: the one with open connections to Orthanc (the
+    other's pooled ones are closed by Orthanc after a second idle)."""
+    established = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == stack.orthanc_port and fields[3] == "01":
+            established.add(f"socket:[{fields[9]}]")
 
-    def written() -> dict[int, int]:
-        counts = {}
-        for pid in workers:
-            fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-            counts[pid] = int(fields["wchar"])
-        return counts
+    def connections(pid: int) -> int:
+        count = 0
+        for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                count += os.readlink(descriptor) in established
+        return count
 
-    before = written()
-    time.sleep(0.5)
-    after = written()
-    return max(workers, key=lambda pid: after[pid] - before[pid])
+    return max(stack.processes().workers, key=connections)
+
+
+class SlowLink:
+    """A TCP relay on 127.0.0.1 to the portal that passes about 3 MB a second through small
+    buffers, as a slow network would: curl through it cannot read ahead of what has come."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            client, _address = self.listener.accept()
+            upstream = socket.socket()
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            upstream.connect(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pass, args=(client, upstream, 0), daemon=True).start()
+            self._pass(upstream, client, 0.02)
+
+    @staticmethod
+    def _pass(source: socket.socket, target: socket.socket, pause: float) -> None:
+        try:
+            while data := source.recv(READ_BLOCK):
+                target.sendall(data)
+                time.sleep(pause)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+                end.close()
 
 
 def test_the_archive_killed_mid_zip_breaks_the_download_off(
     stack: Stack, material: Material, tmp_path: Path
 ) -> None:
-    """curl, as a person's script would use it: a failed exit, and a file that is no zip."""
+    """curl over a slow link, as a person's script would use it: a failed exit, and a file that is
+    no zip."""
     url = f"{stack.url}/query/studies/{material.study_id}/archive"
     length = int(material.session.head(url).headers["Content-Length"])
     before = last_activity_id(stack)
     saved = tmp_path / "study.zip"
+    link = SlowLink(stack.web_port)
     curl = subprocess.Popen(
         [
             "curl",
             "--silent",
             "--show-error",
-            "--limit-rate",
-            "3M",
             "--output",
             str(saved),
             "--header",
             f"Cookie: {cookies(material.session)}",
-            url,
+            url.replace(f":{stack.web_port}/", f":{link.port}/"),
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -248,6 +287,7 @@ def test_the_archive_killed_mid_zip_breaks_the_download_off(
         stack.kill_archive()
         _out, error = curl.communicate(timeout=120)
     finally:
+        link.close()
         if curl.poll() is None:
             curl.kill()
     assert curl.returncode in (18, 56), f"curl ended with {curl.returncode}: {error}"
@@ -286,7 +326,7 @@ def test_a_worker_killed_mid_zip_breaks_it_off_and_the_log_keeps_it(stack: Stack
         f"{stack.url}/query/studies/{material.study_id}/archive", {"Cookie": cookies(material.session)}
     ).start()
     client.wait_for(KILL_AFTER)
-    os.kill(busiest_worker(stack), signal.SIGKILL)
+    os.kill(worker_reading_the_archive(stack), signal.SIGKILL)
     assert isinstance(client.outcome(), http.client.IncompleteRead), client.error
     assert client.received < int(client.answer_headers["Content-Length"])
     (event,) = download_events(stack, before, finished=False)
