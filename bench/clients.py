@@ -1,20 +1,22 @@
 """What the benchmark's clients do with HTTP: sign in, read streams, and reduce answers to digests.
 
 The digests say "same content both ways" while ignoring what must differ between the two ways:
-the time stamps Orthanc writes into each zip it makes, the boundaries of multipart answers, and
-the host in DICOMweb bulk-data URLs (Orthanc's own address directly, the portal's through it).
+how a zip names and orders its files (Orthanc's and the portal's layouts differ), the boundaries
+of multipart answers, and the host in DICOMweb bulk-data URLs (Orthanc's own address directly,
+the portal's through it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
-import struct
 import time
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
+import pydicom
 import requests
 
 CHUNK = 1024 * 1024
@@ -78,26 +80,21 @@ def stream_to(response: requests.Response, sink: BinaryIO, started: float) -> tu
     return (first if first is not None else time.perf_counter() - started), size
 
 
-def zip_digest(path: Path) -> str:
-    """SHA-256 of a zip file with its members' modification times blanked.
+def zip_files_digest(path: Path) -> str:
+    """SHA-256 of the SOP Instance UID and MD5 of every file in a zip (whatever the layout).
 
-    Orthanc stamps each member with the time the zip is made, so two zips of one study differ in
-    those four bytes per header and nowhere else. Everything else (names, order, compressed bytes,
-    CRCs, the central directory) must be the same byte for byte.
+    Orthanc's zip and the portal's name and order their members differently; what must agree is
+    which instances they hold and their bytes. A DICOMDIR, not an instance, is left out.
     """
-    data = bytearray(path.read_bytes())
+    found = []
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
-            # Local header: signature, version, flags, method, then time and date at offset 10.
-            data[info.header_offset + 10 : info.header_offset + 14] = b"\0\0\0\0"
-        position = archive.start_dir
-    # Central directory entries: time and date at offset 12; their length from the name, extra
-    # field and comment lengths at offsets 28, 30 and 32.
-    while data[position : position + 4] == b"PK\x01\x02":
-        data[position + 12 : position + 16] = b"\0\0\0\0"
-        name, extra, comment = struct.unpack_from("<HHH", data, position + 28)
-        position += 46 + name + extra + comment
-    return hashlib.sha256(data).hexdigest()
+            if info.is_dir() or info.filename.rsplit("/", 1)[-1] == "DICOMDIR":
+                continue
+            data = archive.read(info)
+            uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+            found.append(f"{uid} {hashlib.md5(data).hexdigest()}")  # noqa: S324 - what Orthanc keeps
+    return digest_of(*sorted(found))
 
 
 def multipart_parts(body: bytes, content_type: str) -> list[bytes]:

@@ -79,8 +79,8 @@ def record_activity(
     client_address: str = "",
     at: dt.datetime | None = None,
     **detail: Any,
-) -> None:
-    """Record one event. Request details (client, browser, signed-in user) are filled in.
+) -> int:
+    """Record one event; its row's id. Request details (client, browser, signed-in user) are filled in.
 
     Events seen outside a request (a modality's refused call, read from the archive's log) give
     their ``client_address`` and the time ``at`` which they happened (naive UTC) themselves.
@@ -106,10 +106,24 @@ def record_activity(
         "detail": json.dumps(detail, ensure_ascii=False, default=str),
     }
     if connection is not None:
-        connection.execute(_INSERT, row)
-        return
+        return connection.execute(_INSERT, row).inserted_primary_key[0]
     with current_app.extensions["site"].engine.begin() as own_connection:
-        own_connection.execute(_INSERT, row)
+        return own_connection.execute(_INSERT, row).inserted_primary_key[0]
+
+
+def finish_activity(event_id: int, outcome: Outcome, **detail: Any) -> None:
+    """Give an event recorded when something long began (a download) its outcome and details.
+
+    Recorded first, such an event stays in the log even when the process doing the work is killed:
+    it then keeps the outcome and details it was recorded with.
+    """
+    statement = (
+        db.activity.update()
+        .where(db.activity.c.id == event_id)
+        .values(outcome=str(outcome), detail=json.dumps(detail, ensure_ascii=False, default=str))
+    )
+    with current_app.extensions["site"].engine.begin() as connection:
+        connection.execute(statement)
 
 
 class ActivityList(enum.StrEnum):

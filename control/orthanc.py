@@ -1,8 +1,8 @@
 """The control plane's connection to Orthanc's HTTP API.
 
 Only the control plane (and Caddy, for streamed DICOMweb bytes) knows Orthanc's credentials. Each
-process reuses its connections: the calls answered with JSON, the viewer's frames and the stored
-files of uploads go through a urllib3 pool, archives and the rest through a ``requests.Session``.
+process reuses its connections: the calls answered with JSON, the viewer's frames, the stored files
+of uploads and of zips go through a urllib3 pool, the rest through a ``requests.Session``.
 Orthanc 1.10.1 closes idle keep-alive connections after one second, so a pooled connection may be
 stale: idempotent requests are retried once on a connection error. Anything that means "the
 archive is not there" becomes ``OrthancUnavailable``, which the pages turn into a clear 503.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
@@ -179,17 +180,54 @@ class Orthanc:
             body["Limit"] = limit
         return self.post_json("/tools/find", body)
 
-    def open_stream(self, path: str, params: dict[str, str] | None = None) -> requests.Response:
-        """A GET whose body is read as it arrives (an archive); the caller must close it.
+    def instance_file(self, instance_id: str) -> bytes:
+        """An instance's stored file, whole (``GET /instances/{id}/file``).
 
-        Raises ``OrthancError`` when Orthanc refuses, before any byte of the body is read.
+        A body shorter than its ``Content-Length`` (Orthanc gone midway) is read again once, then
+        raises ``OrthancUnavailable``: fewer bytes are never returned.
         """
-        response = self.request("GET", path, params=params, stream=True)
-        if response.status_code >= 400:
-            message = response.text[:300]
+        response = self._urlopen(
+            "GET", f"/instances/{instance_id}/file", None, self._headers, self.timeout, RETRY
+        )
+        if response.status >= 400:
+            raise OrthancError(response.status, response.data[:300].decode(errors="replace"))
+        return response.data
+
+    def stream_instance_file(self, instance_id: str) -> Iterator[bytes]:
+        """An instance's stored file in ``STREAM_CHUNK`` blocks, for files too large to hold.
+
+        A body that ends before its ``Content-Length`` raises ``OrthancUnavailable``.
+        """
+        response = self.open_raw(f"/instances/{instance_id}/file")
+        try:
+            if response.status >= 400:
+                raise OrthancError(response.status, response.read(300).decode(errors="replace"))
+            yield from response.stream(STREAM_CHUNK, decode_content=False)
+        except urllib3.exceptions.HTTPError as error:
+            raise OrthancUnavailable(f"the file of instance {instance_id} broke off: {error}") from None
+        finally:
             response.close()
-            raise OrthancError(response.status_code, message)
-        return response
+            response.release_conn()
+
+    def transcoded_instance(self, instance_id: str, transfer_syntax: str) -> bytes:
+        """An instance's file as Orthanc transcodes it to ``transfer_syntax``, its UIDs kept.
+
+        ``POST /instances/{id}/modify`` with ``Transcode`` stores nothing; keeping the three UIDs
+        (which needs ``Force``) gives the very file Orthanc's transcoding archive holds. A file
+        Orthanc cannot transcode raises ``OrthancError``.
+        """
+        body = {
+            "Transcode": transfer_syntax,
+            "Keep": ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+            "Force": True,
+        }
+        headers = {**self._headers, "Content-Type": "application/json"}
+        path = f"/instances/{instance_id}/modify"
+        # It only reads, so it may be sent again like a search.
+        response = self._urlopen("POST", path, json.dumps(body).encode(), headers, self.timeout, SEARCH_RETRY)
+        if response.status >= 400:
+            raise OrthancError(response.status, response.data[:300].decode(errors="replace"))
+        return response.data
 
     def store_instance(self, body: bytes | BinaryIO, size: int) -> dict[str, Any]:
         """Store one DICOM file of ``size`` bytes (bytes, or a binary file at its start); Orthanc's answer.

@@ -281,6 +281,15 @@ SETTINGS: tuple[Setting, ...] = (
         ),
     ),
     Setting(
+        "zip_dicomdir",
+        bool,
+        False,
+        "Add a DICOMDIR to zip files",
+        "Zips then hold the files in the layout of a DICOM CD (PT000000/ST000000/...) with a "
+        "DICOMDIR index, which many viewers open directly. The zip page lets each download "
+        "choose otherwise.",
+    ),
+    Setting(
         "date_format",
         str,
         "%Y-%m-%d",

@@ -12,14 +12,17 @@ as the link's page does (``--birth-date``, ``PACS_BIRTH_DATE`` or a prompt). A p
 JSON with a ``manifest`` address, or the manifest itself (``MANIFEST_FORMAT``: the series to
 fetch, each with its zip address, file count and size), is all it needs from the portal.
 
-How it resumes: the portal's zips are made by the archive as they are sent, with no length and no
-byte ranges, so a broken zip download cannot be continued in the middle. The downloader fetches the
-series one by one instead, each into its own part file in ``<output>.parts/``. A series that
-arrived whole (its zip reads back, with as many files as the portal announced) is never fetched
-again: not when the connection drops (the download is retried from that series on), nor when the
-command is run again after being stopped. When every series is there, the parts are joined into
-the output zip, which is checked in turn (every file's CRC, and the number of files), and the
-parts are removed. ``--open`` then runs a viewer on the result.
+How it resumes: the downloader fetches the series one by one, each into its own part file in
+``<output>.parts/``. The portal's zips of stored files have a known length and answer byte ranges,
+so a series whose connection drops is continued from the last byte received (``Range``, with
+``If-Range`` so that a series that changed in the meantime is fetched again whole); zips the
+portal makes whole before sending (transcoded ones) start again. A series that arrived whole
+(its zip reads back, with as many files as the portal announced) is never fetched again: not
+when the connection drops, nor when the command is run again after being stopped (the part file
+and its ``ETag`` stay behind for that). When every series is there, the parts are joined into the
+output zip, which is checked in turn (every file's CRC, and the number of files), and the parts
+are removed. ``--open`` then runs a viewer on the result. A download that cannot be finished
+says so, and that running the same command again resumes it.
 
 Only Python's standard library is used, so this one file runs anywhere Python 3.9+ does.
 """
@@ -45,7 +48,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 MANIFEST_FORMAT = "pacs-download-manifest/1"
 CHUNK = 256 * 1024
@@ -84,16 +87,22 @@ class Portal:
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
         self.opener.addheaders = [("User-Agent", USER_AGENT)]
 
-    def open(self, url: str, data: bytes | None = None, accept: str = "*/*") -> http.client.HTTPResponse:
+    def open(
+        self, url: str, data: bytes | None = None, accept: str = "*/*", headers: dict[str, str] | None = None
+    ) -> http.client.HTTPResponse:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise DownloadError(f"{url} is not a web address")
-        request = urllib.request.Request(url, data=data, headers={"Accept": accept})  # noqa: S310 - checked
+        headers = {"Accept": accept, **(headers or {})}
+        request = urllib.request.Request(url, data=data, headers=headers)  # noqa: S310 - checked
         try:
             response = self.opener.open(request, timeout=self.timeout)
         except urllib.error.HTTPError as error:
             if error.code == 401:
                 raise SignInNeeded from None
             detail = error.read(2000).decode("utf-8", "replace")
+            if error.code == 503:
+                # The archive is down or restarting for a moment: worth trying again.
+                raise ConnectionError(_json_message(detail) or "the portal is not available") from None
             question = _json_answer(detail)
             if error.code == 403 and question.get("error") == "identity check":
                 message, csrf_token = question.get("message", ""), question.get("csrf_token", "")
@@ -232,22 +241,47 @@ def check_zip(path: Path, expected_files: int) -> None:
 
 
 def fetch_series(portal: Portal, series: dict[str, Any], part: Path, progress: Progress) -> None:
-    """Fetch one series' zip into ``part`` (through a temporary file) and check it."""
+    """Fetch one series' zip into ``part`` (through a temporary file) and check it.
+
+    What a broken attempt left in the temporary file is kept when the portal said the zip can be
+    resumed (its ``ETag``, kept beside it): the next attempt asks only for the rest.
+    """
     partial = part.with_name(part.name + ".partial")
+    tag_file = part.with_name(part.name + ".etag")
+    have = partial.stat().st_size if partial.exists() and tag_file.exists() else 0
+    headers = {"Range": f"bytes={have}-", "If-Range": tag_file.read_text().strip()} if have else {}
     received = 0
 
     def count(size: int) -> None:
         nonlocal received
         received += size
         progress.received += size
-        progress.show(min(received, series["size"]))
+        progress.show(min(have + received, series["size"]))
 
-    with portal.open(series["archive"], accept="application/zip") as response, partial.open("wb") as output:
-        copy_in_chunks(response, output, count)
-    if received == 0:
+    with portal.open(series["archive"], accept="application/zip", headers=headers) as response:
+        resumed = response.status == 206
+        if not resumed:
+            have = 0
+        tag = response.headers.get("ETag", "")
+        if tag and response.headers.get("Accept-Ranges") == "bytes":
+            tag_file.write_text(tag)
+        else:
+            tag_file.unlink(missing_ok=True)
+        expected = response.headers.get("Content-Length")
+        with partial.open("ab" if resumed else "wb") as output:
+            copy_in_chunks(response, output, count)
+    if expected is not None and received < int(expected):
+        raise ConnectionError(f"the connection broke off after {have + received} bytes")
+    if received == 0 and not resumed:
         raise ConnectionError("the connection closed before any data came")
-    check_zip(partial, series["instances"])
+    try:
+        check_zip(partial, series["instances"])
+    except DamagedZip:
+        partial.unlink()
+        tag_file.unlink(missing_ok=True)
+        raise
     partial.replace(part)
+    tag_file.unlink(missing_ok=True)
 
 
 def copy_in_chunks(source: BinaryIO, target: BinaryIO, on_chunk: Callable[[int], None]) -> None:
@@ -326,8 +360,9 @@ def download(
             except (*NETWORK_ERRORS, DamagedZip) as error:
                 if attempt == retries:
                     raise DownloadError(
-                        f"series {number}/{len(series_list)} failed {retries + 1} times ({error}); "
-                        "run the same command again to resume"
+                        f"series {number}/{len(series_list)} could not be downloaded ({error}), "
+                        f"{retries + 1} tries. What arrived is kept: run the same command again later "
+                        "to resume"
                     ) from None
                 wait = min(retry_wait * 2**attempt, 60)
                 progress.say(f"series {number}: connection lost ({error}); retrying in {wait:g} s")

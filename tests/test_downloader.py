@@ -44,6 +44,7 @@ class CuttingRelay:
         self.target_port = target_port
         self.cut = cut
         self.requests: list[str] = []
+        self.heads: list[str] = []  # each request's line and headers
         self.large = 0
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -72,6 +73,7 @@ class CuttingRelay:
             if first:
                 with self.lock:
                     self.requests.append(data.split(b"\r\n", 1)[0].decode())
+                    self.heads.append(data.split(b"\r\n\r\n", 1)[0].decode(errors="replace"))
                 first = False
             if not self._send(upstream, data):
                 break
@@ -117,6 +119,15 @@ class CuttingRelay:
 
     def fetched(self, path_part: str) -> int:
         return sum(path_part in line for line in self.requests)
+
+    def ranges_asked(self, path_part: str) -> list[str]:
+        """The ``Range`` header of each request for ``path_part`` ("" for none), in order."""
+        found = []
+        for head in self.heads:
+            if path_part in head.split("\r\n", 1)[0]:
+                match = re.search(r"^Range: ([^\r\n]*)", head, re.MULTILINE | re.IGNORECASE)
+                found.append(match.group(1) if match else "")
+        return found
 
 
 @dataclass
@@ -190,6 +201,8 @@ def test_a_cut_connection_resumes_without_fetching_finished_series_again(
     assert "connection lost" in result.stderr
     check_zip(tmp_path / "dora.zip", study.facts)
     assert [relay.fetched(f"/query/series/{series}/archive") for series in study.series_ids] == [1, 2, 1]
+    first, resumed = relay.ranges_asked(f"/query/series/{study.series_ids[1]}/archive")
+    assert first == "" and re.fullmatch(r"bytes=[1-9]\d*-", resumed), "the cut series went on where it broke"
 
 
 def test_a_second_run_fetches_only_what_the_first_did_not(
@@ -198,7 +211,7 @@ def test_a_second_run_fetches_only_what_the_first_did_not(
     url = relay.url(f"{stack.url}/query/studies/{study.orthanc_id}/manifest")
     failed = run(url, tmp_path, "--output", "dora.zip", "--retries", "0")
     assert failed.returncode == 1
-    assert "run the same command again to resume" in failed.stderr
+    assert "run the same command again later to resume" in failed.stderr
     assert not (tmp_path / "dora.zip").exists()
     assert len(list((tmp_path / "dora.zip.parts").glob("*.zip"))) == 1
 
@@ -213,6 +226,9 @@ def test_a_second_run_fetches_only_what_the_first_did_not(
     assert "series 1/3 already here" in result.stderr
     check_zip(tmp_path / "dora.zip", study.facts)
     assert [again.fetched(f"/query/series/{series}/archive") for series in study.series_ids] == [0, 1, 1]
+    assert again.ranges_asked(f"/query/series/{study.series_ids[1]}/archive")[0].startswith("bytes="), (
+        "the second run continues the series the first one left unfinished"
+    )
 
 
 def test_a_patient_download_then_opens_the_viewer(stack: Stack, study: Study, tmp_path: Path) -> None:
@@ -272,7 +288,7 @@ def test_the_downloader_installs_with_pip(tmp_path: Path) -> None:
         text=True,
         check=True,
     )
-    assert version.stdout.strip() == "pacs-download 0.2.0"
+    assert version.stdout.strip() == "pacs-download 0.3.0"
 
 
 def test_a_patients_study_link_is_enough(stack: Stack, study: Study, tmp_path: Path) -> None:

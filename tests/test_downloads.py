@@ -1,25 +1,31 @@
-"""Zip downloads through the real stack: what they hold, how they are named, the zip_content setting,
-the size stated beforehand, and the activity event of each download, complete or not."""
+"""Zip downloads through the real stack: what they hold (the archive's stored files, byte for byte),
+how they are named, their exact length, ranges and resumed downloads, the zip_content setting, the
+DICOMDIR and compressed choices, and the activity event of each download, complete or not."""
 
 from __future__ import annotations
 
 import io
 import itertools
 import json
+import random
 import re
+import subprocess
 import time
 import zipfile
 from urllib.parse import quote
 
+import numpy as np
 import pydicom
 import pytest
 import requests
 import sqlalchemy as sa
+from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.uid import generate_uid
 
 from control import db
 from control.site import Site
 
-from conftest import Stack, csrf_token
+from conftest import Stack, c_store, csrf_token
 from samples import StudyFacts, make_study, store_study
 
 pytestmark = pytest.mark.stack
@@ -69,8 +75,32 @@ def all_instances(facts: StudyFacts) -> set[str]:
     return set().union(*facts.series.values())
 
 
+def stored_files(stack: Stack, level: str, orthanc_id: str) -> dict[str, bytes]:
+    """The archive's stored file of every instance of a resource, by SOP Instance UID."""
+    instances = requests.get(f"{stack.orthanc_url}/{level}/{orthanc_id}/instances", auth=stack.orthanc_auth)
+    return {
+        instance["MainDicomTags"]["SOPInstanceUID"]: requests.get(
+            f"{stack.orthanc_url}/instances/{instance['ID']}/file", auth=stack.orthanc_auth
+        ).content
+        for instance in instances.json()
+    }
+
+
+def by_sop_uid(members: dict[str, bytes]) -> dict[str, bytes]:
+    return {str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID): data for data in members.values()}
+
+
+def unzip_test(body: bytes, folder) -> str:
+    """What ``unzip -t`` (Info-ZIP) says of a zip; it fails the test unless the zip is whole."""
+    path = folder / "tested.zip"
+    path.write_bytes(body)
+    result = subprocess.run(["unzip", "-t", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
 def test_a_study_zip_holds_its_instances_and_says_whose_it_is(
-    stack: Stack, browser: requests.Session
+    stack: Stack, browser: requests.Session, tmp_path
 ) -> None:
     facts = store_study(
         stack,
@@ -93,9 +123,15 @@ def test_a_study_zip_holds_its_instances_and_says_whose_it_is(
     assert response.headers["Content-Disposition"] == (
         f"attachment; filename=\"Muller-Jurgen_2024-01-31_Knee-left-MRI.zip\"; filename*=UTF-8''{quote(name)}"
     )
+    assert int(response.headers["Content-Length"]) == len(response.content) == page["zip_size"]
     members = zip_members(response.content)
-    assert sop_uids(members) == all_instances(facts)
+    assert by_sop_uid(members) == stored_files(stack, "studies", study_id)
     assert page["expected_size"] == sum(len(data) for data in members.values())
+    assert "No errors detected" in unzip_test(response.content, tmp_path)
+    assert {name.rsplit("/", 1)[0] for name in members} == {
+        f"Müller-Jürgen_{facts.patient_id}/2024-01-31_Knee-left-MRI/series-1_CT",
+        f"Müller-Jürgen_{facts.patient_id}/2024-01-31_Knee-left-MRI/series-2_MR",
+    }
 
     (event,) = activity_after(stack, before)
     detail = json.loads(event.detail)
@@ -112,7 +148,11 @@ def test_patient_and_series_zips_hold_exactly_theirs(stack: Stack, browser: requ
     )
     patient_id, study_id = orthanc_ids(stack, browser, second)
     patient_zip = browser.get(f"{stack.url}/query/patients/{patient_id}/archive")
-    assert sop_uids(zip_members(patient_zip.content)) == all_instances(first) | all_instances(second)
+    assert int(patient_zip.headers["Content-Length"]) == len(patient_zip.content)
+    patient_members = zip_members(patient_zip.content)
+    assert sop_uids(patient_members) == all_instances(first) | all_instances(second)
+    assert by_sop_uid(patient_members) == stored_files(stack, "patients", patient_id)
+    assert len({name.split("/")[1] for name in patient_members}) == 2, "a folder per study"
     assert "filename*=UTF-8''Two-Studies_TWO-STUDIES.zip" in patient_zip.headers["Content-Disposition"]
 
     series = browser.get(f"{stack.url}/query/studies/{study_id}/series", params={"format": "json"}).json()[
@@ -120,7 +160,10 @@ def test_patient_and_series_zips_hold_exactly_theirs(stack: Stack, browser: requ
     ]
     mr = next(row for row in series if row["modality"] == "MR")
     series_zip = browser.get(mr["actions"]["archive"])
-    assert sop_uids(zip_members(series_zip.content)) == second.series[mr["series_instance_uid"]]
+    assert int(series_zip.headers["Content-Length"]) == len(series_zip.content)
+    series_members = zip_members(series_zip.content)
+    assert sop_uids(series_members) == second.series[mr["series_instance_uid"]]
+    assert by_sop_uid(series_members) == stored_files(stack, "series", mr["id"])
     assert "Two-Studies_2023-02-02_series-2_MR.zip" in series_zip.headers["Content-Disposition"]
 
 
@@ -130,12 +173,14 @@ def test_the_zip_page_states_the_size_before_the_download(stack: Stack, browser:
     before = last_activity_id(stack)
     page = browser.get(f"{stack.url}/query/studies/{study_id}/zip")
     size = browser.get(f"{stack.url}/query/studies/{study_id}/zip", params={"format": "json"}).json()[
-        "expected_size"
+        "zip_size"
     ]
-    assert f"{size / 1000:.1f} kB of DICOM files" in page.text
+    assert f"<dd>{size / 1000:.1f} kB</dd>" in page.text
     assert f'href="/query/studies/{study_id}/archive" data-autostart="true"' in page.text
     assert "4 files" in page.text and "DICOM files as stored" in page.text
+    assert "shows the time left" in page.text and "If the download fails" in page.text
     assert activity_after(stack, before) == [], "showing the page downloads nothing"
+    assert len(browser.get(f"{stack.url}/query/studies/{study_id}/archive").content) == size
 
 
 def test_the_jpeg_lossless_setting_transcodes_the_zips(stack: Stack, browser: requests.Session) -> None:
@@ -144,10 +189,19 @@ def test_the_jpeg_lossless_setting_transcodes_the_zips(stack: Stack, browser: re
     assert stack.pacs("config", "set", "zip_content", "jpeg-lossless").returncode == 0
     try:
         assert "compressed JPEG lossless" in browser.get(f"{stack.url}/query/studies/{study_id}/zip").text
-        members = zip_members(browser.get(f"{stack.url}/query/studies/{study_id}/archive").content)
+        response = browser.get(f"{stack.url}/query/studies/{study_id}/archive")
+        assert response.headers["Accept-Ranges"] == "none", "its length is known only once it is made"
+        assert int(response.headers["Content-Length"]) == len(response.content)
+        members = zip_members(response.content)
         datasets = [pydicom.dcmread(io.BytesIO(data)) for data in members.values()]
         assert {str(dataset.SOPInstanceUID) for dataset in datasets} == all_instances(facts)
         assert {str(dataset.file_meta.TransferSyntaxUID) for dataset in datasets} == {JPEG_LOSSLESS}
+        originals = {
+            uid: pydicom.dcmread(io.BytesIO(data))
+            for uid, data in stored_files(stack, "studies", study_id).items()
+        }
+        for dataset in datasets:
+            assert np.array_equal(dataset.pixel_array, originals[dataset.SOPInstanceUID].pixel_array)
     finally:
         stack.pacs("config", "set", "zip_content", "dicom")
     members = zip_members(browser.get(f"{stack.url}/query/studies/{study_id}/archive").content)
@@ -166,8 +220,11 @@ def test_a_client_that_leaves_stops_the_download(stack: Stack, browser: requests
         assert response.status_code == 200
         received = sum(len(chunk) for chunk in itertools.islice(response.iter_content(128 * 1024), 4))
     deadline = time.monotonic() + 30
-    while not (events := activity_after(stack, before)):
-        assert time.monotonic() < deadline, "the download was never recorded"
+    while (
+        not (events := activity_after(stack, before))
+        or json.loads(events[0].detail)["stopped_by"] == "server"
+    ):
+        assert time.monotonic() < deadline, "the end of the download was never recorded"
         time.sleep(0.2)
     detail = json.loads(events[0].detail)
     assert events[0].outcome == "failed" and detail["completed"] is False
@@ -231,3 +288,143 @@ def test_a_patients_study_link_downloads_through_the_same_stream(
     (event,) = activity_after(stack, before)
     assert event.token_id == link["token_id"] and event.username == ""
     assert json.loads(event.detail)["completed"] is True
+
+
+@pytest.fixture(scope="module")
+def noisy_study(stack: Stack, browser: requests.Session) -> str:
+    """A study of 12 MB of noise in three series (most zip members span many network packets)."""
+    facts = store_study(
+        stack, make_study("Range^Rita", series=(("CT", 8), ("MR", 8), ("CT", 8)), size=512, noise=True)
+    )
+    return orthanc_ids(stack, browser, facts)[1]
+
+
+def test_every_download_of_a_zip_is_the_same_and_a_range_is_part_of_it(
+    stack: Stack, browser: requests.Session, noisy_study: str
+) -> None:
+    url = f"{stack.url}/query/studies/{noisy_study}/archive"
+    full = browser.get(url)
+    again = browser.get(url)
+    assert full.content == again.content, "two downloads of one study give the same bytes"
+    assert full.headers["ETag"] == again.headers["ETag"] and full.headers["Accept-Ranges"] == "bytes"
+    before = last_activity_id(stack)
+    length = len(full.content)
+    start, end = length // 3, length // 3 + 2_000_000
+    part = browser.get(url, headers={"Range": f"bytes={start}-{end}"})
+    assert part.status_code == 206
+    assert part.headers["Content-Range"] == f"bytes {start}-{end}/{length}"
+    assert part.content == full.content[start : end + 1]
+    tail = browser.get(url, headers={"Range": "bytes=-1000", "If-Range": full.headers["ETag"]})
+    assert (tail.status_code, tail.content) == (206, full.content[-1000:])
+    (event, _tail_event) = activity_after(stack, before)
+    detail = json.loads(event.detail)
+    assert detail["completed"] is True and detail["bytes_sent"] == end + 1 - start
+    assert detail["range"] == f"{start}-{end}/{length}"
+
+    other_version = browser.get(url, headers={"Range": f"bytes={start}-", "If-Range": '"not-this-zip"'})
+    assert other_version.status_code == 200 and other_version.content == full.content
+    refused = browser.get(url, headers={"Range": f"bytes={length}-"})
+    assert refused.status_code == 416 and refused.headers["Content-Range"] == f"bytes */{length}"
+
+
+def test_a_download_cut_at_random_places_and_resumed_gives_the_whole_zip(
+    stack: Stack, browser: requests.Session, noisy_study: str
+) -> None:
+    url = f"{stack.url}/query/studies/{noisy_study}/archive"
+    whole = browser.get(url)
+    length, etag = len(whole.content), whole.headers["ETag"]
+    chance = random.Random(18)
+    cuts = sorted(chance.sample(range(1, length), 4))
+    received = bytearray()
+    for cut in [*cuts, length]:
+        headers = {"Range": f"bytes={len(received)}-", "If-Range": etag} if received else {}
+        with browser.get(url, headers=headers, stream=True) as response:
+            assert response.status_code == (206 if received else 200)
+            for chunk in response.iter_content(64 * 1024):
+                received += chunk[: cut - len(received)]
+                if len(received) >= cut:
+                    break
+    assert bytes(received) == whole.content
+    assert zip_members(bytes(received)).keys() == zip_members(whole.content).keys()
+
+
+def test_a_dicomdir_lists_every_file_of_the_zip(stack: Stack, browser: requests.Session, tmp_path) -> None:
+    facts = store_study(stack, make_study("Dicomdir^Dora", series=(("CT", 3), ("MR", 2)), size=64))
+    _patient_id, study_id = orthanc_ids(stack, browser, facts)
+    page = browser.get(f"{stack.url}/query/studies/{study_id}/zip", params={"format": "json"}).json()
+    assert page["dicomdir"] is False
+    response = browser.get(page["archive_other_dicomdir"])
+    assert response.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        assert archive.testzip() is None
+        archive.extractall(tmp_path)
+        names = {name for name in archive.namelist() if name != "DICOMDIR"}
+    records = [
+        record
+        for record in pydicom.dcmread(tmp_path / "DICOMDIR").DirectoryRecordSequence
+        if "ReferencedFileID" in record
+    ]
+    listed = {"/".join(record.ReferencedFileID): record.ReferencedSOPInstanceUIDInFile for record in records}
+    assert set(listed) == names
+    assert set(listed.values()) == all_instances(facts)
+    for name, uid in listed.items():
+        assert pydicom.dcmread(tmp_path / name).SOPInstanceUID == uid, "each record names its own file"
+
+    stack.pacs("config", "set", "zip_dicomdir", "yes")
+    try:
+        page = browser.get(f"{stack.url}/query/studies/{study_id}/zip")
+        assert "and a DICOMDIR" in page.text and "Without a DICOMDIR" in page.text
+        with zipfile.ZipFile(
+            io.BytesIO(browser.get(f"{stack.url}/query/studies/{study_id}/archive").content)
+        ) as z:
+            assert "DICOMDIR" in z.namelist()
+    finally:
+        stack.pacs("config", "set", "zip_dicomdir", "no")
+
+
+def test_a_compressed_zip_holds_the_same_files(stack: Stack, browser: requests.Session) -> None:
+    facts = store_study(stack, make_study("Squeeze^Sam", series=(("CT", 3),), size=128))
+    _patient_id, study_id = orthanc_ids(stack, browser, facts)
+    page = browser.get(f"{stack.url}/query/studies/{study_id}/zip", params={"format": "json"}).json()
+    stored = browser.get(page["archive"])
+    compressed = browser.get(page["archive_compressed"])
+    assert compressed.headers["Accept-Ranges"] == "none", "its length is known only once it is made"
+    assert int(compressed.headers["Content-Length"]) == len(compressed.content)
+    assert len(compressed.content) < len(stored.content) / 2
+    with zipfile.ZipFile(io.BytesIO(compressed.content)) as archive:
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_DEFLATED}
+    assert zip_members(compressed.content) == zip_members(stored.content)
+
+
+@pytest.mark.parametrize(
+    "samples",
+    [("rtplan.dcm", "waveform_ecg.dcm", "chrArab.dcm", "MR_small.dcm", "rtdose.dcm")],
+)
+def test_a_dicomdir_lists_files_that_lack_what_its_records_need(
+    stack: Stack, browser: requests.Session, tmp_path, samples: tuple[str, ...]
+) -> None:
+    """Real files without an instance number, a series number or a study date still get a record."""
+    patient_id = "DICOMDIR-" + generate_uid()[-10:]
+    sent = set()
+    for sample in samples:
+        dataset = pydicom.dcmread(get_testdata_file(sample) or get_charset_files(sample)[0])
+        dataset.PatientID = patient_id
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        assert c_store(stack, dataset) == 0, sample
+        sent.add(dataset.SOPInstanceUID)
+    row = browser.get(f"{stack.url}/query/patients", params={"patient_id": patient_id, "format": "json"})
+    patient = row.json()["rows"][0]["id"]
+    response = browser.get(f"{stack.url}/query/patients/{patient}/archive", params={"dicomdir": "yes"})
+    assert response.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        assert archive.testzip() is None
+        archive.extractall(tmp_path)
+        names = {name for name in archive.namelist() if name != "DICOMDIR"}
+    records = [
+        record
+        for record in pydicom.dcmread(tmp_path / "DICOMDIR").DirectoryRecordSequence
+        if "ReferencedFileID" in record
+    ]
+    assert {"/".join(record.ReferencedFileID) for record in records} == names
+    assert {record.ReferencedSOPInstanceUIDInFile for record in records} == sent

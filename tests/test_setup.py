@@ -4,10 +4,12 @@ ports that move, web access turned off, and changes applied without a restart.""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import re
 import socket
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -286,17 +288,19 @@ def test_a_download_in_progress_survives_a_reload(site) -> None:
         more.StudyInstanceUID, more.PatientID = first.StudyInstanceUID, first.PatientID
         assert c_store(stack, more) == 0
     study = orthanc_id(stack, first.StudyInstanceUID)
-    expected = requests.get(f"{stack.orthanc_url}/studies/{study}/archive", auth=stack.orthanc_auth).content
-
     response = admin.get(f"{stack.url}/query/studies/{study}/archive", stream=True)
     assert response.status_code == 200
+    expected = int(response.headers["Content-Length"])
     chunks = response.iter_content(4096)
     received = [next(chunks)]
     saved = save(admin_copy(admin), stack.url, {"institution": "Reloaded Clinic"})
     assert saved.status_code == 302
     assert "Reloaded Clinic" in requests.get(f"{stack.url}/").text
     received.extend(chunks)
-    assert len(b"".join(received)) == len(expected)
+    body = b"".join(received)
+    assert len(body) == expected
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        assert archive.testzip() is None and len(archive.namelist()) == 41
 
 
 def admin_copy(session: requests.Session) -> requests.Session:

@@ -3,11 +3,12 @@
 Most of it does not pass through Python: Caddy asks ``/internal/gate/dicom-web`` before it
 proxies a DICOMweb request (``forward_auth``), then streams Orthanc's answer itself, adding
 Orthanc's credentials and a ``Forwarded`` header so that the URLs in Orthanc's answers point back
-through the portal. Three kinds of request come here instead: searches at the top
+through the portal. Four kinds of request come here instead: searches at the top
 (``/dicom-web/studies``, ``/series``, ``/instances``), because a patient's grant must see its own
 study whatever the search asks for, and because searches are paged here; single frames, which the
 control plane answers from Orthanc's core at a fraction of the plugin's cost
-(``control.dicomweb.frames``); and stores (STOW-RS), which go through the upload page's checks
+(``control.dicomweb.frames``); whole studies and series, which Orthanc streams with no length
+(``control.dicomweb.relay``); and stores (STOW-RS), which go through the upload page's checks
 (``control.uploads.stow``).
 
 The decision itself is ``rules.decide`` and ``rules.owned``; this module finds out who is asking
@@ -22,7 +23,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, request
 from flask_login import current_user
 
-from control import db
+from control import db, spooling
 from control.activity import Action, Outcome, record_activity
 from control.dicomweb import relay, rules
 from control.dicomweb.frames import FrameRequest, NotTheGrantedStudy, StudyShared
@@ -164,6 +165,27 @@ def store_instances(study: str = ""):
         _denied(decision, "POST", rules.split_uri(uri)[0])
         return _refusal(decision)
     return stow.receive(study)
+
+
+@bp.route("/dicom-web/studies/<study>", methods=["GET"])
+@bp.route("/dicom-web/studies/<study>/series/<series>", methods=["GET"])
+def retrieve_instances(**_uids: str):
+    """A whole study or series (WADO-RS), which Caddy hands here rather than to Orthanc: Orthanc
+    streams it with no length, so only a relay that checks its end can tell a cut one from a
+    whole one (``relay.Relayed``)."""
+    uri = rules.request_uri(request.environ)
+    refusal = _verdict("GET", uri)
+    if refusal is not None:
+        return refusal
+    return _passed_on(
+        relay.relay(
+            _orthanc(),
+            uri,
+            request.headers.get("Accept", 'multipart/related; type="application/dicom"'),
+            relay.origin(request.environ),
+            spooling.client_gone(request.environ),
+        )
+    )
 
 
 def _passed_on(answer: relay.Answer) -> Response:

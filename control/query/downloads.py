@@ -1,17 +1,18 @@
 """Downloads: zip files of a patient, a study or a series, and what the downloader needs.
 
-A zip is Orthanc's own archive (``GET /{patients,studies,series}/{id}/archive``), streamed through
-in fixed chunks: the control plane never holds a study in memory or on disk, and a client that
-goes away closes the upstream response, which stops Orthanc zipping. Orthanc's zips are made on
-the fly, so they have no length and cannot be resumed; the zip page therefore states the expected
-size (the DICOM files' size from Orthanc's statistics; the zip is usually smaller) before the
-download starts, and the downloader (``downloader/``) resumes series by series, reading the list of
-series to fetch from ``manifest``. What a zip holds follows the ``zip_content`` site setting, read
-at each request. Each download is one activity event, with the bytes sent and whether it completed.
-"""
+The control plane builds each zip itself from the archive's stored files (``control.query.zips``
+says how and why): ``zip_plan`` lists what a zip holds, in a layout a person can read, from three
+calls to Orthanc; ``archive_response`` sends it. A zip of stored files has its exact length (the
+zip page states it before the download starts), a strong ``ETag``, and answers a ``Range``, so
+browsers show the time left and resume a broken download, and the downloader (``downloader/``)
+resumes inside a series, reading the series to fetch from ``manifest``. What a zip holds follows
+the ``zip_content`` and ``zip_dicomdir`` site settings, read at each request; the zip page offers
+the other choices. Each download is one activity event, recorded before its first byte and
+completed at its end, with the bytes sent and whether it completed."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import shlex
 import unicodedata
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import requests
 from flask import (
     Response,
     current_app,
@@ -32,16 +32,17 @@ from flask import (
     stream_with_context,
     url_for,
 )
+from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 
-from control.activity import Action, Outcome, record_activity
-from control.errors import wants_json
-from control.orthanc import STREAM_CHUNK
-from control.query import bp, present
+from control import spooling
+from control.activity import Action, Outcome, finish_activity, record_activity
+from control.errors import error_response, wants_json
+from control.orthanc import OrthancUnavailable
+from control.query import bp, present, zips
 from control.query.views import check_id, get_or_404, orthanc, safe_back
 from control.site import REPOSITORY
 
-JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"
 DOWNLOADER_SCRIPT = REPOSITORY / "downloader" / "pacs_download.py"
 MANIFEST_FORMAT = "pacs-download-manifest/1"
 LEVEL = "<any(patients, studies, series):level>/<orthanc_id>"
@@ -101,6 +102,7 @@ class Resource:
     patient: dict[str, str]
     study: dict[str, str]
     series: dict[str, Any]
+    last_update: str = ""  # when the archive last changed it (Orthanc's ``LastUpdate``)
 
     @property
     def noun(self) -> str:
@@ -138,13 +140,13 @@ class Resource:
             parts += [f"series-{tags.get('SeriesNumber') or ''}".rstrip("-"), tags.get("Modality") or ""]
         return safe_file_name(parts, self.noun)
 
-    def record(self, outcome: Outcome, who: dict[str, str], **detail: Any) -> None:
+    def record(self, outcome: Outcome, who: dict[str, str], **detail: Any) -> int:
         """The activity event of a download of this resource; ``who`` overrides its columns."""
         columns = {
             "patient": present.patient_label(self.patient),
             "study": self.study.get("StudyInstanceUID") or "",
         }
-        record_activity(
+        return record_activity(
             Action.DOWNLOAD,
             outcome,
             **(columns | who),
@@ -161,22 +163,22 @@ def describe(level: str, orthanc_id: str) -> Resource:
     series: dict[str, Any] = {}  # a study or a patient has no series of its own
     if level == "patients":
         patient = get_or_404(f"/patients/{orthanc_id}")
-        return Resource(
-            level, orthanc_id, present.patient_fields(patient["MainDicomTags"], date_format), {}, {}
-        )
+        fields = present.patient_fields(patient["MainDicomTags"], date_format)
+        return Resource(level, orthanc_id, fields, {}, {}, patient.get("LastUpdate", ""))
     if level == "series":
         series = get_or_404(f"/series/{orthanc_id}")
         study = orthanc().get_json(f"/studies/{series['ParentStudy']}")
+        last_update = series.get("LastUpdate", "")
     else:
         study = get_or_404(f"/studies/{orthanc_id}")
+        last_update = study.get("LastUpdate", "")
     patient = present.patient_fields(study.get("PatientMainDicomTags", {}), date_format)
-    return Resource(level, orthanc_id, patient, study["MainDicomTags"], series)
+    return Resource(level, orthanc_id, patient, study["MainDicomTags"], series, last_update)
 
 
-def zip_content() -> tuple[str, dict[str, str]]:
-    """The ``zip_content`` setting and the archive parameters that give it."""
-    content = g.settings["zip_content"]
-    return content, ({"transcode": JPEG_LOSSLESS} if content == "jpeg-lossless" else {})
+def zip_content() -> str:
+    """The ``zip_content`` setting: ``dicom`` (the files as stored) or ``jpeg-lossless``."""
+    return g.settings["zip_content"]
 
 
 def statistics(level: str, orthanc_id: str) -> dict[str, int]:
@@ -193,12 +195,29 @@ def statistics(level: str, orthanc_id: str) -> dict[str, int]:
 @bp.get(f"/query/{LEVEL}/zip")
 @login_required
 def zip_page(level: str, orthanc_id: str):
-    """What a zip will hold and how large it is, before it starts (the page then starts it)."""
+    """What a zip will hold and how large it is, before it starts (the page then starts it).
+
+    The download it starts follows the site settings; the other choices (with or without a
+    DICOMDIR, a smaller compressed zip) are links to the same zip with ``dicomdir`` or
+    ``compressed`` in the query.
+    """
     resource = describe(level, orthanc_id)
     counts = statistics(level, orthanc_id)
-    content, _params = zip_content()
+    content = zip_content()
+    dicomdir = wants_dicomdir()
+    plan = zip_plan(resource, content, dicomdir=dicomdir)
     archive_url = url_for("query.archive", level=level, orthanc_id=orthanc_id)
     manifest_url = url_for("query.manifest", level=level, orthanc_id=orthanc_id)
+    other_dicomdir = url_for(
+        "query.archive", level=level, orthanc_id=orthanc_id, dicomdir="no" if dicomdir else "yes"
+    )
+    compressed_url = url_for(
+        "query.archive",
+        level=level,
+        orthanc_id=orthanc_id,
+        compressed="yes",
+        dicomdir="yes" if dicomdir else "no",
+    )
     if wants_json():
         base = request.host_url.rstrip("/")
         return jsonify(
@@ -208,8 +227,13 @@ def zip_page(level: str, orthanc_id: str):
                 "title": resource.title,
                 "file_name": resource.file_name,
                 "content": content,
+                "dicomdir": dicomdir,
                 **counts,
+                "zip_size": plan.length,
+                "resumable": plan.length is not None,
                 "archive": base + archive_url,
+                "archive_other_dicomdir": base + other_dicomdir,
+                "archive_compressed": base + compressed_url,
                 "manifest": base + manifest_url,
             }
         )
@@ -218,7 +242,11 @@ def zip_page(level: str, orthanc_id: str):
         resource=resource,
         counts=counts,
         content=content,
+        dicomdir=dicomdir,
+        zip_size=plan.length,
         archive_url=archive_url,
+        other_dicomdir_url=other_dicomdir,
+        compressed_url=compressed_url,
         downloader_url=url_for("query.downloader_page", level=level, orthanc_id=orthanc_id),
         back=safe_back(""),
     )
@@ -227,46 +255,229 @@ def zip_page(level: str, orthanc_id: str):
 @bp.get(f"/query/{LEVEL}/archive")
 @login_required
 def archive(level: str, orthanc_id: str):
-    """The zip itself, streamed from Orthanc chunk by chunk."""
+    """The zip itself, made as it is sent (see ``archive_response``)."""
     return archive_response(level, orthanc_id)
 
 
-def archive_response(level: str, orthanc_id: str, *, activity: dict[str, str] | None = None) -> Response:
+def archive_response(
+    level: str, orthanc_id: str, *, activity: dict[str, str] | None = None
+) -> ResponseReturnValue:
     """The zip of a patient, study or series as a streamed response, and its activity event.
 
     Any page that offers a zip answers with this (the patients' token page too); ``activity``
-    overrides the event's columns (``token_id``, ``patient``, ``study``).
+    overrides the event's columns (``token_id``, ``patient``, ``study``). A zip of stored files
+    has its length and a strong ``ETag``, and answers a single ``Range`` (with ``If-Range``) with
+    206 and just those bytes; an unsatisfiable range gets 416. Any other zip (transcoded,
+    compressed, with a DICOMDIR) is made whole in a temporary file first, then sent with its
+    length (``control.spooling``: why). Either way a zip the portal cannot finish ends as a failure
+    the client sees, and its activity event says it did not complete.
     """
     resource = describe(level, orthanc_id)
-    content, params = zip_content()
-    upstream = orthanc().open_stream(f"/{level}/{orthanc_id}/archive", params)
+    content = zip_content()
+    plan = zip_plan(resource, content, compress=wants_compressed(), dicomdir=wants_dicomdir())
+    length = plan.length
+    start, stop, status = 0, length, 200
+    requested = request.range if length is not None else None
+    if requested and len(requested.ranges) == 1 and request.headers.get("If-Range", plan.etag) == plan.etag:
+        span = requested.range_for_length(length)
+        if span is None:
+            refused = Response(status=416, headers={"Content-Range": f"bytes */{length}"})
+            refused.headers["Cache-Control"] = "no-store"
+            return refused
+        start, stop = span
+        status = 206
+    headers = {
+        "Content-Disposition": content_disposition(resource.file_name, resource.noun),
+        "Cache-Control": "no-store",
+        "Accept-Ranges": "bytes" if length is not None else "none",
+    }
+    if request.method == "HEAD":
+        if length is not None:
+            headers |= {"Content-Length": str((stop or 0) - start), "ETag": plan.etag}
+        answer = Response(status=status, mimetype="application/zip")
+        answer.headers.update(headers)
+        return answer
+
+    detail: dict[str, Any] = {"content": content, "bytes_sent": 0, "completed": False}
+    if plan.compress:
+        detail["compressed"] = True
+    if plan.dicomdir:
+        detail["dicomdir"] = True
+    if status == 206:
+        detail["range"] = f"{start}-{(stop or 0) - 1}/{length}"
+    # Recorded before the first byte, so that a download whose worker is killed stays in the log as
+    # not completed; its end fills in the rest.
+    event_id = resource.record(Outcome.FAILED, activity or {}, **detail, stopped_by="server")
+
+    def finish(completed: bool, sent: int, stopped_by: str) -> None:
+        ended = (
+            {"level": level, "orthanc_id": orthanc_id} | detail | {"bytes_sent": sent, "completed": completed}
+        )
+        if not completed:
+            ended["stopped_by"] = stopped_by
+        finish_activity(event_id, Outcome.OK if completed else Outcome.FAILED, **ended)
+
+    if length is None:
+        try:
+            spooled, length = spooling.spool(
+                zips.zip_bytes(orthanc(), plan), spooling.client_gone(request.environ)
+            )
+        except spooling.ClientGone:
+            finish(False, 0, "client")
+            return error_response(503, "The download was stopped.")
+        except (zips.ZipBroken, OrthancUnavailable) as error:
+            current_app.logger.warning("The zip of %s %s could not be made: %s", level, orthanc_id, error)
+            finish(False, 0, "archive")
+            return error_response(
+                503, "The archive stopped answering while the zip was being made. Please download it again."
+            )
+        body: Iterable[bytes] = spooling.read_back(spooled)
+        stop = length
+    else:
+        spooled, body = None, zips.zip_bytes(orthanc(), plan, start, stop)
 
     def relay() -> Iterator[bytes]:
         sent, completed, stopped_by = 0, False, "client"
         try:
-            for chunk in upstream.iter_content(STREAM_CHUNK):
+            for chunk in body:
                 sent += len(chunk)
                 yield chunk
             completed = True
-        except requests.RequestException:
-            # The archive broke off: end the response without its last chunk, so that the client
-            # sees a failed download rather than a complete-looking, truncated zip.
+        except (zips.ZipBroken, OrthancUnavailable) as error:
+            # Raised on, the answer is broken off short of its length: the client sees a failed
+            # download, never a whole-looking cut zip.
             stopped_by = "archive"
-            current_app.logger.warning("Orthanc stopped sending the archive of %s %s", level, orthanc_id)
+            current_app.logger.warning("The zip of %s %s broke off: %s", level, orthanc_id, error)
             raise
         finally:
-            upstream.close()
-            detail: dict[str, Any] = {"content": content, "bytes_sent": sent, "completed": completed}
-            if not completed:
-                detail["stopped_by"] = stopped_by
-            resource.record(Outcome.OK if completed else Outcome.FAILED, activity or {}, **detail)
+            finish(completed, sent, stopped_by)
 
-    response = Response(stream_with_context(relay()), mimetype="application/zip", direct_passthrough=True)
-    # Closing the response closes the upstream too, even if no byte was ever asked for.
-    response.call_on_close(upstream.close)
-    response.headers["Content-Disposition"] = content_disposition(resource.file_name, resource.noun)
-    response.headers["Cache-Control"] = "no-store"
+    response = Response(
+        stream_with_context(relay()), status=status, mimetype="application/zip", direct_passthrough=True
+    )
+    if spooled is not None:
+        response.call_on_close(spooled.close)
+    response.headers.update(headers)
+    response.headers["Content-Length"] = str((stop or 0) - start)
+    if plan.length is not None:
+        response.headers["ETag"] = plan.etag
+    if status == 206:
+        response.headers["Content-Range"] = f"bytes {start}-{(stop or 0) - 1}/{length}"
     return response
+
+
+def wants_compressed() -> bool:
+    """The zip page's choice of a smaller, deflated zip (``?compressed=yes``)."""
+    return request.args.get("compressed") == "yes"
+
+
+def wants_dicomdir() -> bool:
+    """A DICOMDIR in the zip: the zip page's choice (``?dicomdir=yes|no``), else the site setting."""
+    choice = request.args.get("dicomdir")
+    return choice == "yes" if choice in ("yes", "no") else bool(g.settings["zip_dicomdir"])
+
+
+def zip_plan(
+    resource: Resource, content: str, *, compress: bool = False, dicomdir: bool = False
+) -> zips.ZipPlan:
+    """What the zip of ``resource`` holds, in order, named ``patient/study/series/0001.dcm``.
+
+    Three calls to Orthanc whatever the size: the resource's instances (with each stored file's
+    size and attachment id), its series and (for a patient) its studies.
+    """
+    level, orthanc_id = resource.level, resource.orthanc_id
+    instances = orthanc().get_json(f"/{level}/{orthanc_id}/instances")
+    if level == "series":
+        series_list = [resource.series]
+    else:
+        series_list = sorted(orthanc().get_json(f"/{level}/{orthanc_id}/series"), key=present.series_sort_key)
+    if level == "patients":
+        studies = {
+            study["ID"]: study["MainDicomTags"]
+            for study in orthanc().get_json(f"/patients/{orthanc_id}/studies")
+        }
+    else:
+        studies = {series["ParentStudy"]: resource.study for series in series_list}
+    patient_folder = safe_file_name(
+        [first_name_group(resource.patient["name"]), resource.patient["patient_id"]], "patient", ""
+    )
+    study_order = sorted(studies, key=lambda study_id: (studies[study_id].get("StudyDate") or "", study_id))
+    study_folders = _unique_names(
+        {
+            study_id: safe_file_name(
+                [
+                    iso_date(studies[study_id].get("StudyDate")),
+                    studies[study_id].get("StudyDescription") or "",
+                ],
+                "study",
+                "",
+            )
+            for study_id in study_order
+        }
+    )
+    by_series: dict[str, list[dict[str, Any]]] = {}
+    for instance in instances:
+        by_series.setdefault(instance["ParentSeries"], []).append(instance)
+    members = []
+    for study_id in study_order:
+        in_study = [series for series in series_list if series["ParentStudy"] == study_id]
+        series_folders = _unique_names({series["ID"]: _series_folder(series) for series in in_study})
+        for series in in_study:
+            ordered = sorted(by_series.get(series["ID"], []), key=_instance_order)
+            width = max(4, len(str(len(ordered))))
+            for number, instance in enumerate(ordered, 1):
+                folder = f"{patient_folder}/{study_folders[study_id]}/{series_folders[series['ID']]}"
+                members.append(
+                    zips.Member(
+                        f"{folder}/{number:0{width}d}.dcm",
+                        instance["ID"],
+                        instance["FileUuid"],
+                        int(instance["FileSize"]),
+                    )
+                )
+    return zips.ZipPlan(
+        tuple(members),
+        _modified_at(resource.last_update),
+        transcode=zips.JPEG_LOSSLESS if content == "jpeg-lossless" else None,
+        compress=compress,
+        dicomdir=dicomdir,
+    )
+
+
+def _series_folder(series: dict[str, Any]) -> str:
+    tags = series["MainDicomTags"]
+    number = f"series-{tags.get('SeriesNumber') or ''}".rstrip("-")
+    return safe_file_name(
+        [number, tags.get("Modality") or "", tags.get("SeriesDescription") or ""], "series", ""
+    )
+
+
+def _instance_order(instance: dict[str, Any]) -> tuple:
+    number = (instance["MainDicomTags"].get("InstanceNumber") or "").strip()
+    numeric = int(number) if re.fullmatch(r"-?\d{1,9}", number) else 1 << 31
+    return (numeric, instance.get("IndexInSeries") or 0, instance["ID"])
+
+
+def _unique_names(names: dict[str, str]) -> dict[str, str]:
+    """The same names, with ``(2)``, ``(3)``... added where two siblings would share one."""
+    taken: set[str] = set()
+    unique = {}
+    for key, name in names.items():
+        candidate, number = name, 2
+        while candidate.casefold() in taken:
+            candidate = f"{name} ({number})"
+            number += 1
+        taken.add(candidate.casefold())
+        unique[key] = candidate
+    return unique
+
+
+def _modified_at(last_update: str) -> dt.datetime:
+    """The members' time stamp: when the archive last changed the resource (Orthanc writes UTC)."""
+    try:
+        return dt.datetime.strptime(last_update, "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return dt.datetime(1980, 1, 1, tzinfo=dt.UTC)
 
 
 @bp.get(f"/query/{LEVEL}/manifest")
@@ -297,7 +508,7 @@ def manifest_response(level: str, orthanc_id: str, series_archive: Callable[[str
         }
     else:
         study_uids = {series["ParentStudy"]: resource.study.get("StudyInstanceUID") for series in found}
-    content, _params = zip_content()
+    content = zip_content()
     series_list = []
     for series in found:
         tags = series["MainDicomTags"]
