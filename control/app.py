@@ -15,7 +15,7 @@ from flask import Flask, g, request
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from control import __version__, access, configs, errors, formatting
+from control import __version__, access, configs, errors, formatting, metrics
 from control.dicomweb.fast import QuickGate
 from control.dicomweb.frames import FrameSource
 from control.extensions import csrf, login_manager
@@ -63,6 +63,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # The viewer's frames, and Caddy's questions about its other requests, are answered before
     # Flask when the answer is plainly yes (see the module).
     app.wsgi_app = QuickGate(app.wsgi_app, app)  # type: ignore[method-assign]
+    # Outermost, so that the gate's quick answers are counted too (control.metrics).
+    app.wsgi_app = metrics.Counting(app.wsgi_app)  # type: ignore[method-assign]
 
     csrf.init_app(app)
     login_manager.init_app(app)
@@ -76,6 +78,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(dicomweb.bp)
     app.register_blueprint(query.bp)
     app.register_blueprint(uploads.bp)
+    app.register_blueprint(metrics.bp)
     errors.init_app(app)
     formatting.init_app(app)
 
