@@ -81,9 +81,12 @@ activity = sa.Table(
     sa.Column("patient", sa.String(200), nullable=False, server_default=""),
     sa.Column("study", sa.String(100), nullable=False, server_default=""),
     sa.Column("detail", sa.Text, nullable=False, server_default="{}"),
+    # The indexes (and why) are those of migration 0004.
     sa.Index("ix_activity_at", "at"),
     sa.Index("ix_activity_user_id_at", "user_id", "at"),
-    sa.Index("ix_activity_client_address_at", "client_address", "at"),
+    sa.Index("ix_activity_list_at", "token_id", "outcome", "at"),
+    sa.Index("ix_activity_client_address_list_at", "client_address", "token_id", "outcome", "at"),
+    sa.Index("ix_activity_action_list_at", "action", "token_id", "outcome", "at"),
 )
 
 
