@@ -96,6 +96,8 @@ def up(site: Site, detach: bool, quiet: bool) -> None:
         sys.exit(code)
     except stack.StackError as error:
         _fail(str(error))
+    except db.MigrationError as error:
+        _fail(str(error))
 
 
 @main.command()
