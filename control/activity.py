@@ -220,11 +220,11 @@ def refused_by_address(
         .where(*filters.conditions(time_zone))
         .group_by(table.c.client_address)
     )
-    total = connection.execute(sa.select(sa.func.count()).select_from(grouped.subquery())).scalar_one()
-    rows = connection.execute(
-        grouped.order_by(sa.desc("last_at"), table.c.client_address).offset(offset).limit(limit)
-    ).all()
-    return total, rows
+    # One pass over the refused rows (their partial index, in address order); the groups, one per
+    # address, are few enough to count and order here rather than group everything twice.
+    groups = connection.execute(grouped).all()
+    groups.sort(key=lambda group: (-group.last_at.timestamp(), group.client_address))
+    return len(groups), groups[offset : offset + limit]
 
 
 def get_event(connection: sa.Connection, event_id: int) -> sa.Row | None:
