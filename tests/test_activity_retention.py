@@ -11,6 +11,7 @@ import csv
 import datetime as dt
 import gzip
 import stat
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -19,7 +20,7 @@ from control import db
 from control.activity import prune_activity, retention_cutoff, take_daily_lease
 from control.site import Site
 
-from conftest import Stack
+from conftest import Stack, make_stack
 
 pytestmark = pytest.mark.stack
 
@@ -110,3 +111,36 @@ def test_one_worker_a_day_takes_the_clean_up(stack: Stack) -> None:
         connection.execute(
             db.revisions.update().where(db.revisions.c.name == "activity-retention").values(value=0)
         )
+
+
+def test_the_portal_applies_the_retention_by_itself_in_one_worker(tmp_path) -> None:
+    stack = make_stack(tmp_path / "data")
+    prepared = stack.pacs("prepare")
+    assert prepared.returncode == 0, prepared.stderr
+    assert stack.pacs("config", "set", "activity_keep_years", "1").returncode == 0
+    engine = Site(stack.data).engine
+    with engine.begin() as connection:
+        for years in (3, 2):
+            connection.execute(
+                db.activity.insert().values(old_row(db.utcnow() - dt.timedelta(days=365 * years), "OLD"))
+            )
+    stack.start()
+    try:
+        # The workers look a minute after they start; only one of them does the work.
+        deadline = time.monotonic() + 240
+        while True:
+            with engine.connect() as connection:
+                left = connection.execute(
+                    sa.select(sa.func.count()).select_from(db.activity).where(db.activity.c.patient == "OLD")
+                ).scalar_one()
+            if left == 0:
+                break
+            assert time.monotonic() < deadline, "the old rows were never removed"
+            time.sleep(2)
+        exports = list((stack.data / "activity-exports").glob("*.csv.gz"))
+        assert len(exports) == 1
+        with gzip.open(exports[0], "rt", newline="", encoding="utf-8") as file:
+            assert [row["patient"] for row in csv.DictReader(file)] == ["OLD", "OLD"]
+    finally:
+        stack.stop()
+    assert "activity retention: 2 rows older than" in (stack.data / "logs" / "control.log").read_text()

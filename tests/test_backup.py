@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 import requests
+import sqlalchemy as sa
+
+from control import db
 
 from conftest import REPOSITORY, Stack, c_store, free_port, fresh_study, make_stack
 
@@ -264,3 +267,91 @@ def test_restore_never_overwrites_a_data_directory_in_use(backed_up, tmp_path: P
     (occupied / "notes.txt").write_text("the admin's own file")
     assert pacs(occupied, "restore", str(backed_up["backup"])).returncode == 1
     assert [path.name for path in occupied.iterdir()] == ["notes.txt"]
+
+
+def test_a_portal_on_postgresql_is_backed_up_with_pg_dump_and_restored(tmp_path: Path) -> None:
+    from postgres import PostgresServer, binaries
+
+    if binaries() is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+    server = PostgresServer(free_port())
+    server.start()
+    try:
+        source_url = server.create_database("pacs_source")
+        source = make_stack(tmp_path / "data", PACS_DATABASE_URL=source_url)
+        source.start()
+        try:
+            assert c_store(source, fresh_study("CT_small.dcm")) == 0
+            made = source.pacs("user", "add", DOCTOR, input=DOCTOR_PASSWORD + "\n")
+            assert made.returncode == 0, made.stderr
+            made = source.pacs("backup", str(tmp_path / "backup"))
+            assert made.returncode == 0, made.stdout + made.stderr
+        finally:
+            source.stop()
+        snapshot = sorted((tmp_path / "backup" / "snapshots").iterdir())[-1]
+        assert (snapshot / "control.pgdump").exists()
+
+        # Into SQLite it is refused: the engines differ.
+        refused = pacs(tmp_path / "elsewhere", "restore", str(tmp_path / "backup"))
+        assert refused.returncode == 1 and "set PACS_DATABASE_URL" in refused.stderr
+
+        target_url = server.create_database("pacs_target")
+        restore_env = {**source.env, "PACS_DATABASE_URL": target_url}
+        restored = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "control",
+                "--data",
+                str(tmp_path / "restored"),
+                "restore",
+                str(tmp_path / "backup"),
+            ],
+            cwd=REPOSITORY,
+            env=restore_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        tables = ("users", "activity", "settings", "study_tokens")
+        engines = [sa.create_engine(source_url), sa.create_engine(target_url)]
+        try:
+            contents = []
+            for engine in engines:
+                with engine.connect() as connection:
+                    contents.append(
+                        {
+                            table: sorted(
+                                map(tuple, connection.execute(sa.select(getattr(db, table)))),
+                                key=repr,
+                            )
+                            for table in tables
+                        }
+                    )
+            assert contents[0] == contents[1]
+            assert any(DOCTOR in row for row in contents[1]["users"])
+        finally:
+            for engine in engines:
+                engine.dispose()
+        # The database now holds a portal: a second restore into it is refused.
+        again = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "control",
+                "--data",
+                str(tmp_path / "again"),
+                "restore",
+                str(tmp_path / "backup"),
+            ],
+            cwd=REPOSITORY,
+            env=restore_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert again.returncode == 1 and "is not empty" in again.stderr
+        assert not (tmp_path / "again").exists()
+    finally:
+        server.stop()
