@@ -15,7 +15,7 @@ from flask import Flask, g, request
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from control import __version__, access, configs, errors, formatting, metrics
+from control import __version__, access, configs, errors, formatting
 from control.dicomweb.fast import QuickGate
 from control.dicomweb.frames import FrameSource
 from control.extensions import csrf, login_manager
@@ -63,13 +63,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # The viewer's frames, and Caddy's questions about its other requests, are answered before
     # Flask when the answer is plainly yes (see the module).
     app.wsgi_app = QuickGate(app.wsgi_app, app)  # type: ignore[method-assign]
-    # Outermost, so that the gate's quick answers are counted too (control.metrics).
-    app.wsgi_app = metrics.Counting(app.wsgi_app)  # type: ignore[method-assign]
 
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from control import admin, auth, dicomweb, public, query, tokens, uploads
+    from control import admin, auth, dicomweb, metrics, public, query, tokens, uploads
+
+    # Outermost, so that the gate's quick answers are counted too (control.metrics).
+    app.wsgi_app = metrics.Counting(app.wsgi_app)  # type: ignore[method-assign]
 
     app.register_blueprint(public.bp)
     app.register_blueprint(auth.bp)
