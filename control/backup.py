@@ -238,6 +238,11 @@ def copy_archive_index(site: Site, target: Path, work: Path) -> float:
         source = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=30)
         try:
             _sqlite_copy(source, target)
+        except sqlite3.OperationalError:
+            raise BackupError(
+                "the archive's index is held by an Orthanc that this runner did not start (another "
+                "container?): run the backup where that Orthanc runs, or stop it first"
+            ) from None
         finally:
             source.close()
         return 0.0
