@@ -163,6 +163,8 @@ def _met_text(row: Row, judged: bool) -> str:
         shown = f"{row.value:.2f}"
     elif row.target.kind == "most":
         shown = f"{row.value:.1f} MB"
+    elif row.target.kind == "time":
+        shown = format_seconds(row.value)
     else:
         shown = f"{row.value:g} errors"
     if met is None:

@@ -79,10 +79,16 @@ def count_event(action: str, outcome: str) -> None:
 
 
 class Counting:
-    """WSGI middleware, outermost: counts every request (the gate's quick answers too)."""
+    """WSGI middleware, outermost: counts every request (the gate's quick answers too).
 
-    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
-        self.app = app
+    Transparent: any other attribute is the wrapped layer's (the quick gate's ``allows``, ...).
+    """
+
+    def __init__(self, inner: Callable[..., Iterable[bytes]]) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         kind = kind_of(environ.get("PATH_INFO", ""))
@@ -98,7 +104,7 @@ class Counting:
             if length.isdigit():
                 RECEIVED.inc(int(length))
         try:
-            answer = self.app(environ, counted_start)
+            answer = self.inner(environ, counted_start)
         except BaseException:
             REQUESTS.labels(kind, "500").inc()
             raise
