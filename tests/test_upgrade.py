@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 from conftest import ADMIN_PASSWORD, REPOSITORY, c_store, fresh_study, make_stack
 
@@ -126,6 +128,12 @@ def old_installation(old_tree: Path, tmp_path_factory: pytest.TempPathFactory):
     return {"data": data, "stack": stack, "token": token, "files": files, "studies": uids}
 
 
+def newest_schema() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(REPOSITORY / "control" / "migrations"))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
 def activity_of(database: Path) -> list[tuple]:
     connection = sqlite3.connect(database)
     try:
@@ -176,7 +184,9 @@ def test_the_new_version_upgrades_the_old_installation_in_place(old_installation
             assert hashlib.sha256(content).hexdigest() == expected
         assert old_installation["files"] == {}, "studies of the old installation are missing"
         with sqlite3.connect(data / "control.sqlite3") as connection:
-            assert connection.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0004"
+            assert (
+                connection.execute("SELECT version_num FROM alembic_version").fetchone()[0] == newest_schema()
+            )
     finally:
         stack.stop()
     assert activity_of(data / "control.sqlite3")[: len(activity_before)] == activity_before
