@@ -25,7 +25,7 @@ CPU_ROLES = ("orthanc", "control", "caddy", "client")
 class Target:
     """What a row must show: ``kind`` is ``ratio`` (direct/portal at least ``limit``), ``extra``
     (the portal adds at most ``limit`` seconds), ``most`` (a value at most ``limit``) or ``errors``
-    (no errors at all)."""
+    (no errors at all) or ``time`` (the portal's answer takes at most ``limit`` seconds)."""
 
     kind: str
     limit: float = 0.0
@@ -38,12 +38,14 @@ class Target:
             return f"+{format_seconds(self.limit)} at most"
         if self.kind == "most":
             return f"<= {self.limit:g} MB"
+        if self.kind == "time":
+            return f"<= {format_seconds(self.limit)}"
         return "no errors"
 
     def judge(self, value: float) -> bool:
         if self.kind == "ratio":
             return value >= self.limit
-        if self.kind in ("extra", "most"):
+        if self.kind in ("extra", "most", "time"):
             return value <= self.limit
         return value == 0
 
@@ -161,6 +163,8 @@ def _met_text(row: Row, judged: bool) -> str:
         shown = f"{row.value:.2f}"
     elif row.target.kind == "most":
         shown = f"{row.value:.1f} MB"
+    elif row.target.kind == "time":
+        shown = format_seconds(row.value)
     else:
         shown = f"{row.value:g} errors"
     if met is None:

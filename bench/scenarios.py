@@ -1,4 +1,4 @@
-"""The six scenarios of issue 8, each comparing the portal with Orthanc asked directly.
+"""The scenarios of the benchmark; the first six compare the portal with Orthanc asked directly.
 
 "Direct" is what a client with Orthanc's credentials gets from Orthanc's own HTTP port; "portal"
 is the same thing asked as a user asks it, through Caddy (and the control plane where it is in the
@@ -19,6 +19,9 @@ path). Each scenario adds rows (times, ratios, targets) and content checks to th
   bounded time; every step's latency and errors.
 - ``growth``: the searches again as the archive grows (one-instance studies), to show which costs
   follow the archive's size (Orthanc's SQLite index) and which do not (the portal).
+- ``activity``: the admin's activity pages, filters and CSV export over an activity log of years
+  (10 million rows written straight into the table, ``bench.activity``), each against a time
+  budget: there is no direct way to compare with.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import hashlib
 import io
 import json
 import random
+import sqlite3
+import statistics
 import threading
 import time
 import zipfile
@@ -72,14 +77,28 @@ class Scale:
     viewer_threads: int = 6
     frames_per_user: int = 4
     budget: float = 900.0  # seconds any one comparison may take before it stops repeating
+    activity_rows: int = 10_000_000  # rows of the activity scenario's log
 
 
 PRESETS = {
     # About 10 minutes on a 2-core machine; the full growth curve (--sizes 1000,10000,50000) about 13.
     "default": Scale((100, 300), 400, 1000, (1000, 10000), 50, 60, 5, 50),
-    "quick": Scale((40, 60), 100, 1000, (1000, 3000), 20, 15, 3, 20, budget=120),
+    "quick": Scale((40, 60), 100, 1000, (1000, 3000), 20, 15, 3, 20, budget=120, activity_rows=1_000_000),
     # What tests/test_bench_smoke.py runs: the code paths, not the figures.
-    "smoke": Scale((3, 5), 4, 30, (40, 60), 3, 3, 1, 2, viewer_threads=2, frames_per_user=2, budget=30),
+    "smoke": Scale(
+        (3, 5),
+        4,
+        30,
+        (40, 60),
+        3,
+        3,
+        1,
+        2,
+        viewer_threads=2,
+        frames_per_user=2,
+        budget=30,
+        activity_rows=20_000,
+    ),
 }
 
 
@@ -1006,6 +1025,89 @@ def all_studies_action(bench: Bench):
     return direct
 
 
+# ---- 7. activity ---------------------------------------------------------------------------
+
+ACTIVITY_PAGE_BUDGET = 0.5  # seconds for one page of the admin's activity lists
+ACTIVITY_CSV_BUDGET = 10.0  # seconds for one user's whole CSV export
+
+
+def run_activity(bench: Bench) -> None:
+    """The admin's activity pages over a log of years (millions of rows written straight in).
+
+    Last of the scenarios: the rows stay in the stack's log. Each page is asked ``repeat`` times
+    (at least 5); the median must stay within the page budget, whatever the log's size.
+    """
+    from bench import activity
+
+    count = bench.scale.activity_rows
+    started = time.monotonic()
+    activity.fill(bench.stack.data / "control.sqlite3", count)
+    bench.say(f"  activity log: {count:,} rows written ({time.monotonic() - started:.0f} s)")
+    with sqlite3.connect(bench.stack.data / "control.sqlite3") as connection:
+        refused_from = connection.execute(
+            "SELECT client_address FROM activity WHERE outcome != 'ok' ORDER BY id DESC LIMIT 1"
+        ).fetchone()[0]
+    admin = bench.signed_in()
+    today = dt.date.today()
+    month = {
+        "date_from": (today - dt.timedelta(days=400)).isoformat(),
+        "date_to": (today - dt.timedelta(days=370)).isoformat(),
+    }
+    pages = (
+        ("web users' activity, page 1", {}),
+        ("web users' activity, page 150", {"page": "150"}),
+        ("filtered by user", {"user": activity.username(42)}),
+        ("filtered by action and a month a year ago", {"action": "upload", **month}),
+        ("filtered by client address", {"address": activity.address(17)}),
+        ("patients' access by token, page 1", {"list": "tokens"}),
+        ("refused connections by address, a month", {"list": "refused", **month}),
+        ("refused connections by address, all time", {"list": "refused"}),
+        ("refused from one address", {"list": "refused", "address": refused_from}),
+    )
+    runs = max(5, bench.scale.repeat)
+    for name, query in pages:
+        seconds = []
+        for _round in range(runs + 1):  # the first is a warm-up
+            begun = time.perf_counter()
+            response = admin.get(f"{bench.stack.url}/admin/activity", params=query, timeout=300)
+            seconds.append(time.perf_counter() - begun)
+            expect(response)
+        bench.report.check(
+            "activity",
+            f"{name}: the page lists events",
+            'class="outcome-' in response.text or "<td>" in response.text,
+        )
+        median = statistics.median(seconds[1:])
+        bench.report.add(
+            Row("activity", name, None, median, median, Target("time", ACTIVITY_PAGE_BUDGET), runs=runs)
+        )
+    begun = time.perf_counter()
+    with admin.get(
+        f"{bench.stack.url}/admin/activity.csv",
+        params={"user": activity.username(42)},
+        stream=True,
+        timeout=600,
+    ) as response:
+        expect(response)
+        lines = sum(chunk.count(b"\n") for chunk in response.iter_content(256 * 1024))
+    seconds = time.perf_counter() - begun
+    bench.report.check(
+        "activity", "one user's CSV export holds that user's rows", lines > 1, f"{lines - 1} rows"
+    )
+    bench.report.add(
+        Row(
+            "activity",
+            f"CSV export of one user ({lines - 1:,} rows)",
+            None,
+            seconds,
+            seconds,
+            Target("time", ACTIVITY_CSV_BUDGET),
+            runs=1,
+        )
+    )
+    bench.report.archive["activity_rows"] = count
+
+
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "zip": run_zip,
     "search": run_search,
@@ -1013,6 +1115,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "upload": run_upload,
     "users": run_users,
     "growth": run_growth,
+    "activity": run_activity,
 }
 
 

@@ -44,6 +44,8 @@ RULES: dict[str, Audience] = {
     # The DICOMweb gate decides itself: a signed-in user or a study grant (control.dicomweb.rules).
     "dicomweb.*": Audience.PUBLIC,
     "admin.*": Audience.ADMIN,
+    # Monitoring decides itself: admins, or clients on this machine (control.metrics).
+    "metrics.metrics": Audience.PUBLIC,
     # Uploads need the account's "can upload files" right; the worklist page is the admin's.
     "uploads.*": Audience.UPLOADER,
     "uploads.worklist_page": Audience.ADMIN,

@@ -4,22 +4,40 @@
 the tests read those same rows. Who acted is a user (id and the name they had then) or a study
 token's public id, never a token, password or cookie. The client address is the one Caddy forwarded:
 Caddy is the only listener, so its header is the only one trusted.
+
+The log is kept for ``activity_keep_years`` (0: for ever). Once a day one worker of one instance
+(whichever takes the day's lease in the shared database) writes the rows past that age to a
+gzipped CSV file in the data directory's ``activity-exports/`` and only then removes exactly
+those rows; ``./pacs activity prune`` does the same at once. Counting for the admin's pages
+stops at ``COUNT_LIMIT`` rows, so that a page of a log of millions of rows costs what a page of a
+small one does (the indexes are those of migration 0004).
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import enum
+import gzip
 import json
+import logging
+import os
+import threading
 import zoneinfo
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from flask import current_app, has_request_context, request
 from flask_login import current_user
 
-from control import db
+from control import db, metrics
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from control.site import Site
 
 
 class Action(enum.StrEnum):
@@ -105,6 +123,7 @@ def record_activity(
         "study": study[:100],
         "detail": json.dumps(detail, ensure_ascii=False, default=str),
     }
+    metrics.count_event(row["action"], row["outcome"])
     if connection is not None:
         return connection.execute(_INSERT, row).inserted_primary_key[0]
     with current_app.extensions["site"].engine.begin() as own_connection:
@@ -155,7 +174,8 @@ class ActivityFilter:
         elif self.listing is ActivityList.TOKENS:
             conditions = [table.c.token_id != ""]
         else:
-            conditions = [table.c.outcome != str(Outcome.OK)]
+            # As a literal, so that SQLite can use the partial index of refused rows (0004).
+            conditions = [table.c.outcome != sa.literal_column("'ok'")]
         zone = zoneinfo.ZoneInfo(time_zone)
         if self.date_from:
             conditions.append(table.c.at >= _utc(dt.datetime.combine(self.date_from, dt.time(), zone)))
@@ -175,8 +195,18 @@ def _utc(moment: dt.datetime) -> dt.datetime:
     return moment.astimezone(dt.UTC).replace(tzinfo=None)
 
 
-def count_activity(connection: sa.Connection, filters: ActivityFilter, time_zone: str) -> int:
-    query = sa.select(sa.func.count()).select_from(db.activity).where(*filters.conditions(time_zone))
+# The admin's pages count matching rows up to this many and then say "more than".
+COUNT_LIMIT = 10_000
+
+
+def count_activity(
+    connection: sa.Connection, filters: ActivityFilter, time_zone: str, *, limit: int | None = None
+) -> int:
+    """How many rows match; with ``limit``, at most ``limit + 1`` (enough to say "more than")."""
+    matching = sa.select(db.activity.c.id).where(*filters.conditions(time_zone))
+    if limit is not None:
+        matching = matching.limit(limit + 1)
+    query = sa.select(sa.func.count()).select_from(matching.subquery())
     return connection.execute(query).scalar_one()
 
 
@@ -215,12 +245,158 @@ def refused_by_address(
         .where(*filters.conditions(time_zone))
         .group_by(table.c.client_address)
     )
-    total = connection.execute(sa.select(sa.func.count()).select_from(grouped.subquery())).scalar_one()
-    rows = connection.execute(
-        grouped.order_by(sa.desc("last_at"), table.c.client_address).offset(offset).limit(limit)
-    ).all()
-    return total, rows
+    # One pass over the refused rows (their partial index, in address order); the groups, one per
+    # address, are few enough to count and order here rather than group everything twice.
+    groups = connection.execute(grouped).all()
+    groups.sort(key=lambda group: (-group.last_at.timestamp(), group.client_address))
+    return len(groups), groups[offset : offset + limit]
 
 
 def get_event(connection: sa.Connection, event_id: int) -> sa.Row | None:
     return connection.execute(sa.select(db.activity).where(db.activity.c.id == event_id)).first()
+
+
+# ---- retention ----
+
+EXPORT_COLUMNS = tuple(column.name for column in db.activity.columns)
+RETENTION_BATCH = 5_000
+RETENTION_LEASE = "activity-retention"
+RETENTION_INTERVAL = 3600.0  # how often a worker looks whether today's clean-up is done
+log = logging.getLogger(__name__)
+
+
+def exports_folder(site: Site) -> Path:
+    """Where the rows past the retention period are exported before they are removed."""
+    return site.data / "activity-exports"
+
+
+def retention_cutoff(keep_years: int, now: dt.datetime) -> dt.datetime | None:
+    """The time before which rows are past ``keep_years`` calendar years (None: keep everything)."""
+    if keep_years <= 0:
+        return None
+    try:
+        return now.replace(year=now.year - keep_years)
+    except ValueError:  # 29 February, in a year without one
+        return now.replace(year=now.year - keep_years, day=28)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    rows: int
+    cutoff: dt.datetime | None
+    export: Path | None
+
+
+def prune_activity(
+    engine: sa.Engine, folder: Path, keep_years: int, now: dt.datetime | None = None
+) -> Pruned:
+    """Export the rows older than ``keep_years`` to a file in ``folder``, then remove them.
+
+    The file is complete and on disk before any row goes; the rows removed are exactly the rows
+    written to it (older than the cut-off and no newer than the last one exported).
+    """
+    now = now or db.utcnow()
+    cutoff = retention_cutoff(keep_years, now)
+    if cutoff is None:
+        return Pruned(0, None, None)
+    table = db.activity
+    old = table.c.at < cutoff
+    with engine.connect() as connection:
+        last_id = connection.execute(sa.select(sa.func.max(table.c.id)).where(old)).scalar()
+    if last_id is None:
+        return Pruned(0, cutoff, None)
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)  # patients' names and study ids
+    export = folder / f"activity-before-{cutoff:%Y%m%dT%H%M%SZ}-{now:%Y%m%dT%H%M%SZ}.csv.gz"
+    exported = _export(engine, export, sa.and_(old, table.c.id <= last_id))
+    removed = 0
+    while True:
+        with engine.begin() as connection:
+            batch = (
+                sa.select(table.c.id)
+                .where(old, table.c.id <= last_id)
+                .order_by(table.c.id)
+                .limit(RETENTION_BATCH)
+            )
+            done = connection.execute(table.delete().where(table.c.id.in_(batch.scalar_subquery()))).rowcount
+        removed += done
+        if done < RETENTION_BATCH:
+            break
+    if removed != exported:
+        log.warning("activity retention exported %d rows and removed %d", exported, removed)
+    return Pruned(removed, cutoff, export)
+
+
+def _export(engine: sa.Engine, path: Path, condition: sa.ColumnElement[bool]) -> int:
+    temporary = path.with_name(path.name + ".part")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    count = 0
+    with os.fdopen(fd, "wb") as raw, gzip.open(raw, "wt", newline="", encoding="utf-8") as text:
+        writer = csv.writer(text)
+        writer.writerow(EXPORT_COLUMNS)
+        with engine.connect() as connection:
+            rows = connection.execution_options(yield_per=RETENTION_BATCH).execute(
+                sa.select(db.activity).where(condition).order_by(db.activity.c.id)
+            )
+            for row in rows:
+                writer.writerow(
+                    [
+                        row.at.isoformat(timespec="microseconds") + "Z"
+                        if name == "at"
+                        else row._mapping[name]
+                        for name in EXPORT_COLUMNS
+                    ]
+                )
+                count += 1
+        text.flush()
+        raw.flush()
+        os.fsync(raw.fileno())
+    temporary.replace(path)
+    return count
+
+
+def take_daily_lease(connection: sa.Connection, today: dt.date) -> bool:
+    """True for the first caller of the day, across workers and instances sharing the database."""
+    revisions = db.revisions
+    taken = connection.execute(
+        revisions.update()
+        .where(revisions.c.name == RETENTION_LEASE, revisions.c.value < today.toordinal())
+        .values(value=today.toordinal())
+    )
+    return taken.rowcount == 1
+
+
+def start_retention(app: Flask) -> threading.Thread:
+    """Once a day, in one worker of one instance, apply the retention setting (a daemon thread)."""
+    site = app.extensions["site"]
+
+    def run_daily() -> None:
+        # A minute after the start, then every hour: the lease makes it once a day.
+        wait = threading.Event().wait
+        wait(60)
+        while True:
+            run_once()
+            wait(RETENTION_INTERVAL)
+
+    def run_once() -> None:
+        try:
+            keep_years = site.load_settings()["activity_keep_years"]
+            if not keep_years:
+                return
+            with site.engine.begin() as connection:
+                if not take_daily_lease(connection, dt.date.today()):
+                    return
+            pruned = prune_activity(site.engine, exports_folder(site), keep_years)
+            if pruned.rows:
+                log.warning(
+                    "activity retention: %d rows older than %s exported to %s and removed",
+                    pruned.rows,
+                    pruned.cutoff,
+                    pruned.export,
+                )
+        except Exception:
+            log.exception("activity retention failed; the rows stay and it is tried again later")
+
+    thread = threading.Thread(target=run_daily, name="activity-retention", daemon=True)
+    thread.start()
+    return thread

@@ -57,7 +57,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["frames"] = FrameSource(app.extensions["orthanc"])
     # Which archive studies hold a Study Instance UID now, for the DICOMweb gate (both its ways).
     app.extensions["study_holders"] = partial(shared.holders, app.extensions["orthanc"])
-    # Started in each gunicorn worker (control.serving); tests run rounds of it themselves.
+    # Started in each gunicorn worker (control.gunicorn_conf); tests run rounds of it themselves.
     app.extensions["archive_watch"] = ArchiveWatch(site, app.extensions["orthanc"])
 
     # Caddy is the only listener and the only client of this app: trust its one forwarded hop.
@@ -69,7 +69,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from control import admin, auth, dicomweb, public, query, tokens, uploads
+    from control import admin, auth, dicomweb, metrics, public, query, tokens, uploads
+
+    # Outermost, so that the gate's quick answers are counted too (control.metrics).
+    app.wsgi_app = metrics.Counting(app.wsgi_app)  # type: ignore[method-assign]
 
     app.register_blueprint(public.bp)
     app.register_blueprint(auth.bp)
@@ -78,6 +81,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(dicomweb.bp)
     app.register_blueprint(query.bp)
     app.register_blueprint(uploads.bp)
+    app.register_blueprint(metrics.bp)
     errors.init_app(app)
     formatting.init_app(app)
 

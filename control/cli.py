@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from control import accounts, db, stack
+from control import accounts, db, logs, stack
 from control import settings as site_settings
 from control.activity import Action, record_activity
 from control.network import local_address
@@ -66,7 +66,8 @@ def banner(site: Site, prepared: stack.Prepared) -> str:
             f"  Admin:  user {stack.ADMIN_USERNAME!r}, password {prepared.admin_password}  "
             "(shown this once: note it now)"
         )
-    lines.append(f"  Data:   {site.data}  (logs in {site.logs})")
+    lines.append(f"  Data:   {site.data}")
+    lines.append(f"  Logs:   {logs.describe(site.logs)}")
     return "\n".join(lines)
 
 
@@ -76,6 +77,9 @@ def banner(site: Site, prepared: stack.Prepared) -> str:
 @click.pass_obj
 def up(site: Site, detach: bool, quiet: bool) -> None:
     """Set up what is missing and run the portal (Ctrl-C stops it)."""
+    if quiet:
+        # The runner started by --detach: its own messages go to a rotating pacs.log too.
+        logs.capture_own_output(site.logs / "pacs.log")
     try:
         prepared = stack.prepare(site)
         if detach:
@@ -101,6 +105,8 @@ def up(site: Site, detach: bool, quiet: bool) -> None:
         sys.exit(code)
     except stack.StackError as error:
         _fail(str(error))
+    except db.MigrationError as error:
+        _fail(str(error))
 
 
 @main.command()
@@ -122,6 +128,7 @@ def status(site: Site) -> None:
     click.echo(f"portal ({site.data}): " + (f"running, pid {supervisor}" if supervisor else "not running"))
     for name in ("orthanc", "control", "caddy"):
         click.echo(f"  {name:8} " + (f"running, pid {parts[name]}" if name in parts else "not running"))
+    click.echo(f"  {logs.describe(site.logs)}")
     if parts.get("control"):
         try:
             code, body = stack.get_over_unix_socket(site.run / "control.sock", "/healthz")
@@ -398,6 +405,84 @@ def token_command(site: Site, study: str) -> None:
     click.echo(network.token_link(values, token.token))
     if warning:
         click.echo(f"pacs: {warning}", err=True)
+
+
+# ---- backups, restores and the activity log's retention ----
+
+
+@main.command("backup")
+@click.argument("destination", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keep", default=7, show_default=True, help="How many snapshots DESTINATION keeps.")
+@click.pass_obj
+def backup_command(site: Site, destination: Path, keep: int) -> None:
+    """Back up this installation into DESTINATION, while it runs (stores go on).
+
+    Copies the database, the archive's index, the stored files not yet in DESTINATION, the
+    worklist and the secrets, with a checksum of each; see control/backup.py.
+    """
+    from control import backup
+
+    if keep < 1:
+        _fail("--keep must be at least 1")
+    db.migrate(site.engine)
+    click.echo(f"pacs: backing up {site.data} into {destination}")
+    try:
+        snapshot = backup.backup(site, destination, keep=keep, say=click.echo)
+    except backup.BackupError as error:
+        _fail(f"the backup failed: {error}")
+    click.echo(f"pacs: backup complete: {snapshot}")
+
+
+@main.command("restore")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--check", "check_only", is_flag=True, help="Only check the backup; write nothing.")
+@click.pass_obj
+def restore_command(site: Site, source: Path, check_only: bool) -> None:
+    """Restore the newest backup in SOURCE into this (empty) data directory.
+
+    SOURCE is a backup folder (its newest snapshot is restored) or one snapshot's folder. Every
+    part and every stored file is checked first; a damaged backup is refused with the part named.
+    """
+    from control import backup
+
+    try:
+        if check_only:
+            backup.check(source, say=click.echo)
+            return
+        click.echo(f"pacs: restoring {source} into {site.data}")
+        snapshot = backup.restore(source, site, say=click.echo)
+    except backup.BackupError as error:
+        _fail(f"nothing was restored: {error}")
+    click.echo(
+        f"pacs: restored the backup of {snapshot.manifest['made_at']}; "
+        f"start it with: ./pacs --data {site.data} up"
+    )
+
+
+@main.group("activity")
+def activity_group() -> None:
+    """The activity log's retention."""
+
+
+@activity_group.command("prune")
+@click.pass_obj
+def activity_prune(site: Site) -> None:
+    """Export the activity older than activity_keep_years to a file, then remove it, now."""
+    from control import activity
+
+    db.migrate(site.engine)
+    keep_years = site.load_settings()["activity_keep_years"]
+    if not keep_years:
+        click.echo("activity_keep_years is 0: the activity log keeps everything")
+        return
+    pruned = activity.prune_activity(site.engine, activity.exports_folder(site), keep_years)
+    if not pruned.rows:
+        click.echo(f"no activity older than {pruned.cutoff:%Y-%m-%d %H:%M} UTC")
+        return
+    click.echo(
+        f"{pruned.rows} events older than {pruned.cutoff:%Y-%m-%d %H:%M} UTC exported to {pruned.export} "
+        "and removed from the log"
+    )
 
 
 @main.command(

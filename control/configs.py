@@ -19,6 +19,7 @@ from typing import Any
 
 import jinja2
 
+from control import logs
 from control.settings import parse_modalities
 from control.site import REPOSITORY, Site
 
@@ -162,6 +163,9 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         viewer_policy=VIEWER_POLICY,
         admin_socket=site.run / "caddy-admin.sock",
         logs=site.logs,
+        log_to_journal=logs.to_journal(),
+        log_roll_mb=logs.max_bytes() // logs.MB,
+        log_keep=logs.keep(),
         web_port=settings["web_port"],
         ohif_root=topology.ohif_root,
         control_upstream=topology.control_upstream,

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 metadata = sa.MetaData()
 
@@ -84,9 +87,12 @@ activity = sa.Table(
     sa.Column("patient", sa.String(200), nullable=False, server_default=""),
     sa.Column("study", sa.String(100), nullable=False, server_default=""),
     sa.Column("detail", sa.Text, nullable=False, server_default="{}"),
+    # The indexes (and why) are those of migration 0004.
     sa.Index("ix_activity_at", "at"),
     sa.Index("ix_activity_user_id_at", "user_id", "at"),
-    sa.Index("ix_activity_client_address_at", "client_address", "at"),
+    sa.Index("ix_activity_list_at", "token_id", "outcome", "at"),
+    sa.Index("ix_activity_client_address_list_at", "client_address", "token_id", "outcome", "at"),
+    sa.Index("ix_activity_action_list_at", "action", "token_id", "outcome", "at"),
 )
 
 sign_in_failures = sa.Table(
@@ -130,13 +136,59 @@ def make_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+class MigrationError(RuntimeError):
+    """The database could not be brought to the newest schema; it was left as it was."""
+
+
 def migrate(engine: sa.Engine) -> None:
-    """Bring the schema to the newest migration. Safe to run on every start."""
+    """Bring the schema to the newest migration. Safe to run on every start.
+
+    An upgrade that fails leaves the database as it was. PostgreSQL runs the whole upgrade in one
+    transaction. SQLite's Python driver commits schema changes as they go, so an existing SQLite
+    database is first copied (SQLite's backup API) and, should a migration fail, copied back.
+    """
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    head = ScriptDirectory.from_config(config).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current == head:
+        return
+    copy = _copy_before_upgrade(engine, current)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    except Exception as error:
+        engine.dispose()
+        if copy:
+            _copy_sqlite(copy, Path(engine.url.database))
+            copy.unlink()
+        raise MigrationError(
+            f"the database could not be upgraded from schema {current} to {head}, and was left as it "
+            f"was (nothing is lost; the previous version of the portal still runs on it): {error}"
+        ) from error
+    if copy:
+        copy.unlink()
+
+
+def _copy_before_upgrade(engine: sa.Engine, current: str | None) -> Path | None:
+    if engine.dialect.name != "sqlite" or current is None:
+        return None
+    database = Path(engine.url.database)
+    copy = database.with_name(f"{database.name}.before-upgrade-{current}")
+    _copy_sqlite(database, copy)
+    return copy
+
+
+def _copy_sqlite(source: Path, target: Path) -> None:
+    """The whole of one SQLite database into another, through SQLite's backup API."""
+    reader, writer = sqlite3.connect(source, timeout=30), sqlite3.connect(target, timeout=30)
+    try:
+        reader.backup(writer)
+    finally:
+        reader.close()
+        writer.close()
 
 
 revisions = sa.Table(

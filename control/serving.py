@@ -1,7 +1,4 @@
-"""gunicorn's settings for the control plane: its access log, and the archive watcher.
-
-gunicorn reads this module as its configuration (``--config python:control.serving``): each worker,
-once it has built the app, starts the app's archive watcher (``control.watch``).
+"""gunicorn's logger for the control plane (``--logger-class control.serving.AccessLogger``).
 
 The access log: a viewer opening a series asks for every frame (which the control plane answers)
 and Caddy asks the DICOMweb gate about its other requests: a hundred lines of "yes" for every
@@ -24,10 +21,6 @@ from gunicorn.glogging import Logger
 from control.dicomweb.fast import GATE_PATH
 from control.dicomweb.frames import FRAME_REQUEST
 from control.site import data_group
-
-
-def post_worker_init(worker: Any) -> None:
-    worker.wsgi.extensions["archive_watch"].start()
 
 
 class AccessLogger(Logger):

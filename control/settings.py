@@ -313,6 +313,17 @@ SETTINGS: tuple[Setting, ...] = (
         check=_time_zone,
     ),
     Setting(
+        "activity_keep_years",
+        int,
+        0,
+        "Keep the activity log for (years)",
+        "Activity older than this many years is exported to a compressed CSV file in the data "
+        "directory's activity-exports/ folder and then removed from the log, once a day. 0 keeps "
+        "everything.",
+        minimum=0,
+        maximum=100,
+    ),
+    Setting(
         "session_idle_minutes",
         int,
         30,

@@ -28,7 +28,7 @@ from typing import Any
 
 import requests
 
-from control import accounts, configs, db, unixhttp
+from control import accounts, configs, db, logs, unixhttp
 from control import settings as site_settings
 from control.site import REPOSITORY, Site, SiteError
 from control.viewer import ensure_viewer
@@ -152,21 +152,27 @@ class Process:
     umask: int = 0o077
     popen: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
+    # Where standard output goes when it is not ``log`` (gunicorn's access log); stderr stays in ``log``.
+    output_log: Path | None = None
 
     def start(self, pid_dir: Path) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
-                process_group=0,
-                umask=self.umask,
-                preexec_fn=_die_with_parent,
-                cwd=REPOSITORY,
-            )
+        # Output goes through pipes to rotating log files (control.logs), never straight to a file.
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if self.output_log else subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            process_group=0,
+            umask=self.umask,
+            preexec_fn=_die_with_parent,
+            cwd=REPOSITORY,
+        )
+        if self.output_log:
+            logs.relay(self.popen.stdout, self.output_log, f"{self.name}-access")
+            logs.relay(self.popen.stderr, self.log, self.name)
+        else:
+            logs.relay(self.popen.stdout, self.log, self.name)
         (pid_dir / f"{self.name}.pid").write_text(str(self.popen.pid))
 
     def wait_ready(self, timeout: float) -> None:
@@ -241,6 +247,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             control_ready,
             env={"PACS_DATA": str(site.data), "TMPDIR": str(site.spool)},
             umask=site.umask,
+            output_log=site.logs / "access.log",
         ),
         Process(
             "caddy",
@@ -282,8 +289,9 @@ def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
         "30",
         "--keep-alive",
         "75",
+        # Both to the runner (control.logs): the access log on stdout, gunicorn's own on stderr.
         "--access-logfile",
-        str(site.logs / "access.log"),
+        "-",
         "--access-logformat",
         '%({x-forwarded-for}i)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
         "--logger-class",
@@ -293,9 +301,10 @@ def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
         # gunicorn 27 opens a control socket in the home folder by default: shared by every
         # installation of the same user, and outside the data directory. The portal does not use it.
         "--no-control-socket",
-        # The access log's class and the workers' archive watcher (see control.serving).
+        # The workers' archive watcher, metrics across workers and the activity log's retention
+        # (see control.gunicorn_conf).
         "--config",
-        "python:control.serving",
+        "python:control.gunicorn_conf",
         # gunicorn's own umask (0 by default) applies to its unix socket: keep it the site's.
         "--umask",
         oct(site.umask),

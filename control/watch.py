@@ -19,7 +19,7 @@ Instance UID another patient's study already has is flagged to the admin as it a
 (``control.tokens.shared``).
 
 Every control-plane process runs a watcher thread (started by gunicorn's ``post_worker_init``,
-``control.serving``); one at a time does the work, under an exclusive lock on a file in ``run/``,
+``control.gunicorn_conf``); one at a time does the work, under an exclusive lock on a file in ``run/``,
 where the reading position is kept too, so each line is recorded once however many processes
 run, and none is lost across restarts. Orthanc's log lines carry local time without a year: the
 year is the current one unless that puts the line in the future.

@@ -18,7 +18,7 @@ from conftest import REPOSITORY
 
 pytestmark = pytest.mark.stack
 
-SCENARIOS = {"zip", "search", "viewer", "upload", "users", "growth"}
+SCENARIOS = {"zip", "search", "viewer", "upload", "users", "growth", "activity"}
 # The scenarios that ask both ways the same question, so each has a "same content" check.
 COMPARED = {"zip", "search", "viewer", "upload", "growth"}
 

@@ -34,6 +34,7 @@ from flask_login import current_user
 from control import accounts, db
 from control.accounts import AccountError
 from control.activity import (
+    COUNT_LIMIT,
     Action,
     ActivityFilter,
     ActivityList,
@@ -304,12 +305,14 @@ def _activity_page(
             )
             rows = None
         else:
-            total = count_activity(connection, filters, time_zone)
+            total = count_activity(connection, filters, time_zone, limit=COUNT_LIMIT)
             rows = list_activity(
                 connection, filters, time_zone, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
             ).all()
             groups = None
-    pages = max(1, math.ceil(total / PAGE_SIZE))
+    # Past COUNT_LIMIT rows the page says "more than" and pages that far: narrower filters go further.
+    more = total > COUNT_LIMIT
+    pages = max(1, math.ceil(min(total, COUNT_LIMIT) / PAGE_SIZE))
     arguments = {key: value for key, value in request.args.items() if key != "page"}
     return render_template(
         "admin/activity.html",
@@ -318,6 +321,8 @@ def _activity_page(
         rows=rows,
         groups=groups,
         total=total,
+        more=more,
+        count_limit=COUNT_LIMIT,
         page=page,
         pages=pages,
         arguments=arguments,
