@@ -267,6 +267,7 @@ class _Plan:
             configs.write_private(
                 site.run / "orthanc.json", configs.render_orthanc(site, self.live, topology)
             )
+        configs.write_unavailable(site, self.live)
         configs.write_running_settings(site, self.live)
         orthanc = Orthanc(
             configs.orthanc_url(self.live, topology), site.secrets.orthanc_user, site.secrets.orthanc_password

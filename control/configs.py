@@ -5,8 +5,10 @@ installation's secrets and the topology (how the parts reach each other). The na
 everything on one machine: Orthanc on a loopback port, gunicorn on a unix socket. The containers of
 compose.yaml describe their own topology with the environment variables read by ``Topology``.
 
-Beside them: ``settings.json``, the settings these files were rendered from: what the running
-processes use (``control.apply`` keeps it current as changes are applied).
+Beside them: the page Caddy shows while the control plane does not answer (``unavailable.html``
+and ``.json``, read by Caddy at each such answer, so rewriting them needs no reload), and
+``settings.json``, the settings these files were rendered from: what the running processes use
+(``control.apply`` keeps it current as changes are applied).
 """
 
 from __future__ import annotations
@@ -26,10 +28,17 @@ from control.site import REPOSITORY, Site
 
 ORTHANC_TEMPLATE = REPOSITORY / "orthanc" / "orthanc.json"
 CADDY_TEMPLATE = REPOSITORY / "proxy" / "Caddyfile"
+UNAVAILABLE_TEMPLATE = REPOSITORY / "proxy" / "unavailable.html"
 OHIF_PIN = json.loads((REPOSITORY / "ohif" / "pin.json").read_text())
 
 RUNNING_SETTINGS = "settings.json"
 PORT_SETTINGS = tuple(setting.name for setting in SETTINGS if setting.listening_port)
+# What Caddy answers while the control plane does not (a worker killed mid-request, gunicorn
+# restarting): the portal's words rather than an empty 502.
+UNAVAILABLE_MESSAGE = (
+    "The portal could not finish this request: it is restarting. Please try again in a moment. "
+    "Sending an upload again is safe: files already stored are reported as already in the archive."
+)
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,7 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         page_policy=PAGE_POLICY,
         viewer_policy=VIEWER_POLICY,
         admin_socket=site.run / "caddy-admin.sock",
+        run=site.run,
         logs=site.logs,
         web_port=settings["web_port"],
         ohif_root=topology.ohif_root,
@@ -171,6 +181,22 @@ def write_private(path: Path, text: str) -> bool:
     return True
 
 
+def render_unavailable(settings: dict[str, Any]) -> tuple[str, str]:
+    """The page (HTML) and the JSON answer Caddy gives while the control plane does not answer."""
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=True)
+    page = environment.from_string(UNAVAILABLE_TEMPLATE.read_text()).render(
+        institution=settings["institution"], department=settings["department"], message=UNAVAILABLE_MESSAGE
+    )
+    answer = {"error": "The portal is restarting", "message": UNAVAILABLE_MESSAGE, "status": 503}
+    return page, json.dumps(answer) + "\n"
+
+
+def write_unavailable(site: Site, settings: dict[str, Any]) -> None:
+    page, answer = render_unavailable(settings)
+    write_private(site.run / "unavailable.html", page)
+    write_private(site.run / "unavailable.json", answer)
+
+
 def running_settings(site: Site) -> dict[str, Any] | None:
     """The settings the files in ``run/`` were rendered from, or None before the first start."""
     try:
@@ -187,4 +213,5 @@ def write_all(site: Site, settings: dict[str, Any], topology: Topology) -> None:
     """Render every generated file into ``run/``, and say which settings they hold."""
     write_private(site.run / "orthanc.json", render_orthanc(site, settings, topology))
     write_private(site.run / "Caddyfile", render_caddy(site, settings, topology))
+    write_unavailable(site, settings)
     write_running_settings(site, settings)
