@@ -72,8 +72,8 @@ def record_activity(
     study: str = "",
     connection: sa.Connection | None = None,
     **detail: Any,
-) -> None:
-    """Record one event. Request details (client, browser, signed-in user) are filled in."""
+) -> int:
+    """Record one event; its row's id. Request details (client, browser, signed-in user) are filled in."""
     client_address = user_agent = ""
     if has_request_context():
         client_address = request.remote_addr or ""
@@ -95,10 +95,22 @@ def record_activity(
         "detail": json.dumps(detail, ensure_ascii=False, default=str),
     }
     if connection is not None:
-        connection.execute(_INSERT, row)
-        return
+        return connection.execute(_INSERT, row).inserted_primary_key[0]
     with current_app.extensions["site"].engine.begin() as own_connection:
-        own_connection.execute(_INSERT, row)
+        return own_connection.execute(_INSERT, row).inserted_primary_key[0]
+
+
+def update_activity(
+    event_id: int, outcome: Outcome, *, patient: str = "", study: str = "", **detail: Any
+) -> None:
+    """Bring an event recorded when a long action began up to date: an upload records itself
+    as not completed first and says how far it got as it goes, so that a process killed in the
+    middle of it leaves a true row behind."""
+    values = {"outcome": str(outcome), "detail": json.dumps(detail, ensure_ascii=False, default=str)}
+    if patient or study:
+        values.update(patient=patient[:200], study=study[:100])
+    with current_app.extensions["site"].engine.begin() as connection:
+        connection.execute(db.activity.update().where(db.activity.c.id == event_id).values(**values))
 
 
 class ActivityList(enum.StrEnum):

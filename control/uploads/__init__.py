@@ -12,12 +12,16 @@ read and dropped, so that the refusal reaches the browser), and the limits are i
 byte is stored. The limits live here only: changing them never touches Caddy's configuration.
 
 Answers are JSON for ``Accept: application/json`` (the page's script) and pages or redirects with a
-message for browsers. Every upload is one activity event with its counts; every worklist change and
-every attached PDF is one event too.
+message for browsers. Every upload is one activity event with its counts, recorded as "not
+completed" when the files start going to the archive and brought up to date as they do, so that a
+worker killed in the middle leaves a row saying how far it got. A disk that fills while an upload
+arrives gets 507, like a disk already too full. Every worklist change and every attached PDF is
+one event too.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any
 
@@ -38,7 +42,7 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from control import apply
-from control.activity import Action, Outcome, record_activity
+from control.activity import Action, Outcome, record_activity, update_activity
 from control.auth import safe_next
 from control.errors import error_response, wants_json
 from control.extensions import csrf
@@ -59,6 +63,15 @@ DISCARD_LIMIT = 16 * 1024 * 1024  # a refused body up to this size is read befor
 _ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 _WILDCARDS = re.compile(r"[*?\\]")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+# What an upload's activity row says until its files are all dealt with (see the module).
+NOT_COMPLETED = {"state": "not completed (still storing, or the portal stopped while storing)"}
+
+
+def _shown(counts: dict[str, int]) -> dict[str, int]:
+    """The counts an upload's activity row shows: those that happened, and the three main ones."""
+    return {
+        name: count for name, count in counts.items() if count or name in ("stored", "duplicate", "refused")
+    }
 
 
 def _site():
@@ -127,6 +140,21 @@ def guard():
 def _disk_full(problem: str):
     record_activity(Action.UPLOAD, Outcome.REFUSED, reason="disk nearly full")
     return _refusal(507, problem)
+
+
+@bp.errorhandler(OSError)
+def disk_filled(error: OSError):
+    """The disk filled while an upload arrived (Werkzeug spools it into the data directory)."""
+    if error.errno != errno.ENOSPC:
+        current_app.logger.exception("Unexpected error on %s %s", request.method, request.path)
+        return error_response(500)
+    # The partly spooled body (held by the frames of the traceback) is let go before the refusal
+    # is written to the same disk.
+    error.__traceback__ = None
+    return _disk_full(
+        "The archive's disk filled up while this upload arrived; nothing of it was stored. "
+        "Uploads are refused until an administrator makes room; then send it again."
+    )
 
 
 def _discard_small_body() -> None:
@@ -201,11 +229,18 @@ def upload_files():
     files: list[FileStorage] = [file for file in request.files.getlist("files") if file.filename]
     if not files:
         return _refusal(400, "Choose one or more files to upload.", back=_back())
+    names = [file.filename for file in files][:20]
+    event = record_activity(Action.UPLOAD, Outcome.FAILED, files=names, **NOT_COMPLETED)
+
+    def progress(counts: dict[str, int]) -> None:
+        update_activity(event, Outcome.FAILED, files=names, **NOT_COMPLETED, **_shown(counts))
+
     upload = store.Upload(
         orthanc=_orthanc(),
         worklists=_site().worklists,
         zip_limits=archive.ZipLimits(max_unpacked=g.settings["upload_max_unpacked_mb"] * store.MB),
         disk=_disk(),
+        on_progress=progress,
     )
     try:
         for file in files:
@@ -226,18 +261,14 @@ def upload_files():
     stored_anything = any(
         counts[name] for name in ("stored", "duplicate", "scheduled", "replaced", "cancelled")
     )
-    record_activity(
-        Action.UPLOAD,
+    update_activity(
+        event,
         Outcome.OK if stored_anything or not counts["refused"] else Outcome.REFUSED,
         patient=touched["patient"],
         study=touched["study"],
-        files=[file.filename for file in files][:20],
+        files=names,
         studies=touched["studies"],
-        **{
-            name: count
-            for name, count in counts.items()
-            if count or name in ("stored", "duplicate", "refused")
-        },
+        **_shown(counts),
     )
     if wants_json():
         return jsonify({"results": [result.as_json() for result in results], "counts": counts})
