@@ -53,6 +53,8 @@ def field_kind(setting: Setting) -> str:
     return "number" if setting.kind is int else "text"
 
 
+BY_KIND = {setting.name: setting.kind for setting in SETTINGS}
+
 # What saving a setting does, as its help text on the page says it (``Setting.effect``).
 EFFECT_NOTES = {
     Effect.NOTHING: "",
@@ -145,9 +147,6 @@ def settings():
         saved=request.args.get("saved") and request.method == "GET",
         effect_notes={setting.name: EFFECT_NOTES[setting.effect] for setting in SETTINGS},
     ), (400 if errors else 409 if cuts else 200)
-
-
-BY_KIND = {setting.name: setting.kind for setting in SETTINGS}
 
 
 def _texts(form) -> dict[str, str]:

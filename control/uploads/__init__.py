@@ -101,7 +101,7 @@ def upload_gate():
     """
     path = request.headers.get("X-Forwarded-Uri", "").split("?", 1)[0]
     try:
-        endpoint, _arguments = current_app.url_map.bind("").match(path, method="POST")
+        endpoint, _arguments = current_app.url_map.bind("localhost").match(path, method="POST")
     except HTTPException:
         endpoint = None
     declared = request.headers.get("X-Upload-Length", "")
