@@ -51,6 +51,9 @@ RULES: dict[str, Audience] = {
     "uploads.worklist_page": Audience.ADMIN,
     "uploads.worklist_delete": Audience.ADMIN,
     "uploads.worklist_modalities": Audience.ADMIN,
+    # Caddy's question before an upload's body comes: it refuses by size and disk alone, and
+    # leaves who may upload to the rules above, on the request itself.
+    "upload_gate.*": Audience.PUBLIC,
 }
 
 

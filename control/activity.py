@@ -130,19 +130,17 @@ def record_activity(
         return own_connection.execute(_INSERT, row).inserted_primary_key[0]
 
 
-def finish_activity(event_id: int, outcome: Outcome, **detail: Any) -> None:
-    """Give an event recorded when something long began (a download) its outcome and details.
-
-    Recorded first, such an event stays in the log even when the process doing the work is killed:
-    it then keeps the outcome and details it was recorded with.
-    """
-    statement = (
-        db.activity.update()
-        .where(db.activity.c.id == event_id)
-        .values(outcome=str(outcome), detail=json.dumps(detail, ensure_ascii=False, default=str))
-    )
+def update_activity(
+    event_id: int, outcome: Outcome, *, patient: str = "", study: str = "", **detail: Any
+) -> None:
+    """Bring an event recorded when a long action began up to date: a download or an upload
+    records itself as not completed first (and an upload says how far it got as it goes), so that
+    a process killed in the middle of it leaves a true row behind."""
+    values = {"outcome": str(outcome), "detail": json.dumps(detail, ensure_ascii=False, default=str)}
+    if patient or study:
+        values.update(patient=patient[:200], study=study[:100])
     with current_app.extensions["site"].engine.begin() as connection:
-        connection.execute(statement)
+        connection.execute(db.activity.update().where(db.activity.c.id == event_id).values(**values))
 
 
 class ActivityList(enum.StrEnum):

@@ -82,6 +82,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(query.bp)
     app.register_blueprint(uploads.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(uploads.gate)
     errors.init_app(app)
     formatting.init_app(app)
 

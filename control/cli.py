@@ -194,67 +194,63 @@ def config_docs() -> None:
 @config.command("set")
 @click.argument("name")
 @click.argument("value")
+@click.option(
+    "--cut-transfers",
+    is_flag=True,
+    help="Apply it even if that cuts the transfers in progress (a new web port or SSL, new DICOM settings).",
+)
 @click.pass_obj
-def config_set(site: Site, name: str, value: str) -> None:
+def config_set(site: Site, name: str, value: str, cut_transfers: bool) -> None:
     """Change one setting and apply it to the running portal, as the setup page does."""
-    from control import apply, tls
-
-    setting = site_settings.BY_NAME.get(name)
-    if not setting:
+    if name not in site_settings.BY_NAME:
         _fail(f"no setting {name!r}; ./pacs config show lists them")
-    try:
-        parsed = setting.parse(value)
-    except ValueError as error:
-        _fail(str(error))
-    from control import configs
-
-    if name in configs.PORT_SETTINGS and configs.Topology.from_environment(site).ports_fixed:
-        _fail(f"{name} is fixed by compose.yaml in this installation: change the port mapping there")
     db.migrate(site.engine)
-    try:
-        with site.engine.begin() as connection:
-            current = site_settings.with_defaults(db.get_settings(connection))
-            if name == "ssl_enabled" and parsed and tls.stored_facts(site.secrets_dir / "tls") is None:
-                _fail("SSL needs a certificate and key first: ./pacs config certificate CRT KEY")
-            changes_port = name in ("web_port", "dicom_port") and parsed and parsed != current[name]
-            if changes_port and not stack.port_is_free(parsed):
-                _fail(f"port {parsed} is used by another program")
-            db.put_settings(connection, {name: parsed})
-            if parsed != current[name]:
-                _record_shell_activity(
-                    connection, Action.SETTINGS_CHANGED, setting=name, old=current[name], new=parsed
-                )
-            # Inside the transaction: if the running web front refuses it, nothing is stored.
-            loaded = apply.apply_web_settings(site, {**current, name: parsed})
-    except apply.ApplyError as error:
-        _fail(f"the running portal refused it, nothing changed: {error}")
-    click.echo(f"{name} = {json.dumps(parsed, ensure_ascii=False)}")
-    if name in apply.ARCHIVE_SETTINGS and apply.restart_archive(site, {**current, name: parsed}):
-        click.echo("the archive restarts with it")
-    elif name in apply.NEXT_START_SETTINGS or name in apply.ARCHIVE_SETTINGS:
-        click.echo("applies at the next start")
-    elif loaded:
-        click.echo("applied to the running portal")
+    applied = _change(site, {name: value}, cut_transfers=cut_transfers)
+    click.echo(f"{name} = {json.dumps(site.load_settings()[name], ensure_ascii=False)}")
+    for note in applied.notes:
+        click.echo(note)
 
 
 @config.command("certificate")
 @click.argument("certificate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--cut-transfers", is_flag=True, help="Apply it even if that cuts the transfers in progress.")
 @click.pass_obj
-def config_certificate(site: Site, certificate: Path, key: Path) -> None:
+def config_certificate(site: Site, certificate: Path, key: Path, cut_transfers: bool) -> None:
     """Check and install the site's certificate (.crt) and private key (.key) for SSL."""
-    from control import tls
+    from control import apply, tls
 
+    certificate_pem, key_pem = certificate.read_bytes(), key.read_bytes()
     try:
-        facts = tls.check_pair(certificate.read_bytes(), key.read_bytes())
+        facts = tls.check_pair(certificate_pem, key_pem)
     except tls.CertificateError as error:
         _fail(str(error))
-    tls.store_pair(site.secrets_dir / "tls", certificate.read_bytes(), key.read_bytes())
     db.migrate(site.engine)
-    with site.engine.begin() as connection:
-        _record_shell_activity(connection, Action.SETTINGS_CHANGED, certificate=facts.describe())
+    applied = _change(
+        site,
+        {},
+        certificate=apply.NewCertificate(certificate_pem, key_pem, facts),
+        cut_transfers=cut_transfers,
+    )
     click.echo(f"certificate installed: {facts.describe()}")
-    click.echo("turn SSL on with: ./pacs config set ssl_enabled yes")
+    for note in applied.notes:
+        click.echo(note)
+    if not site.load_settings()["ssl_enabled"]:
+        click.echo("turn SSL on with: ./pacs config set ssl_enabled yes")
+
+
+def _change(site: Site, texts: dict[str, str], **options):
+    """``apply.change_settings`` from a shell: its refusals become messages and exit code 1."""
+    from control import apply
+
+    try:
+        return apply.change_settings(site, texts, username=_shell_user(), **options)
+    except apply.SettingsRefused as error:
+        _fail(str(error))
+    except apply.TransfersInProgress as error:
+        _fail(f"{error}. Nothing changed: try again later, or add --cut-transfers to apply it now.")
+    except apply.ApplyError as error:
+        _fail(f"the running portal refused it, nothing changed: {error}")
 
 
 @main.group()
@@ -343,6 +339,10 @@ def user_list(site: Site) -> None:
             click.echo(f"{account.username}\t{','.join(flags) or '-'}\t{last}\t{account.real_name}")
 
 
+def _shell_user() -> str:
+    return f"shell:{getpass.getuser()}"
+
+
 def _record_shell_activity(
     connection, action: Action, *, token_id: str = "", patient: str = "", study: str = "", **detail
 ) -> None:
@@ -350,7 +350,7 @@ def _record_shell_activity(
     record_activity(
         action,
         connection=connection,
-        username=f"shell:{getpass.getuser()}",
+        username=_shell_user(),
         token_id=token_id,
         patient=patient,
         study=study,

@@ -4,6 +4,11 @@ Both are rendered into the data directory's ``run/`` folder from the site settin
 installation's secrets and the topology (how the parts reach each other). The native runner puts
 everything on one machine: Orthanc on a loopback port, gunicorn on a unix socket. The containers of
 compose.yaml describe their own topology with the environment variables read by ``Topology``.
+
+Beside them: the page Caddy shows while the control plane does not answer (``unavailable.html``
+and ``.json``, read by Caddy at each such answer, so rewriting them needs no reload), and
+``settings.json``, the settings these files were rendered from: what the running processes use
+(``control.apply`` keeps it current as changes are applied).
 """
 
 from __future__ import annotations
@@ -20,15 +25,22 @@ from typing import Any
 import jinja2
 
 from control import logs
-from control.settings import parse_modalities
+from control.settings import SETTINGS, parse_modalities
 from control.site import REPOSITORY, Site
 
 ORTHANC_TEMPLATE = REPOSITORY / "orthanc" / "orthanc.json"
 CADDY_TEMPLATE = REPOSITORY / "proxy" / "Caddyfile"
+UNAVAILABLE_TEMPLATE = REPOSITORY / "proxy" / "unavailable.html"
 OHIF_PIN = json.loads((REPOSITORY / "ohif" / "pin.json").read_text())
 
-
-PORT_SETTINGS = ("web_port", "dicom_port", "orthanc_http_port")
+RUNNING_SETTINGS = "settings.json"
+PORT_SETTINGS = tuple(setting.name for setting in SETTINGS if setting.listening_port)
+# What Caddy answers while the control plane does not (a worker killed mid-request, gunicorn
+# restarting): the portal's words rather than an empty 502.
+UNAVAILABLE_MESSAGE = (
+    "The portal could not finish this request: it is restarting. Please try again in a moment. "
+    "Sending an upload again is safe: files already stored are reported as already in the archive."
+)
 
 
 @dataclass(frozen=True)
@@ -113,8 +125,7 @@ def _fill(node: Any, values: dict[str, Any]) -> Any:
 def orthanc_modalities(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Orthanc's ``DicomModalities`` from the ``dicom_modalities`` setting, named by AE title."""
     return {
-        modality.aet: {"AET": modality.aet, "Host": modality.host, "Port": modality.port}
-        for modality in parse_modalities(settings["dicom_modalities"])
+        modality.aet: modality.as_orthanc() for modality in parse_modalities(settings["dicom_modalities"])
     }
 
 
@@ -149,8 +160,6 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
     return template.render(
         orthanc_upstream=f"{topology.orthanc_host}:{settings['orthanc_http_port']}",
         orthanc_authorization="Basic " + base64.b64encode(credentials).decode(),
-        upload_max_bytes=settings["upload_max_mb"] * 1024 * 1024,
-        upload_max_mb=settings["upload_max_mb"],
         ssl=bool(settings["ssl_enabled"]),
         hsts_include_subdomains=bool(settings["hsts_include_subdomains"]),
         web_server_name=settings["web_server_name"],
@@ -162,6 +171,7 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         page_policy=PAGE_POLICY,
         viewer_policy=VIEWER_POLICY,
         admin_socket=site.run / "caddy-admin.sock",
+        run=site.run,
         logs=site.logs,
         log_to_journal=logs.to_journal(),
         log_roll_mb=logs.max_bytes() // logs.MB,
@@ -184,7 +194,37 @@ def write_private(path: Path, text: str) -> bool:
     return True
 
 
+def render_unavailable(settings: dict[str, Any]) -> tuple[str, str]:
+    """The page (HTML) and the JSON answer Caddy gives while the control plane does not answer."""
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=True)
+    page = environment.from_string(UNAVAILABLE_TEMPLATE.read_text()).render(
+        institution=settings["institution"], department=settings["department"], message=UNAVAILABLE_MESSAGE
+    )
+    answer = {"error": "The portal is restarting", "message": UNAVAILABLE_MESSAGE, "status": 503}
+    return page, json.dumps(answer) + "\n"
+
+
+def write_unavailable(site: Site, settings: dict[str, Any]) -> None:
+    page, answer = render_unavailable(settings)
+    write_private(site.run / "unavailable.html", page)
+    write_private(site.run / "unavailable.json", answer)
+
+
+def running_settings(site: Site) -> dict[str, Any] | None:
+    """The settings the files in ``run/`` were rendered from, or None before the first start."""
+    try:
+        return json.loads((site.run / RUNNING_SETTINGS).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_running_settings(site: Site, settings: dict[str, Any]) -> None:
+    write_private(site.run / RUNNING_SETTINGS, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 def write_all(site: Site, settings: dict[str, Any], topology: Topology) -> None:
-    """Render both configurations into ``run/``."""
+    """Render every generated file into ``run/``, and say which settings they hold."""
     write_private(site.run / "orthanc.json", render_orthanc(site, settings, topology))
     write_private(site.run / "Caddyfile", render_caddy(site, settings, topology))
+    write_unavailable(site, settings)
+    write_running_settings(site, settings)

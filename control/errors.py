@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Flask, jsonify, make_response, render_template, request
+import sqlalchemy as sa
+from flask import Flask, current_app, g, jsonify, make_response, render_template, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from control import csrf
+from control.extensions import login_manager
 from control.orthanc import OrthancUnavailable
 
 MESSAGES = {
@@ -37,8 +39,17 @@ def wants_json() -> bool:
     )
 
 
-def error_response(status: int, detail: str | None = None):
-    title, message = MESSAGES.get(status, (f"Error {status}", ""))
+DATABASE_DOWN = (
+    "The portal's database is not available",
+    "The portal's own database does not answer right now (restarting, or busy with other work). "
+    "Nothing was changed. Please try again in a minute; if it persists, contact the site's "
+    "administrator.",
+)
+
+
+def error_response(status: int, detail: str | None = None, *, title: str | None = None):
+    default_title, message = MESSAGES.get(status, (f"Error {status}", ""))
+    title = title or default_title
     message = detail or message
     if wants_json():
         return jsonify({"error": title, "message": message, "status": status}), status
@@ -50,6 +61,21 @@ def init_app(app: Flask) -> None:
     def archive_unreachable(error: OrthancUnavailable):
         app.logger.warning("Orthanc unreachable: %s", error)
         return error_response(503)
+
+    @app.errorhandler(sa.exc.OperationalError)
+    @app.errorhandler(sa.exc.InterfaceError)
+    def database_unavailable(error: sa.exc.DBAPIError):
+        # PostgreSQL restarting or unreachable, SQLite locked past its wait: the request did not
+        # happen (its transaction, activity row included, is rolled back), so say so plainly.
+        app.logger.warning("Database unavailable on %s %s: %s", request.method, request.path, error.orig)
+        # The page must not ask the database again: nobody is signed in on it, and the settings
+        # are those last read.
+        login_manager._update_request_context_with_user()
+        g.settings = g.get("settings") or current_app.extensions["site"].last_settings()
+        title, message = DATABASE_DOWN
+        response = make_response(error_response(503, message, title=title))
+        response.headers["Retry-After"] = "30"
+        return response
 
     @app.errorhandler(CSRFError)
     def csrf_refused(error: CSRFError):

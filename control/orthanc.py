@@ -264,9 +264,10 @@ class Orthanc:
         """The registered DICOM modalities, by name."""
         return self.get_json("/modalities", params={"expand": ""})
 
-    def put_modality(self, name: str, aet: str, host: str, port: int) -> None:
-        """Register (or change) a modality; Orthanc keeps it until it restarts."""
-        self.request("PUT", f"/modalities/{name}", json={"AET": aet, "Host": host, "Port": port})
+    def put_modality(self, name: str, entry: dict[str, Any]) -> None:
+        """Register (or change) a modality with its ``DicomModalities`` entry; Orthanc keeps it
+        until it restarts."""
+        self.request("PUT", f"/modalities/{name}", json=entry)
 
     def delete_modality(self, name: str) -> None:
         self.request("DELETE", f"/modalities/{name}")

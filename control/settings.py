@@ -1,6 +1,7 @@
 """Every site setting of the portal, declared once.
 
-A setting has a name, a type, a default, a label and help text. The admin's setup page, the
+A setting has a name, a type, a default, a label and help text, and says what the running portal
+must do when it changes (its ``effect``; ``control.apply`` does it). The admin's setup page, the
 ``./pacs config`` commands and the settings section of the documentation are all built from the
 ``SETTINGS`` list below, so a setting added here appears everywhere at once.
 
@@ -12,6 +13,7 @@ database wins, so a second ``up`` keeps what the admin chose.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
@@ -19,6 +21,32 @@ import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+
+class Effect(enum.Enum):
+    """What the running portal must do when a setting changes."""
+
+    # The control plane reads settings at every request: the next page has the new value.
+    NOTHING = "nothing"
+    # In the web front's configuration: Caddy loads a new one, which ends every transfer in progress.
+    WEB_FRONT = "reload the web front"
+    # Told to the archive through its REST API at once, and written into its configuration file.
+    ARCHIVE_API = "tell the archive"
+    # In the archive's configuration file only: the archive restarts, which ends its transfers.
+    ARCHIVE_RESTART = "restart the archive"
+    # Read by the processes when they start only: stored now, in force from the next start.
+    NEXT_START = "next start"
+
+    @property
+    def described(self) -> str:
+        """What changing it does, in the documentation's words."""
+        return {
+            Effect.NOTHING: "at once",
+            Effect.WEB_FRONT: "reloads the web front ¹",
+            Effect.ARCHIVE_API: "at once, told to the archive",
+            Effect.ARCHIVE_RESTART: "restarts the archive ¹",
+            Effect.NEXT_START: "at the next start",
+        }[self]
 
 
 @dataclass(frozen=True)
@@ -35,6 +63,9 @@ class Setting:
     maximum: int | None = None
     choices: tuple[tuple[str, str], ...] = ()  # (value, what the admin sees)
     check: Callable[[str], None] | None = None  # raises ValueError for a value it refuses
+    effect: Effect = Effect.NOTHING
+    # A port one of the stack's processes listens on: it must be free before the stack takes it.
+    listening_port: bool = False
 
     def parse(self, text: str) -> Any:
         """Turn text from a form, a shell or the environment into a value, or raise ValueError."""
@@ -105,6 +136,11 @@ class Modality:
         except ValueError:
             return False
 
+    def as_orthanc(self) -> dict[str, Any]:
+        """What Orthanc is told about it: its ``DicomModalities`` entry, the same in the
+        configuration file and in ``PUT /modalities/{aet}`` (so both always agree)."""
+        return {"AET": self.aet, "Host": self.host, "Port": self.port}
+
 
 # AE titles are kept to letters, digits and _ . - so that one can also name the modality in
 # Orthanc's REST API (``/modalities/{name}``) without any escaping.
@@ -149,8 +185,21 @@ def _modalities(text: str) -> None:
     registrable(text)
 
 
-def _port(name: str, default: int, label: str, help: str, env: str, minimum: int = 1) -> Setting:
-    return Setting(name, int, default, label, help, env=env, minimum=minimum, maximum=65535)
+def _port(
+    name: str, default: int, label: str, help: str, env: str, effect: Effect, minimum: int = 1
+) -> Setting:
+    return Setting(
+        name,
+        int,
+        default,
+        label,
+        help,
+        env=env,
+        minimum=minimum,
+        maximum=65535,
+        effect=effect,
+        listening_port=True,
+    )
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -177,6 +226,7 @@ SETTINGS: tuple[Setting, ...] = (
         "The port browsers connect to; forward it on the router for access from outside. "
         "0 turns web access off entirely (the DICOM port keeps working).",
         "PACS_WEB_PORT",
+        Effect.WEB_FRONT,
         minimum=0,
     ),
     _port(
@@ -185,6 +235,7 @@ SETTINGS: tuple[Setting, ...] = (
         "DICOM port",
         "The port modalities send studies to and query (C-STORE, C-FIND, worklist).",
         "PACS_DICOM_PORT",
+        Effect.ARCHIVE_RESTART,
     ),
     Setting(
         "dicom_aet",
@@ -193,6 +244,7 @@ SETTINGS: tuple[Setting, ...] = (
         "DICOM AE title",
         "The archive's application entity title, as modalities must call it.",
         env="PACS_DICOM_AET",
+        effect=Effect.ARCHIVE_RESTART,
     ),
     _port(
         "orthanc_http_port",
@@ -201,6 +253,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Loopback port of the archive's own HTTP interface. Only the portal reaches it, with "
         "credentials of its own; browsers never do.",
         "PACS_ORTHANC_HTTP_PORT",
+        Effect.NEXT_START,
     ),
     Setting(
         "ssl_enabled",
@@ -210,6 +263,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Serve https only, with the site's own certificate and private key (from its certificate "
         "provider, for the web server name). Strongly recommended: without it, use the portal only "
         "over a VPN.",
+        effect=Effect.WEB_FRONT,
     ),
     Setting(
         "hsts_include_subdomains",
@@ -219,6 +273,7 @@ SETTINGS: tuple[Setting, ...] = (
         "With SSL on, browsers are told to reach this server name over https only, for a year "
         "(HSTS). Ticked, that holds for every name under it as well (includeSubDomains): only when "
         "all of them serve https.",
+        effect=Effect.WEB_FRONT,
     ),
     Setting(
         "web_server_name",
@@ -229,6 +284,9 @@ SETTINGS: tuple[Setting, ...] = (
         "blank when there is no valid DNS name: links then use the internet address.",
         env="PACS_WEB_SERVER_NAME",
         check=_host_name,
+        # With SSL on, the web front answers browsers that give no server name with this one's
+        # certificate; without SSL its configuration does not hold it.
+        effect=Effect.WEB_FRONT,
     ),
     Setting(
         "public_address",
@@ -359,7 +417,8 @@ SETTINGS: tuple[Setting, ...] = (
         2048,
         "Largest upload (MB)",
         "The most one upload request may carry (a DICOM file, a zip, an HL7 file or a PDF report). "
-        "The web front and the control plane both refuse larger ones with a clear page.",
+        "The control plane refuses larger ones with a clear page before they are sent (the web "
+        "front asks it first).",
         env="PACS_UPLOAD_MAX_MB",
         minimum=1,
         maximum=1024 * 1024,
@@ -395,6 +454,7 @@ SETTINGS: tuple[Setting, ...] = (
         "only when its AE title and the IP address it comes from are both those registered: DICOM has "
         "no passwords, so that pair is the only lock. Give each modality a fixed address.",
         check=_modalities,
+        effect=Effect.ARCHIVE_API,
     ),
     Setting(
         "dicom_store_from",
@@ -408,6 +468,7 @@ SETTINGS: tuple[Setting, ...] = (
             ("any", "Any modality"),
             ("registered", "Registered modalities only (AE title and address)"),
         ),
+        effect=Effect.ARCHIVE_RESTART,
     ),
 )
 
@@ -448,11 +509,20 @@ def markdown_table() -> str:
         return text.replace("|", "\\|")
 
     lines = [
-        "| setting | first-run variable | default | meaning |",
-        "| --- | --- | --- | --- |",
+        "| setting | first-run variable | default | applies | meaning |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for setting in SETTINGS:
         variable = f"`{setting.env}`" if setting.env else ""
         described = f"{setting.label}: {meaning(setting)}"
-        lines.append(f"| `{setting.name}` | {variable} | {default_text(setting)} | {described} |")
+        lines.append(
+            f"| `{setting.name}` | {variable} | {default_text(setting)} | {setting.effect.described} "
+            f"| {described} |"
+        )
+    lines.append("")
+    lines.append(
+        "¹ Cuts the transfers in progress (downloads, uploads, viewers loading images): when some run, "
+        "the setup page and `./pacs config set` say how many and change nothing unless told to go "
+        "ahead (`--cut-transfers`)."
+    )
     return "\n".join(lines) + "\n"

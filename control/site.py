@@ -233,3 +233,9 @@ class Site:
             cached = (revision, settings.with_defaults(db.get_settings(connection)))
             self._settings = cached
         return dict(cached[1])
+
+    def last_settings(self) -> dict[str, Any]:
+        """The settings as last read, without asking the database (for pages that say it is
+        down); the declared defaults when they were never read."""
+        cached = self._settings
+        return dict(cached[1]) if cached else settings.with_defaults({})

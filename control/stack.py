@@ -125,17 +125,18 @@ def port_is_free(port: int) -> bool:
 
 def check_ports(values: dict[str, Any]) -> None:
     """Refuse to start when a port the stack needs is taken, naming the port and its setting."""
-    wanted = [
-        ("web_port", "web port"),
-        ("dicom_port", "DICOM port"),
-        ("orthanc_http_port", "archive's internal HTTP port"),
-    ]
-    for name, what in wanted:
-        port = values[name]
+    for setting in site_settings.SETTINGS:
+        port = values[setting.name] if setting.listening_port else 0
         if port and not port_is_free(port):
+            # "Web port" -> "web port", "DICOM port" stays.
+            what = (
+                setting.label
+                if setting.label[1:2].isupper()
+                else setting.label[0].lower() + setting.label[1:]
+            )
             raise StackError(
                 f"port {port} ({what}) is already in use by another program. Stop that program, "
-                f"or choose another port: ./pacs config set {name} PORT"
+                f"or choose another port: ./pacs config set {setting.name} PORT"
             )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from control import settings
+from control import configs, settings
+from control.site import Site
 
 from conftest import REPOSITORY
 
@@ -56,3 +57,41 @@ def test_the_readme_lists_every_setting_as_declared() -> None:
     start = readme.index("<!-- settings:")
     table = readme[readme.index("\n", start) + 1 : readme.index("<!-- end of settings -->")]
     assert table == settings.markdown_table(), "README.md is out of date: paste ./pacs config docs into it"
+
+
+OTHER_TEXT = {
+    "dicom_modalities": "CT1@10.0.0.21:104",
+    "time_zone": "Europe/Athens",
+    "web_server_name": "pacs.example.org",
+    "public_address": "203.0.113.7",
+}
+
+
+def other_value(setting: settings.Setting) -> object:
+    """A valid value other than the default, as an admin might choose."""
+    if setting.kind is bool:
+        return not setting.default
+    if setting.choices:
+        return next(value for value, _label in setting.choices if value != str(setting.default))
+    if setting.kind is int:
+        return setting.parse(str(setting.default + 1))
+    return setting.parse(OTHER_TEXT.get(setting.name, "Somewhere Else"))
+
+
+@pytest.mark.parametrize("setting", settings.SETTINGS, ids=[setting.name for setting in settings.SETTINGS])
+def test_each_setting_declares_which_configuration_holds_it(setting: settings.Setting, tmp_path) -> None:
+    """A setting that reaches the web front's or the archive's configuration must say so, or a
+    change would never reach it; one that says so must be in it, or a change would cut transfers
+    for nothing."""
+    site = Site(tmp_path)
+    topology = configs.Topology.from_environment(site)
+    # SSL on, so that what only an https site holds (its server name) shows too.
+    base = {**settings.with_defaults({}), "ssl_enabled": setting.name != "ssl_enabled"}
+    changed = {**base, setting.name: other_value(setting)}
+    web_front = configs.render_caddy(site, base, topology) != configs.render_caddy(site, changed, topology)
+    archive = configs.render_orthanc(site, base, topology) != configs.render_orthanc(site, changed, topology)
+    Effect = settings.Effect
+    if setting.effect is Effect.NEXT_START:
+        return
+    assert web_front == (setting.effect is Effect.WEB_FRONT)
+    assert archive == (setting.effect in (Effect.ARCHIVE_API, Effect.ARCHIVE_RESTART))

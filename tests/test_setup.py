@@ -231,7 +231,7 @@ def test_the_port_moves_and_port_zero_closes_the_web_but_not_dicom(site) -> None
 
     back = stack.pacs("config", "set", "web_port", str(stack.web_port))
     assert back.returncode == 0, back.stderr
-    assert "applied to the running portal" in back.stdout
+    assert "Applied to the running portal." in back.stdout
     assert stack.institution in requests.get(f"{stack.url}/").text
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import stat
-import subprocess
 import threading
 import time
 import zipfile
@@ -28,7 +27,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pypdf import PdfWriter
 
-from control import accounts, configs, db
+from control import accounts, db
 from control.site import Site
 from control.uploads import archive
 
@@ -92,29 +91,6 @@ def settings_changed(stack: Stack, **values: object) -> Iterator[None]:
         with site.engine.begin() as connection:
             db.put_settings(connection, {name: before[name] for name in values if name in before})
             db.delete_settings(connection, [name for name in values if name not in before])
-
-
-def reload_caddy(stack: Stack) -> None:
-    """Render the Caddyfile from the current settings and apply it, as a settings change would."""
-    site = Site(stack.data)
-    topology = configs.Topology.from_environment(site)
-    configs.write_private(site.run / "Caddyfile", configs.render_caddy(site, site.load_settings(), topology))
-    admin_socket = f"unix/{site.run / 'caddy-admin.sock'}"
-    subprocess.run(
-        [
-            "caddy",
-            "reload",
-            "--config",
-            str(site.run / "Caddyfile"),
-            "--adapter",
-            "caddyfile",
-            "--address",
-            admin_socket,
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -485,33 +461,33 @@ def test_unknown_studies_answer_404(uploader: Uploader) -> None:
         assert response.status_code == 404, study
 
 
-def test_oversized_uploads_get_413_from_the_control_plane_and_from_caddy(
-    stack: Stack, uploader: Uploader
-) -> None:
+def test_oversized_uploads_are_refused_before_their_body_is_sent(stack: Stack, uploader: Uploader) -> None:
+    """The limit is the control plane's alone: Caddy asks it before sending a body on, so a new
+    limit counts at once, with no new configuration for Caddy (which would cut transfers)."""
     body = os.urandom(2 * 1024 * 1024)
-    try:
-        with settings_changed(stack, upload_max_mb=1):
-            # Caddy still runs with the old limit: the control plane refuses by itself.
-            response = uploader.post(
-                "/upload/files", files=[("files", ("big.dcm", body))], headers={"Accept": "text/html"}
-            )
-            assert response.status_code == 413
-            assert "larger than the 1 MB this server accepts" in response.text
-            assert stack.institution in response.text  # the portal's own page
-            refusal = events(stack, "upload")[-1]
-            assert refusal.outcome == "refused" and json.loads(refusal.detail)["reason"] == "too large"
+    caddyfile = (stack.data / "run" / "Caddyfile").read_text()
+    access_log = stack.data / "logs" / "access.log"
+    with settings_changed(stack, upload_max_mb=1):
+        seen = len(access_log.read_text().splitlines())
+        response = uploader.post(
+            "/upload/files", files=[("files", ("big.dcm", body))], headers={"Accept": "text/html"}
+        )
+        assert response.status_code == 413
+        assert "larger than the 1 MB this server accepts" in response.text
+        assert stack.institution in response.text  # the portal's own page
+        refusal = events(stack, "upload")[-1]
+        assert refusal.outcome == "refused" and json.loads(refusal.detail)["reason"] == "too large"
+        # Caddy asked, and never passed the body on.
+        asked = access_log.read_text().splitlines()[seen:]
+        assert any('"GET /internal/gate/upload" 413' in line for line in asked), asked
+        assert not any("POST /upload/files" in line for line in asked), asked
 
-            reload_caddy(stack)
-            response = uploader.post("/upload/files", files=[("files", ("big.dcm", body))])
-            assert response.status_code == 413
-            assert "larger than the 1 MB this server accepts" in response.text
-            assert stack.institution not in response.text  # Caddy's page: the request went no further
-            assert response.headers["X-Frame-Options"] == "DENY"
-            assert events(stack, "upload")[-1].id == refusal.id
-            small = uploader.upload(("CT_small.dcm", sample("CT_small.dcm")))
-            assert small["results"][0]["outcome"] == "duplicate"
-    finally:
-        reload_caddy(stack)
+        response = uploader.post("/upload/files", files=[("files", ("big.dcm", body))])
+        assert response.status_code == 413
+        assert "larger than the 1 MB this server accepts" in response.json()["message"]
+        small = uploader.upload(("CT_small.dcm", sample("CT_small.dcm")))
+        assert small["results"][0]["outcome"] == "duplicate"
+    assert (stack.data / "run" / "Caddyfile").read_text() == caddyfile
     assert uploader.upload(("big.dcm", body))["results"][0]["outcome"] == "refused"
 
 

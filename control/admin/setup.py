@@ -1,12 +1,13 @@
 """The admin's HTTP server setup page: every site setting, validated, saved and applied live.
 
 The form is built from the settings declaration (control.settings.SETTINGS): each setting shows
-its label and help text and takes the input its type calls for, so a setting declared there
-appears here by itself. Saving checks everything first (values, ports, the SSL certificate and
-key); a bad value is refused next to its field and nothing changes. A good change is stored and
-applied to the running portal (control.apply): if Caddy refuses it, the store is rolled back and
-the old configuration keeps serving. Every change is an activity event with old and new values,
-never with a key's contents.
+its label, its help text and what saving it does, and takes the input its type calls for, so a
+setting declared there appears here by itself. Saving goes through ``apply.change_settings``, as
+every change does: everything is checked first (values, ports, the SSL certificate and key); a bad
+value is refused next to its field and nothing changes. A change that would cut transfers in
+progress (a new web port or SSL, new DICOM settings) shows how many first, and is made only when
+the admin confirms. If Caddy refuses the new configuration, nothing is stored and the old one
+keeps serving. Every change is an activity event with old and new values, never a key's contents.
 
 A change that moves the page itself (SSL on or off, another web port) answers with a page that
 waits until the old address stops answering as before, then takes the admin to the same page at
@@ -21,10 +22,9 @@ from typing import Any
 from flask import current_app, flash, g, make_response, redirect, render_template, request, url_for
 from werkzeug.datastructures import FileStorage
 
-from control import apply, configs, cookies, db, network, stack, tls
-from control.activity import Action, record_activity
+from control import apply, configs, cookies, network, tls
 from control.admin import bp
-from control.settings import SETTINGS, Setting
+from control.settings import SETTINGS, Effect, Setting
 from control.site import REPOSITORY
 
 # How the page groups the settings, as in the seed's dialog; anything not named here is listed
@@ -67,6 +67,20 @@ def field_kind(setting: Setting) -> str:
     return "number" if setting.kind is int else "text"
 
 
+BY_KIND = {setting.name: setting.kind for setting in SETTINGS}
+
+# What saving a setting does, as its help text on the page says it (``Setting.effect``).
+EFFECT_NOTES = {
+    Effect.NOTHING: "",
+    Effect.WEB_FRONT: "Saving a change reloads the web front, which cuts the transfers in progress: "
+    "you are told how many first.",
+    Effect.ARCHIVE_API: "Applied to the archive at once, without a restart.",
+    Effect.ARCHIVE_RESTART: "Saving a change restarts the archive, which cuts the transfers in "
+    "progress: you are told how many first.",
+    Effect.NEXT_START: "Applies at the next start of the portal.",
+}
+
+
 def fixed_settings() -> frozenset[str]:
     """Settings this installation may not change from the page (ports fixed by compose.yaml)."""
     topology = configs.Topology.from_environment(current_app.extensions["site"])
@@ -96,45 +110,42 @@ def settings():
     errors: dict[str, str] = {}
     typed: dict[str, Any] = dict(current)
     confirm_web_off = False
+    cuts: apply.TransfersInProgress | None = None
+    clearing = bool(request.form.get("clear_ssl"))
     if request.method == "POST":
-        if request.form.get("clear_ssl"):
-            return _clear_ssl(current)
-        fixed = fixed_settings()
-        for setting in SETTINGS:
-            if setting.name in fixed or (setting.name not in request.form and setting.kind is not bool):
-                continue  # a field the page did not show, or showed fixed, keeps its value
-            try:
-                typed[setting.name] = setting.parse(_text_of(setting, request.form))
-            except ValueError as error:
-                errors[setting.name] = str(error)
-                typed[setting.name] = request.form.get(setting.name, "")
+        texts = {"ssl_enabled": "no"} if clearing else _texts(request.form)
+        # Shown again as typed if anything is refused.
+        typed.update({name: text == "yes" if BY_KIND[name] is bool else text for name, text in texts.items()})
         certificate, key = _uploaded("certificate"), _uploaded("key")
         new_pair = None
         if certificate or key:
             try:
                 if not (certificate and key):
                     raise tls.CertificateError("Select both the certificate file and the private key file.")
-                new_pair = (certificate, key, tls.check_pair(certificate, key))
+                new_pair = apply.NewCertificate(certificate, key, tls.check_pair(certificate, key))
             except tls.CertificateError as error:
                 errors["certificate" if error.field == "certificate" else "key"] = str(error)
-        if typed.get("ssl_enabled") and not new_pair and tls.stored_facts(tls_folder()) is None:
-            errors["ssl_enabled"] = "SSL needs a certificate file and a private key file."
-        for name in ("web_port", "dicom_port"):
-            port = typed.get(name)
-            # A port is fine when it is free, or when it is the one this portal already listens on.
-            if name not in errors and port and port != current[name] and not stack.port_is_free(port):
-                errors[name] = f"Port {port} is used by another program."
-        turns_web_off = not typed.get("web_port") and current["web_port"]
+        turns_web_off = texts.get("web_port", "").strip() == "0" and current["web_port"]
         confirm_web_off = bool(turns_web_off and request.form.get("confirm_web_off") != "yes")
         if not errors and not confirm_web_off:
             try:
-                _save(current, typed, new_pair)
+                applied = apply.change_settings(
+                    current_app.extensions["site"],
+                    texts,
+                    certificate=new_pair,
+                    clear_certificate=clearing,
+                    cut_transfers=request.form.get("cut_transfers") == "yes",
+                )
+            except apply.SettingsRefused as error:
+                errors.update(error.errors)
+            except apply.TransfersInProgress as error:
+                cuts = error
             except apply.ApplyError as error:
                 errors["form"] = (
                     f"The web server refused the new configuration, which was not applied: {error}"
                 )
             else:
-                return _after_save(current, typed)
+                return _saved(current, applied, clearing)
     return render_template(
         "admin/settings.html",
         sections=sections(),
@@ -142,16 +153,47 @@ def settings():
         fixed=fixed_settings(),
         values=typed,
         errors=errors,
+        cuts=cuts,
+        clearing=clearing,
+        # Files cannot be sent back to the browser: a confirmation needs them chosen again.
+        reselect_files=bool(cuts and request.files.get("certificate")),
         certificate=tls.stored_facts(tls_folder()),
         local_address=network.local_address(),
         connected_host=request.host.rsplit(":", 1)[0],
         origin=network.public_origin(current),
         saved=request.args.get("saved") and request.method == "GET",
-        archive_settings=apply.ARCHIVE_SETTINGS,
-        next_start_settings=apply.NEXT_START_SETTINGS,
+        effect_notes={setting.name: EFFECT_NOTES[setting.effect] for setting in SETTINGS},
         confirm_web_off=confirm_web_off,
         web_on_command=web_on_command(current["web_port"] or 3000),
-    ), (400 if errors else 200)
+    ), (400 if errors else 409 if cuts else 200)
+
+
+def _texts(form) -> dict[str, str]:
+    """The settings as the form gives them: those it showed, and not fixed by the installation."""
+    fixed = fixed_settings()
+    return {
+        setting.name: _text_of(setting, form)
+        for setting in SETTINGS
+        if setting.name not in fixed and (setting.name in form or setting.kind is bool)
+    }
+
+
+def _saved(current: dict[str, Any], applied: apply.Applied, cleared: bool):
+    """After a change: say what it did, and show the page again, from where the portal now is."""
+    values = current | _new(applied)
+    if cleared:
+        flash("The certificate and key are cleared; SSL is off.", "info")
+    else:
+        for note in applied.notes:
+            if note != apply.APPLIED:
+                flash(note, "info")
+        if values["web_port"]:
+            flash(f"Saved. The portal is reachable at {network.public_origin(values)}/", "info")
+    return _after_save(current, values)
+
+
+def _new(applied: apply.Applied) -> dict[str, Any]:
+    return {name: new for name, (_old, new) in applied.changed.items()}
 
 
 def web_on_command(port: int) -> str:
@@ -191,70 +233,3 @@ def _after_save(current: dict[str, Any], typed: dict[str, Any]):
         cookies.carry_session_to_http()
     response.headers["Cache-Control"] = "no-store"
     return response
-
-
-def _save(current: dict[str, Any], typed: dict[str, Any], new_pair) -> None:
-    """Store, apply, and log a change; on refusal put everything back as it was."""
-    site = current_app.extensions["site"]
-    changed = {name: value for name, value in typed.items() if current.get(name) != value}
-    folder = tls_folder()
-    previous = [
-        path.read_bytes() if path.exists() else None for path in (folder / "site.crt", folder / "site.key")
-    ]
-    if new_pair:
-        tls.store_pair(folder, new_pair[0], new_pair[1])
-    try:
-        with site.engine.begin() as connection:
-            db.put_settings(connection, changed)
-            detail: dict[str, Any] = {
-                name: {"old": current.get(name), "new": value} for name, value in changed.items()
-            }
-            if new_pair:
-                detail["certificate"] = new_pair[2].describe()
-            if detail:
-                record_activity(Action.SETTINGS_CHANGED, connection=connection, changed=detail)
-            # Inside the transaction: if Caddy would refuse it, the settings are not stored either.
-            apply.check_web_settings(site, typed)
-        apply.apply_later(current_app._get_current_object(), site, typed)
-    except apply.ApplyError:
-        if new_pair:
-            if None in previous:
-                for name in ("site.crt", "site.key"):
-                    (folder / name).unlink(missing_ok=True)
-            else:
-                tls.store_pair(folder, previous[0], previous[1])
-        raise
-    if changed.keys() & apply.ARCHIVE_SETTINGS:
-        restarted = apply.restart_archive(site, typed)
-        flash(
-            "The archive is restarting with the new DICOM settings."
-            if restarted
-            else "The new DICOM settings apply when the archive next starts.",
-            "info",
-        )
-    if changed.keys() & apply.NEXT_START_SETTINGS:
-        flash("The archive's internal port changes at the next start of the portal.", "info")
-    if typed["web_port"]:
-        flash(f"Saved. The portal is reachable at {network.public_origin(typed)}/", "info")
-
-
-def _clear_ssl(current: dict[str, Any]):
-    """The dialog's "Clear values": forget the certificate and key, and turn SSL off."""
-    site = current_app.extensions["site"]
-    typed = {**current, "ssl_enabled": False}
-    with site.engine.begin() as connection:
-        db.put_settings(connection, {"ssl_enabled": False})
-        record_activity(
-            Action.SETTINGS_CHANGED,
-            connection=connection,
-            changed={
-                "ssl_enabled": {"old": current.get("ssl_enabled"), "new": False},
-                "certificate": "cleared",
-            },
-        )
-    # The certificate files go once Caddy no longer uses them, after the answer (see apply_later).
-    apply.apply_later(current_app._get_current_object(), site, typed)
-    for name in ("site.crt", "site.key"):
-        (tls_folder() / name).unlink(missing_ok=True)
-    flash("The certificate and key are cleared; SSL is off.", "info")
-    return _after_save(current, typed)

@@ -36,7 +36,7 @@ from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 
 from control import spooling
-from control.activity import Action, Outcome, finish_activity, record_activity
+from control.activity import Action, Outcome, record_activity, update_activity
 from control.errors import error_response, wants_json
 from control.orthanc import OrthancUnavailable
 from control.query import bp, present, zips
@@ -315,7 +315,7 @@ def archive_response(
         )
         if not completed:
             ended["stopped_by"] = stopped_by
-        finish_activity(event_id, Outcome.OK if completed else Outcome.FAILED, **ended)
+        update_activity(event_id, Outcome.OK if completed else Outcome.FAILED, **ended)
 
     if length is None:
         try:

@@ -1,25 +1,33 @@
 """Uploads: DICOM files, zips of DICOM, HL7 orders into the worklist, PDF reports into studies.
 
 Only users whose account may upload reach these pages (``control.access``: ``Audience.UPLOADER``);
-the worklist page and its changes are the admin's. Every POST here passes ``guard`` first, in this
-order: access control (already done by then), the size limit (``upload_max_mb``, also enforced by
-Caddy), the disk reserve (``disk_reserve_mb``), and only then the CSRF check, whose reading of the
-form is what makes Werkzeug spool the body. So a refused upload is never spooled or stored (a
-small one is read and dropped, so that the refusal reaches the browser), and the limits are in
-force before a byte is stored.
+the worklist page and its changes are the admin's. Before Caddy passes an upload's body on, it asks
+``upload_gate`` (``forward_auth``), which refuses one whose declared size is over ``upload_max_mb``
+(from anyone) or that the archive's disk cannot take (``disk_reserve_mb``): that body is never
+sent. Every POST that does come then passes ``guard``, in this order: access control (already done
+by then), the same size limit and disk reserve again (for a body of no declared length, and for
+a control plane reached another way), and only then the CSRF check, whose reading of the form is
+what makes Werkzeug spool the body. So a refused upload is never spooled or stored (a small one is
+read and dropped, so that the refusal reaches the browser), and the limits are in force before a
+byte is stored. The limits live here only: changing them never touches Caddy's configuration.
 
 Answers are JSON for ``Accept: application/json`` (the page's script) and pages or redirects with a
-message for browsers. Every upload is one activity event with its counts; every worklist change and
-every attached PDF is one event too.
+message for browsers. Every upload is one activity event with its counts, recorded as "not
+completed" when the files start going to the archive and brought up to date as they do, so that a
+worker killed in the middle leaves a row saying how far it got. A disk that fills while an upload
+arrives gets 507, like a disk already too full. Every worklist change and every attached PDF is
+one event too.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any
 
 from flask import (
     Blueprint,
+    Response,
     current_app,
     flash,
     g,
@@ -29,18 +37,22 @@ from flask import (
     request,
     url_for,
 )
+from flask_login import current_user
 from werkzeug.datastructures import FileStorage
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from control.activity import Action, Outcome, record_activity
+from control import apply
+from control.activity import Action, Outcome, record_activity, update_activity
 from control.auth import safe_next
 from control.errors import error_response, wants_json
 from control.extensions import csrf
 from control.orthanc import OrthancError, OrthancUnavailable
 from control.settings import Modality, parse_modalities, registrable
-from control.uploads import archive, modalities, pdf, store, worklist
+from control.uploads import archive, pdf, store, worklist
 
 bp = Blueprint("uploads", __name__, url_prefix="/upload")
+# Caddy's question before an upload's body comes (its own blueprint: its path is not under /upload).
+gate = Blueprint("upload_gate", __name__)
 
 # The CSRF check runs in ``guard``, after access control and the size and disk checks (see above).
 csrf.exempt(bp)
@@ -51,6 +63,15 @@ DISCARD_LIMIT = 16 * 1024 * 1024  # a refused body up to this size is read befor
 _ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 _WILDCARDS = re.compile(r"[*?\\]")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+# What an upload's activity row says until its files are all dealt with (see the module).
+NOT_COMPLETED = {"state": "not completed (still storing, or the portal stopped while storing)"}
+
+
+def _shown(counts: dict[str, int]) -> dict[str, int]:
+    """The counts an upload's activity row shows: those that happened, and the three main ones."""
+    return {
+        name: count for name, count in counts.items() if count or name in ("stored", "duplicate", "refused")
+    }
 
 
 def _site():
@@ -69,6 +90,33 @@ def _disk() -> store.DiskGuard:
     return store.DiskGuard(_site().orthanc_storage, g.settings["disk_reserve_mb"] * store.MB)
 
 
+@gate.route("/internal/gate/upload")
+def upload_gate():
+    """Caddy's ``forward_auth`` question before it passes a POST under /upload, or a DICOMweb
+    store, on: may its body come? (2xx = yes; any other answer goes to the browser instead, and the
+    body is never sent.)
+
+    Only the upload forms and DICOMweb stores are judged, by the length Caddy saw declared
+    (``X-Upload-Length``): over the limit from anyone, the disk from users who may upload (the
+    others are refused by access control once the request comes). The rest may come.
+    """
+    path = request.headers.get("X-Forwarded-Uri", "").split("?", 1)[0]
+    try:
+        endpoint, _arguments = current_app.url_map.bind("localhost").match(path, method="POST")
+    except HTTPException:
+        endpoint = None
+    declared = request.headers.get("X-Upload-Length", "")
+    length = int(declared) if declared.isdigit() else 0
+    if endpoint in UPLOADS or endpoint == "dicomweb.store_instances":
+        if length > _limit_bytes():
+            return _too_large(length)
+        if current_user.is_authenticated and current_user.can_upload:
+            problem = _disk().problem(length)
+            if problem:
+                return _disk_full(problem)
+    return Response("", status=200, mimetype="text/plain")
+
+
 @bp.before_request
 def guard():
     """Size, disk space, then CSRF, for every POST here (after access control: see the module)."""
@@ -82,23 +130,42 @@ def guard():
         request.max_form_memory_size = FORM_BUFFER_BYTES
         if (request.content_length or 0) > _limit_bytes():
             discard_small_body()
-            return _too_large()
+            return _too_large(request.content_length)
         problem = _disk().problem(request.content_length or 0)
         if problem:
             discard_small_body()
-            record_activity(Action.UPLOAD, Outcome.REFUSED, reason="disk nearly full")
-            return _refusal(507, problem)
+            return _disk_full(problem)
     csrf.protect()
     return None
+
+
+def _disk_full(problem: str):
+    record_activity(Action.UPLOAD, Outcome.REFUSED, reason="disk nearly full")
+    return _refusal(507, problem)
+
+
+@bp.errorhandler(OSError)
+def disk_filled(error: OSError):
+    """The disk filled while an upload arrived (Werkzeug spools it into the data directory)."""
+    if error.errno != errno.ENOSPC:
+        current_app.logger.exception("Unexpected error on %s %s", request.method, request.path)
+        return error_response(500)
+    # The partly spooled body (held by the frames of the traceback) is let go before the refusal
+    # is written to the same disk.
+    error.__traceback__ = None
+    return _disk_full(
+        "The archive's disk filled up while this upload arrived; nothing of it was stored. "
+        "Uploads are refused until an administrator makes room; then send it again."
+    )
 
 
 def discard_small_body() -> None:
     """Read and drop a refused upload's body when it is small, before answering.
 
     An answer sent while Caddy is still passing the body on reached the browser as a 502 about one
-    time in thirty, instead of the refusal. Caddy refuses large bodies itself (its limit follows
-    the setting), so only the moment between a change of the limit and Caddy's reload sends the
-    control plane anything large; that is not read.
+    time in thirty, instead of the refusal. Caddy never sends a body declared larger than the limit
+    (it asks ``upload_gate`` first), so only a control plane reached some other way receives
+    anything large; that is not read.
     """
     length = request.content_length or 0
     if length > DISCARD_LIMIT:
@@ -150,16 +217,16 @@ def body_incomplete() -> str:
 @bp.errorhandler(RequestEntityTooLarge)
 def body_too_large(_error: RequestEntityTooLarge):
     """A body without a declared length that went past the limit while being read."""
-    return _too_large()
+    return _too_large(request.content_length)
 
 
-def _too_large():
+def _too_large(length: int | None):
     limit_mb = g.settings["upload_max_mb"]
     record_activity(
         Action.UPLOAD,
         Outcome.REFUSED,
         reason="too large",
-        bytes=request.content_length,
+        bytes=length,
         limit_mb=limit_mb,
     )
     return error_response(
@@ -205,11 +272,18 @@ def upload_files():
         return _refusal(400, f"Nothing was stored: {incomplete}. Please send the files again.")
     if not files:
         return _refusal(400, "Choose one or more files to upload.", back=_back())
+    names = [file.filename for file in files][:20]
+    event = record_activity(Action.UPLOAD, Outcome.FAILED, files=names, **NOT_COMPLETED)
+
+    def progress(counts: dict[str, int]) -> None:
+        update_activity(event, Outcome.FAILED, files=names, **NOT_COMPLETED, **_shown(counts))
+
     upload = store.Upload(
         orthanc=_orthanc(),
         worklists=_site().worklists,
         zip_limits=archive.ZipLimits(max_unpacked=g.settings["upload_max_unpacked_mb"] * store.MB),
         disk=_disk(),
+        on_progress=progress,
     )
     try:
         for file in files:
@@ -230,18 +304,14 @@ def upload_files():
     stored_anything = any(
         counts[name] for name in ("stored", "duplicate", "scheduled", "replaced", "cancelled")
     )
-    record_activity(
-        Action.UPLOAD,
+    update_activity(
+        event,
         Outcome.OK if stored_anything or not counts["refused"] else Outcome.REFUSED,
         patient=touched["patient"],
         study=touched["study"],
-        files=[file.filename for file in files][:20],
+        files=names,
         studies=touched["studies"],
-        **{
-            name: count
-            for name, count in counts.items()
-            if count or name in ("stored", "duplicate", "refused")
-        },
+        **_shown(counts),
     )
     if wants_json():
         return jsonify({"results": [result.as_json() for result in results], "counts": counts})
@@ -393,11 +463,10 @@ def worklist_delete(entry_id: str):
 @bp.route("/worklist/modalities", methods=["POST"])
 def worklist_modalities():
     """Add (``aet``, ``host``, ``port``) or remove (``remove``: an AE title) a registered modality."""
-    old_text = g.settings["dicom_modalities"]
-    current = parse_modalities(old_text)
+    current = parse_modalities(g.settings["dicom_modalities"])
     removing = request.form.get("remove", "").strip()
     if removing:
-        return _save_modalities(old_text, [modality for modality in current if modality.aet != removing])
+        return _save_modalities([modality for modality in current if modality.aet != removing])
     aet, host, port = (request.form.get(name, "").strip() for name in ("aet", "host", "port"))
     try:
         parsed = registrable(f"{aet}@{host}:{port}") if aet and host and port else []
@@ -408,19 +477,22 @@ def worklist_modalities():
         return redirect(url_for("uploads.worklist_page"), 303)
     added = parsed[0]
     wanted = [*(modality for modality in current if modality.aet.upper() != added.aet.upper()), added]
-    return _save_modalities(old_text, wanted)
+    return _save_modalities(wanted)
 
 
-def _save_modalities(old_text: str, wanted: list[Modality]) -> Any:
-    values = modalities.save(_site(), wanted)
-    record_activity(
-        Action.SETTINGS_CHANGED, setting="dicom_modalities", old=old_text, new=values["dicom_modalities"]
-    )
+def _save_modalities(wanted: list[Modality]) -> Any:
+    """Change ``dicom_modalities`` as any setting changes (``control.apply``): the archive is told
+    through its REST API at once, nothing is restarted."""
     try:
-        modalities.register(_orthanc(), wanted)
-    except (OrthancUnavailable, OrthancError) as error:
-        current_app.logger.warning("Modalities saved but not registered now: %s", error)
-        flash("Saved. The archive does not answer right now; it takes the list when it next starts.", "error")
+        applied = apply.change_settings(_site(), {"dicom_modalities": " ".join(map(str, wanted))})
+    except apply.SettingsRefused as error:
+        flash(f"Not registered: {error}", "error")
     else:
-        flash("Saved: the registered modalities may now query the worklist.", "info")
+        if applied.archive_told is False:
+            flash(
+                "Saved. The archive does not answer right now; it takes the list when it next starts.",
+                "error",
+            )
+        else:
+            flash("Saved: the registered modalities may now query the worklist.", "info")
     return redirect(url_for("uploads.worklist_page"), 303)

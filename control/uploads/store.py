@@ -11,6 +11,10 @@ Each file is recognised by its first bytes (``control.uploads.dicom.sniff``):
 A few threads check and send DICOM files while the next zip member is inflated: Orthanc stores in
 parallel, and the check (Python) overlaps with Orthanc's work. At most ``IN_FLIGHT`` files wait
 for a sender, so memory stays bounded however large the zip. Results keep the files' order.
+
+A file is "stored" only once Orthanc has answered that it stored it. Anything else that keeps it
+out (the archive gone or restarting, its own failure, a disk too full) says "not stored" with
+"please send it again": sending again is safe, as a file already stored comes back as a duplicate.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import enum
 import logging
 import shutil
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +39,7 @@ SENDERS = 4
 IN_FLIGHT = 2 * SENDERS
 HL7_MAX_BYTES = 10 * 1024 * 1024  # an order is a few hundred bytes; a file is read whole to parse
 MB = 1024 * 1024
+PROGRESS_SECONDS = 2.0  # how often a long upload says how far it got (``Upload.on_progress``)
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +109,16 @@ class Upload:
     disk: DiskGuard
     # A DICOMweb store to one study's URL takes that study's instances only.
     only_study: str = ""
+    # Called with the counts so far (``counts``, files whose outcome is known) at most every
+    # PROGRESS_SECONDS while the upload goes on, from the request's own thread.
+    on_progress: Callable[[dict[str, int]], None] | None = None
     results: list[FileResult | Future] = field(default_factory=list)
     orders: list[tuple[hl7orders.Order, worklist.Change]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="upload")
         self._waiting = threading.BoundedSemaphore(IN_FLIGHT)
+        self._last_progress = time.monotonic()
 
     def receive(self, name: str, file: BinaryIO) -> None:
         """Take one uploaded file (positioned anywhere); its results are added in order."""
@@ -142,8 +153,18 @@ class Upload:
 
     def counts(self) -> dict[str, int]:
         """How many files had each outcome (all outcomes, zeros included)."""
-        counted = Counter(result.outcome for result in self.finish())
-        return {outcome.name.lower(): counted[outcome] for outcome in Outcome}
+        return _counted(self.finish())
+
+    def _progress(self) -> None:
+        if self.on_progress is None or time.monotonic() - self._last_progress < PROGRESS_SECONDS:
+            return
+        self._last_progress = time.monotonic()
+        known = [
+            item.result() if isinstance(item, Future) else item
+            for item in self.results
+            if not isinstance(item, Future) or item.done()
+        ]
+        self.on_progress(_counted(known))
 
     def _refuse(self, name: str, reason: str, *, skipped: bool = False) -> None:
         self.results.append(FileResult(name, Outcome.SKIPPED if skipped else Outcome.REFUSED, reason))
@@ -170,6 +191,7 @@ class Upload:
         future = self._senders.submit(self._store, name, body, size, owned)
         future.add_done_callback(lambda _done: self._waiting.release())
         self.results.append(future)
+        self._progress()
 
     def _store(self, name: str, body: BinaryIO, size: int, owned: bool) -> FileResult:
         """Check one DICOM file and send it (in a sender thread)."""
@@ -187,6 +209,12 @@ class Upload:
             outcome = Outcome.SKIPPED if error.skipped else Outcome.REFUSED
             return FileResult(name, outcome, str(error), **known)
         except OrthancRefused as error:
+            if error.status >= 500:
+                # Not about the file: the archive failed to store it (a disk full, its database
+                # busy, shutting down).
+                return FileResult(
+                    name, Outcome.REFUSED, f"not stored: {error.reason}; please send it again", **known
+                )
             return FileResult(name, Outcome.REFUSED, f"the archive refused it: {error.reason}", **known)
         except OrthancUnavailable:
             detail = "the archive did not answer; please send it again"
@@ -235,6 +263,11 @@ class Upload:
             detail += f", {when}" if when else ""
             detail += f" at {order.station_aet}" if order.station_aet else ""
         return FileResult(name, Outcome(change.value), detail, patient=patient)
+
+
+def _counted(results: list[FileResult]) -> dict[str, int]:
+    counted = Counter(result.outcome for result in results)
+    return {outcome.name.lower(): counted[outcome] for outcome in Outcome}
 
 
 def summary(results: list[FileResult]) -> dict[str, Any]:
