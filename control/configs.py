@@ -24,7 +24,7 @@ from typing import Any
 
 import jinja2
 
-from control import logs
+from control import dicomweb_routes, logs
 from control.settings import SETTINGS, parse_modalities
 from control.site import REPOSITORY, Site
 
@@ -179,6 +179,8 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         web_port=settings["web_port"],
         ohif_root=topology.ohif_root,
         control_upstream=topology.control_upstream,
+        dicomweb_routes=dicomweb_routes.TO_CONTROL_PLANE,
+        dicomweb_gate=dicomweb_routes.GATE,
     )
 
 

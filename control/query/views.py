@@ -9,7 +9,6 @@ before a template starts, so a missing archive gives the 503 page, never half a 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +18,7 @@ from flask_login import login_required
 
 from control.activity import Action, record_activity
 from control.errors import wants_json
+from control.identifiers import is_orthanc_id
 from control.orthanc import Orthanc, OrthancError
 from control.query import bp, present
 from control.query.criteria import SearchForm
@@ -26,7 +26,6 @@ from control.query.finder import Finder, ModalityCensus, Page, newest_first
 
 PER_PAGE_CHOICES = (25, 50, 100, 200)
 DEFAULT_PER_PAGE = 50
-ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 
 
 bp.add_app_template_filter(present.file_size, "file_size")
@@ -48,7 +47,7 @@ def get_or_404(path: str) -> Any:
 
 def check_id(orthanc_id: str) -> None:
     # Ids go into Orthanc paths: anything but an Orthanc id is simply not found.
-    if not ORTHANC_ID.fullmatch(orthanc_id):
+    if not is_orthanc_id(orthanc_id):
         abort(404)
 
 

@@ -46,6 +46,7 @@ from control.activity import Action, Outcome, record_activity, update_activity
 from control.auth import safe_next
 from control.errors import error_response, wants_json
 from control.extensions import csrf
+from control.identifiers import is_orthanc_id, is_uid
 from control.orthanc import OrthancError, OrthancUnavailable
 from control.settings import Modality, parse_modalities, registrable
 from control.uploads import archive, pdf, store, worklist
@@ -60,9 +61,7 @@ csrf.exempt(bp)
 UPLOADS = {"uploads.upload_files", "uploads.attach_pdf", "uploads.attach_pdf_to_study"}
 FORM_BUFFER_BYTES = 1024 * 1024
 DISCARD_LIMIT = 16 * 1024 * 1024  # a refused body up to this size is read before the refusal
-_ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 _WILDCARDS = re.compile(r"[*?\\]")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 # What an upload's activity row says until its files are all dealt with (see the module).
 NOT_COMPLETED = {"state": "not completed (still storing, or the portal stopped while storing)"}
 
@@ -330,7 +329,7 @@ def attach_pdf_to_study(study_id: str):
     study, 413 too large, 507 disk full) with ``{"error", "message"}``. Browsers are sent back to
     ``next`` (default: the upload page) with a message.
     """
-    if not _ORTHANC_ID.match(study_id):
+    if not is_orthanc_id(study_id):
         return _refusal(404, "There is no such study in the archive.", back=_back())
     return _attach(study_id)
 
@@ -347,7 +346,7 @@ def attach_pdf():
             400, "Give the study's Study Instance UID or accession number (no wildcards).", back=_back()
         )
     found: list[str] = []
-    if _UID.match(wanted):
+    if is_uid(wanted):
         found = _orthanc().find_studies({"StudyInstanceUID": wanted})
     if not found:
         found = _orthanc().find_studies({"AccessionNumber": wanted})
