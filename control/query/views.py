@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import abort, current_app, g, jsonify, redirect, render_template, request, url_for
-from flask_login import login_required
 
 from control.activity import Action, record_activity
 from control.errors import wants_json
@@ -147,7 +146,6 @@ def invalid_search(form: SearchForm):
 
 
 @bp.get("/query")
-@login_required
 def search():
     """The query form, filled in from the URL (the results pages' "Change search" comes here)."""
     form = SearchForm(request.args)
@@ -155,7 +153,6 @@ def search():
 
 
 @bp.get("/query/patients")
-@login_required
 def patients():
     """Patients with studies matching the criteria, the newest study first: where results open."""
     form = SearchForm(request.args)
@@ -186,7 +183,6 @@ def patients():
 
 
 @bp.get("/query/studies")
-@login_required
 def studies():
     """Studies matching the criteria, newest first."""
     form = SearchForm(request.args)
@@ -220,7 +216,6 @@ def studies():
 
 
 @bp.get("/query/patients/<orthanc_id>/studies")
-@login_required
 def patient_studies(orthanc_id: str):
     """All the studies of one patient, newest first."""
     check_id(orthanc_id)
@@ -272,7 +267,6 @@ def patient_studies(orthanc_id: str):
 
 
 @bp.get("/query/studies/<orthanc_id>/series")
-@login_required
 def study_series(orthanc_id: str):
     """The series of one study, in acquisition order."""
     check_id(orthanc_id)
@@ -314,7 +308,6 @@ def study_series(orthanc_id: str):
 
 
 @bp.get("/query/patients/<orthanc_id>/viewer")
-@login_required
 def patient_viewer(orthanc_id: str):
     """The viewer on all the studies of a patient (the list does not know them all)."""
     check_id(orthanc_id)
