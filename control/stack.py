@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from control import accounts, configs, db, logs, unixhttp
 from control import settings as site_settings
+from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.site import REPOSITORY, Site, SiteError
 from control.viewer import ensure_viewer
 
@@ -184,7 +183,7 @@ class Process:
                     f"{self.name} stopped while starting (exit code {self.popen.returncode}); "
                     f"its log {self.log} ends with:\n{tail(self.log)}"
                 )
-            with contextlib.suppress(OSError, requests.RequestException):
+            with contextlib.suppress(OSError):
                 if self.ready():
                     return
             time.sleep(0.1)
@@ -215,13 +214,18 @@ def tail(path: Path, lines: int = 20) -> str:
 def processes(site: Site, prepared: Prepared) -> list[Process]:
     """The stack's programs in the order they start."""
     values, topology = prepared.settings, prepared.topology
-    orthanc_auth = (site.secrets.orthanc_user, site.secrets.orthanc_password)
     orthanc_base = configs.orthanc_url(values, topology)
     control_socket = site.run / "control.sock"
     admin_socket = site.run / "caddy-admin.sock"
 
+    archive = Orthanc(orthanc_base, site.secrets.orthanc_user, site.secrets.orthanc_password)
+
     def orthanc_ready() -> bool:
-        return requests.get(f"{orthanc_base}/system", auth=orthanc_auth, timeout=2).ok
+        try:
+            archive.system()
+        except (OrthancUnavailable, OrthancError):
+            return False
+        return True
 
     def control_ready() -> bool:
         return get_over_unix_socket(control_socket, "/healthz")[0] in (200, 503)
