@@ -42,7 +42,7 @@ from control import configs, db, tls, unixhttp
 from control.activity import Action, Outcome, record_activity
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.settings import BY_NAME, Effect, Modality, parse_modalities
-from control.site import Site
+from control.site import Site, write_private
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,7 @@ class _Plan:
         topology = configs.Topology.from_environment(site)
         archive_effects = {Effect.ARCHIVE_API, Effect.ARCHIVE_RESTART} & self.effects
         if archive_effects:
-            configs.write_private(
-                site.run / "orthanc.json", configs.render_orthanc(site, self.live, topology)
-            )
+            write_private(site.run / "orthanc.json", configs.render_orthanc(site, self.live, topology))
         configs.write_unavailable(site, self.live)
         configs.write_running_settings(site, self.live)
         orthanc = Orthanc(
@@ -358,7 +356,7 @@ def load_web_front(site: Site, text: str, *, force: bool = False) -> bool:
     if status is not None and status != 200:
         raise ApplyError(_caddy_reason(body))
     loaded = status == 200
-    configs.write_private(site.run / "Caddyfile", text)
+    write_private(site.run / "Caddyfile", text)
     return loaded
 
 

@@ -26,7 +26,7 @@ import jinja2
 
 from control import dicomweb_routes, logs
 from control.settings import SETTINGS, parse_modalities
-from control.site import REPOSITORY, Site
+from control.site import REPOSITORY, Site, write_private
 
 ORTHANC_TEMPLATE = REPOSITORY / "orthanc" / "orthanc.json"
 CADDY_TEMPLATE = REPOSITORY / "proxy" / "Caddyfile"
@@ -182,18 +182,6 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         dicomweb_routes=dicomweb_routes.TO_CONTROL_PLANE,
         dicomweb_gate=dicomweb_routes.GATE,
     )
-
-
-def write_private(path: Path, text: str) -> bool:
-    """Write ``text`` readable by the service only; True when the content changed."""
-    if path.exists() and path.read_text() == text:
-        return False
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
-    temporary.replace(path)
-    return True
 
 
 def render_unavailable(settings: dict[str, Any]) -> tuple[str, str]:
