@@ -105,11 +105,6 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def get_over_unix_socket(path: Path, url: str) -> tuple[int, bytes]:
-    """A GET to an HTTP server on a unix socket (gunicorn's), for readiness and status checks."""
-    return unixhttp.request(path, "GET", url)
-
-
 def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -228,7 +223,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
         return True
 
     def control_ready() -> bool:
-        return get_over_unix_socket(control_socket, "/healthz")[0] in (200, 503)
+        return unixhttp.request(control_socket, "GET", "/healthz")[0] in (200, 503)
 
     def caddy_ready() -> bool:
         if values["web_port"]:
