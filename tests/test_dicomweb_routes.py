@@ -155,8 +155,9 @@ def test_caddy_hands_the_control_plane_the_tables_routes_and_orthanc_the_rest(po
             continue
         proxies = [handler for handler in handlers(route["handle"]) if handler["handler"] == "reverse_proxy"]
         if not proxies:
-            refusals += 1
-            assert any(handler["handler"] == "static_response" for handler in handlers(route["handle"]))
+            # Either Caddy answers itself (a refusal), or the route only changes headers and the
+            # request goes on to the next.
+            refusals += any(handler["handler"] == "static_response" for handler in handlers(route["handle"]))
             continue
         *asked, final = proxies
         gates = [proxy["rewrite"]["uri"] for proxy in asked]
