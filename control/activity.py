@@ -50,6 +50,10 @@ class Action(enum.StrEnum):
     TOKEN_EXTENDED = "token-extended"
     VIEWER_OPENED = "viewer-opened"
     DICOMWEB_DENIED = "dicomweb-denied"
+    DESKTOP_VIEWER_OPENED = "desktop-viewer-opened"
+    VIEWER_TOKEN_MADE = "viewer-token-made"
+    VIEWER_TOKEN_USED = "viewer-token-used"
+    VIEWER_TOKEN_REVOKED = "viewer-token-revoked"
 
 
 class Outcome(enum.StrEnum):

@@ -8,7 +8,9 @@ through the portal. Two kinds of request come here instead: searches at the top
 study whatever the search asks for; and single frames, which the control plane answers from
 Orthanc's core at a fraction of the plugin's cost (``control.dicomweb.frames``).
 
-The decision itself is ``rules.decide``; this module finds out who is asking.
+The decision itself is ``rules.decide``; this module finds out who is asking: a signed-in user, a
+patient's study grants, or a viewer token (``Authorization: Bearer``, ``control.desktop``), which
+alone decides for a request that carries one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flask_login import current_user
 
 from control import db
 from control.activity import Action, Outcome, record_activity
+from control.desktop import credentials as viewer_tokens
 from control.dicomweb import relay, rules
 from control.dicomweb.frames import FrameRequest
 from control.tokens import grants
@@ -37,19 +40,38 @@ def valid_grants() -> list[grants.Grant]:
         return grants.still_valid(connection, presented, g.settings["token_days"], db.utcnow().date())
 
 
+def token_visitor(token: viewer_tokens.ViewerToken) -> rules.Visitor:
+    """The gate's visitor for a viewer token that works: its studies, and its series if it has one."""
+    return rules.Visitor(
+        granted_studies=frozenset(token.study_uids),
+        granted_series=frozenset(token.series_uids),
+        credential=token.public_id,
+    )
+
+
 def visitor() -> tuple[rules.Visitor, list[grants.Grant]]:
+    bearer = viewer_tokens.bearer_secret(request.headers.get("Authorization"))
+    if bearer is not None:
+        # Judged as the token alone: a cookie beside it must not widen what it reads.
+        with current_app.extensions["site"].engine.connect() as connection:
+            token, works = viewer_tokens.look_up(connection, bearer, g.settings, db.utcnow())
+        g.viewer_token = token
+        if token is None or not works:
+            return rules.Visitor(credential=token.public_id if token else ""), []
+        return token_visitor(token), []
     if current_user.is_authenticated:
         return rules.Visitor(signed_in=True, can_upload=current_user.can_upload), []
     held = valid_grants()
     return rules.Visitor(granted_studies=frozenset(grant.study_uid for grant in held)), held
 
 
-def _denied(decision: rules.Decision, method: str, path: str) -> None:
+def _denied(decision: rules.Decision, method: str, path: str, asking: rules.Visitor) -> None:
     if decision.verdict is rules.Verdict.NOT_FOUND:
         return
     record_activity(
         Action.DICOMWEB_DENIED,
         Outcome.REFUSED,
+        token_id=asking.credential,
         study=decision.study_uid,
         method=method,
         path=path[:200],
@@ -70,8 +92,9 @@ def _verdict(method: str, uri: str) -> Response | None:
     asking, _held = visitor()
     decision = rules.decide(method, uri, asking)
     if decision.verdict is rules.Verdict.ALLOW:
+        _token_used(asking, uri)
         return None
-    _denied(decision, method, rules.split_uri(uri)[0])
+    _denied(decision, method, rules.split_uri(uri)[0], asking)
     status = decision.verdict.value
     body = {401: "Sign-in needed", 403: "Not allowed", 404: "Not found"}[status]
     return Response(body, status=status, mimetype="text/plain")
@@ -90,6 +113,13 @@ def retrieve_frame(**_uids: str):
     if wanted is not None:
         return _passed_on(current_app.extensions["frames"].answer(wanted, accept, origin))
     return _passed_on(relay.relay(current_app.extensions["orthanc"], uri, accept, origin))
+
+
+def _token_used(asking: rules.Visitor, uri: str) -> None:
+    """Record a viewer token's use in the activity log, when one is due (``viewer_tokens.use_due``)."""
+    token = g.get("viewer_token")
+    if asking.credential and token is not None:
+        viewer_tokens.record_use(token, request.remote_addr or "", rules.split_uri(uri)[0])
 
 
 def _passed_on(answer: relay.Answer) -> Response:
@@ -111,13 +141,19 @@ def search():
             record_activity(Action.VIEWER_OPENED, study=studies[:100], via="dicomweb")
         return _relay(request.path, raw_query)
     if decision.verdict is rules.Verdict.SIGN_IN:
-        _denied(decision, "GET", request.path)
+        _denied(decision, "GET", request.path, asking)
         return Response("Sign-in needed", status=401, mimetype="text/plain")
+    _token_used(asking, request.path)
     orthanc = current_app.extensions["orthanc"]
     headers = relay.asking(_accept(), relay.origin(request.environ))
     answers: list[Any] = []
-    for study_uid in dict.fromkeys(grant.study_uid for grant in held):
+    granted = dict.fromkeys(grant.study_uid for grant in held) if held else asking.granted_studies
+    # A token scoped to a series (it has one at most) finds that series and its instances alone.
+    series_uid = "" if request.path == "/dicom-web/studies" else next(iter(asking.granted_series), "")
+    for study_uid in granted:
         narrowed = rules.narrowed_query(raw_query, study_uid)
+        if narrowed is not None and series_uid:
+            narrowed = rules.narrowed_query(narrowed, series_uid, rules.SERIES_UID_KEYS, "SeriesInstanceUID")
         if narrowed is None:
             continue
         upstream = orthanc.open_raw(_orthanc_target(request.path, narrowed), headers)
@@ -129,7 +165,10 @@ def search():
         if found:
             # Whatever the query did, only the granted study's entries leave the portal.
             answers.extend(
-                item for item in json.loads(found) if item.get("0020000D", {}).get("Value") == [study_uid]
+                item
+                for item in json.loads(found)
+                if item.get("0020000D", {}).get("Value") == [study_uid]
+                and (not series_uid or item.get("0020000E", {}).get("Value") == [series_uid])
             )
     return Response(json.dumps(answers), status=200, mimetype="application/dicom+json")
 

@@ -10,7 +10,9 @@ setting counts at once.
 
 Anything else goes on to the full gate in ``control.dicomweb``, which decides again, records
 refusals in the activity log and touches the session's last-seen time when it is due. The quick
-answer only ever says yes; "no" always comes from the full gate.
+answer only ever says yes; "no" always comes from the full gate. A viewer token's request whose
+use is due for the activity log (``control.desktop.credentials.use_due``) goes on too, so that
+the full gate records it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from control import db
 from control.auth import sessions
 from control.cookies import SiteSessionInterface
 from control.cookies import session_id as session_id_in
-from control.dicomweb import rules
+from control.desktop import credentials as viewer_tokens
+from control.dicomweb import rules, token_visitor
 from control.dicomweb.frames import FrameRequest, FrameSource
 from control.dicomweb.relay import origin
 from control.orthanc import OrthancUnavailable
@@ -88,6 +91,9 @@ class QuickGate:
         return self._allows(environ.get("REQUEST_METHOD", "GET"), rules.request_uri(environ), environ)
 
     def _allows(self, method: str, uri: str, environ: dict[str, Any]) -> bool:
+        bearer = viewer_tokens.bearer_secret(environ.get("HTTP_AUTHORIZATION"))
+        if bearer is not None:
+            return self._token_allows(method, uri, bearer, environ)
         cookies = parse_cookie(environ.get("HTTP_COOKIE", ""))
         # The cookies' names follow the scheme the browser uses (control.cookies).
         secure = origin(environ).startswith("https:")
@@ -108,3 +114,15 @@ class QuickGate:
                 held = grants.still_valid(connection, presented, settings["token_days"], now.date())
                 visitor = rules.Visitor(granted_studies=frozenset(grant.study_uid for grant in held))
         return rules.decide(method, uri, visitor).verdict is rules.Verdict.ALLOW
+
+    def _token_allows(self, method: str, uri: str, bearer: str, environ: dict[str, Any]) -> bool:
+        """A viewer token's request, judged as that token alone (as the full gate does)."""
+        now = db.utcnow()
+        with self.site.engine.connect() as connection:
+            settings = self.site.load_settings(connection)
+            token, works = viewer_tokens.look_up(connection, bearer, settings, now)
+        # Caddy is the one hop in front (as ProxyFix trusts it): the client is its last address.
+        client_address = environ.get("HTTP_X_FORWARDED_FOR", "").rpartition(",")[2].strip()
+        if token is None or not works or viewer_tokens.use_due(token, client_address, now):
+            return False
+        return rules.decide(method, uri, token_visitor(token)).verdict is rules.Verdict.ALLOW
