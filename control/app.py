@@ -62,13 +62,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from control import admin, auth, dicomweb, public, query, tokens, uploads
+    from control import admin, auth, desktop, dicomweb, public, query, tokens, uploads
 
     app.register_blueprint(public.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(tokens.bp)
     app.register_blueprint(dicomweb.bp)
+    app.register_blueprint(desktop.bp)
     app.register_blueprint(query.bp)
     app.register_blueprint(uploads.bp)
     errors.init_app(app)

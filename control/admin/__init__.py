@@ -43,6 +43,7 @@ from control.activity import (
     refused_by_address,
 )
 from control.admin.forms import ActivityFilterForm, ContactForm, CredentialsForm, NewUserForm, TokenForm
+from control.desktop import credentials as viewer_tokens
 from control.formatting import local_time
 from control.tokens import store
 
@@ -363,13 +364,16 @@ def event(event_id: int):
 
 @bp.route("/tokens")
 def tokens():
-    """Every study token: for whom, issued, last used, uses, from where, and its state."""
+    """Every study token: for whom, issued, last used, uses, from where, and its state; and the
+    newest viewer tokens (``control.desktop``)."""
     patient_id = request.args.get("patient_id", "").strip()
     page = _page_number()
     with _engine().connect() as connection:
         total, listed = store.list_tokens(
             connection, patient_id=patient_id, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
         )
+        # Tokens of the desktop viewer and of other viewers, newest first, to revoke from here.
+        viewer_listed = viewer_tokens.listing(connection, g.settings, patient_id=patient_id)
     today = dt.date.today()
     return render_template(
         "admin/tokens.html",
@@ -381,6 +385,7 @@ def tokens():
         token_days=g.settings["token_days"],
         today=today,
         arguments={"patient_id": patient_id} if patient_id else {},
+        viewer_listed=viewer_listed,
     )
 
 
