@@ -616,3 +616,34 @@ def test_the_landing_page_lists_both_free_applications(tls_stack: TLSStack) -> N
     assert 'href="/downloader/pacs_download.py"' in section
     assert 'href="https://weasis.org/en/getting-started/download-dicom-viewer/"' in section
     assert "Weasis desktop viewer" in section
+
+
+def test_bad_requests_get_clear_answers_and_make_no_token(tls_stack: TLSStack, archive: Archive) -> None:
+    session = tls_stack.sign_in()
+    token = csrf_token(session.get(f"{tls_stack.url}/").text)
+    json_headers = {"X-CSRFToken": token, "Accept": "application/json"}
+    with Site(tls_stack.data).engine.connect() as connection:
+        before = connection.execute(sa.select(sa.func.count()).select_from(db.viewer_tokens)).scalar_one()
+    for path in (
+        f"/desktop/instances/{archive.study_a}",  # no such level
+        "/desktop/studies/not-an-id",
+        "/desktop/studies/00000000-00000000-00000000-00000000-00000000",  # not in the archive
+    ):
+        answer = session.post(f"{tls_stack.url}{path}", headers=json_headers)
+        assert answer.status_code == 404 and answer.json()["error"] == "Not found", path
+    forged = session.post(
+        f"{tls_stack.url}/desktop/studies/{archive.study_a}", headers={"Accept": "application/json"}
+    )
+    assert forged.status_code == 400 and "expired or did not come from this site" in forged.json()["message"]
+    page = session.get(f"{tls_stack.url}/desktop/studies/{archive.study_a}/access")
+    wrong = session.post(
+        f"{tls_stack.url}/desktop/studies/{archive.study_a}/access",
+        data={"csrf_token": csrf_token(page.text), "days": "365", "note": "x" * 201},
+    )
+    assert wrong.status_code == 400
+    assert "Not a valid choice" in wrong.text and "Field cannot be longer than 200 characters" in wrong.text
+    with Site(tls_stack.data).engine.connect() as connection:
+        after = connection.execute(sa.select(sa.func.count()).select_from(db.viewer_tokens)).scalar_one()
+    assert after == before
+    logged = (tls_stack.data / "logs" / "control.log").read_text(errors="replace")
+    assert "Traceback" not in logged
