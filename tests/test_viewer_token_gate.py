@@ -26,6 +26,8 @@ from control.dicomweb.rules import SERIES_UID_KEYS, Verdict, Visitor, decide, na
 from control.site import Site
 from control.tokens import store
 
+from conftest import free_port
+
 SECOND = "1.2.840.99.5"  # the same patient's other study
 SERIES, OTHER_SERIES = "1.2", "1.9"
 PASSWORD = "a long enough password"
@@ -108,6 +110,9 @@ def portal(tmp_path_factory):
     """The app on a fresh database, and the headers of every kind of token."""
     data = tmp_path_factory.mktemp("viewer-token-gate")
     db.migrate(Site(data).engine)
+    with Site(data).engine.begin() as connection:
+        # An archive port where nothing listens: a frame let through gets the portal's 503.
+        db.put_settings(connection, {"orthanc_http_port": free_port()})
     app = create_app({"DATA_DIR": data})
     site = app.extensions["site"]
     now = db.utcnow()
