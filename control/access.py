@@ -41,6 +41,10 @@ RULES: dict[str, Audience] = {
     "tokens.patient_manifest": Audience.PUBLIC,
     "tokens.patient_series_download": Audience.PUBLIC,
     "tokens.study_link": Audience.SIGNED_IN,
+    # The desktop viewer and tokens for other viewers (control.desktop): users' own, and a
+    # patient's from their page, where the link is the key.
+    "desktop.*": Audience.SIGNED_IN,
+    "desktop.patient_launch": Audience.PUBLIC,
     # The DICOMweb gate decides itself: a signed-in user or a study grant (control.dicomweb.rules).
     "dicomweb.*": Audience.PUBLIC,
     "admin.*": Audience.ADMIN,

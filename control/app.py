@@ -69,7 +69,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from control import admin, auth, dicomweb, metrics, public, query, tokens, uploads
+    from control import admin, auth, desktop, dicomweb, metrics, public, query, tokens, uploads
 
     # Outermost, so that the gate's quick answers are counted too (control.metrics).
     app.wsgi_app = metrics.Counting(app.wsgi_app)  # type: ignore[method-assign]
@@ -79,6 +79,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin.bp)
     app.register_blueprint(tokens.bp)
     app.register_blueprint(dicomweb.bp)
+    app.register_blueprint(desktop.bp)
     app.register_blueprint(query.bp)
     app.register_blueprint(uploads.bp)
     app.register_blueprint(metrics.bp)

@@ -284,3 +284,40 @@ shared_study_uids = sa.Table(
     sa.Column("flagged_at", sa.DateTime, nullable=False),
     sa.Column("studies", sa.Text, nullable=False, server_default="[]"),
 )
+
+viewer_tokens = sa.Table(
+    "viewer_tokens",
+    metadata,
+    # Bearer tokens for DICOMweb clients that have no browser cookie: the desktop viewer launched
+    # from a row (minutes), or another viewer a physician hands a study to (days). Each reads
+    # exactly its studies (and series, when scoped to one) through the DICOMweb gate.
+    sa.Column("id", sa.Integer, primary_key=True),
+    # What the activity log and the admin pages show for a token: never the token itself, of which
+    # the database keeps only a SHA-256.
+    sa.Column("public_id", sa.String(32), nullable=False, unique=True),
+    sa.Column("secret_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("scope", sa.String(16), nullable=False),
+    sa.Column("study_uids", sa.Text, nullable=False),  # a JSON list
+    sa.Column("orthanc_study_ids", sa.Text, nullable=False),  # the archive's ids of those studies, likewise
+    sa.Column("series_uid", sa.String(64), nullable=False, server_default=""),
+    sa.Column("patient_name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("patient_id", sa.String(100), nullable=False, server_default=""),
+    # Who answers for it: a user account (which must stay active), or a patient's study link
+    # (which must stay valid). No foreign keys: the rows outlive a deleted account or link.
+    sa.Column("issued_by_user_id", sa.Integer),
+    sa.Column("issued_by", sa.String(64), nullable=False, server_default=""),
+    sa.Column("study_token_id", sa.Integer),
+    sa.Column("note", sa.String(200), nullable=False, server_default=""),
+    sa.Column("issued_at", sa.DateTime, nullable=False),
+    sa.Column("issued_from", sa.String(64), nullable=False, server_default=""),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Column("revoked_at", sa.DateTime),
+    sa.Column("revoked_by", sa.String(64), nullable=False, server_default=""),
+    sa.Column("uses", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_used_at", sa.DateTime),
+    sa.Column("last_used_from", sa.String(64), nullable=False, server_default=""),
+    sa.Index("ix_viewer_tokens_issued_at", "issued_at"),
+    sa.Index("ix_viewer_tokens_patient_id", "patient_id"),
+    sqlite_autoincrement=True,
+)

@@ -418,7 +418,7 @@ def test_every_list_answers_json_by_accept_header(archive: Archive) -> None:
     assert answer.headers["Content-Type"].startswith("application/json")
     row = answer.json()["rows"][0]
     assert row["id"] and row["patient_id"] == "4MR1"
-    assert set(row["actions"]) == {"zip", "archive", "downloader", "manifest", "viewer", "studies"}
+    assert set(row["actions"]) == {"zip", "archive", "downloader", "manifest", "viewer", "studies", "desktop"}
     assert all(url.startswith(archive.stack.url + "/") for url in row["actions"].values())
 
 

@@ -72,7 +72,7 @@ class Links:
         return self._patterns[key]
 
     def resource(self, level: str, orthanc_id: str) -> dict[str, str]:
-        """Zip page, zip file, downloader page and manifest of a patient, study or series.
+        """Zip page, zip file, downloader page, manifest and desktop viewer of a patient, study or series.
 
         The two pages remember the list the row is on, for their "Go back".
         """
@@ -85,6 +85,7 @@ class Links:
                 ("archive", "query.archive"),
                 ("downloader", "query.downloader_page"),
                 ("manifest", "query.manifest"),
+                ("desktop", "desktop.launch"),
             )
         }
         actions["zip"] += self.back
