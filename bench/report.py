@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 # The CPU columns of the second table, in the order the stack's processes are started.
-CPU_ROLES = ("orthanc", "control", "caddy", "client")
+CPU_ROLES = ("orthanc", "control", "catalog", "caddy", "client")
 
 
 @dataclass(frozen=True)
