@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from control.orthanc import Orthanc
+from control.orthanc import Orthanc, resource_id
 from control.query.finder import DateRange, Finder, Search
 
 from conftest import Stack, make_stack
@@ -107,6 +107,10 @@ def made_up_studies() -> list[list]:
     ]
     # Two patients whose IDs differ only in case: an ID typed exactly finds its own patient alone.
     made += [make_study("Case^Lower", "CASE-ab"), make_study("Case^Upper", "CASE-AB")]
+    # Accents, which the catalog's matching folds away (the archive's does not).
+    made.append(
+        make_study("Müller^Jürgen", "ACCENT-1", study_date="20180305", InstitutionName="Clínica São José")
+    )
     day = dt.date(2019, 1, 1)
     for number in range(PAGING_PATIENTS):
         for visit in range(2):
@@ -377,6 +381,111 @@ def test_names_in_every_script_display_and_can_be_searched(
         if name_matches(typed, facts.patient_name)
     }
     assert found == expected
+
+
+@pytest.mark.parametrize(
+    ("criteria", "found_by_the_archive"),
+    [
+        ({"patient_name": "Müller"}, True),
+        ({"patient_name": "müller jürgen"}, True),
+        ({"patient_name": "muller"}, False),
+        ({"patient_name": "MULLER JURGEN"}, False),
+        ({"patient_name": "mu?ler*"}, False),
+        ({"institution": "sao jose"}, False),
+    ],
+)
+def test_the_catalog_matches_names_without_their_accents(
+    archive: Archive, criteria: dict[str, str], found_by_the_archive: bool
+) -> None:
+    """The catalog folds accents ("Muller" finds "Müller"); the archive, asked directly, does not."""
+    found = {row["patient_id"] for row in archive.json("/query/patients", **criteria)["rows"]}
+    assert "ACCENT-1" in found
+    by_the_archive = {
+        row["patient_id"] for row in archive.via("archive").json("/query/patients", **criteria)["rows"]
+    }
+    assert ("ACCENT-1" in by_the_archive) == found_by_the_archive
+
+
+def pager_studies(archive: Archive) -> list[StudyFacts]:
+    return [facts for facts in archive.studies.values() if facts.patient_name.startswith("Pager")]
+
+
+def orthanc_study_id(facts: StudyFacts) -> str:
+    return resource_id(facts.patient_id, facts.uid)
+
+
+STUDY_ORDERS = [
+    ("date", "desc", lambda f: (f.date, f.time, orthanc_study_id(f)), True),
+    ("date", "asc", lambda f: (f.date, f.time, orthanc_study_id(f)), False),
+    ("name", "asc", lambda f: (f.patient_name.upper(), f.date, f.time, orthanc_study_id(f)), False),
+    ("name", "desc", lambda f: (f.patient_name.upper(), f.date, f.time, orthanc_study_id(f)), True),
+    ("series", "desc", lambda f: (len(f.series), f.date, f.time, orthanc_study_id(f)), True),
+    (
+        "modalities",
+        "asc",
+        lambda f: ("\\".join(sorted(f.modalities)), f.date, f.time, orthanc_study_id(f)),
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("sort", "order", "key", "reverse"), STUDY_ORDERS, ids=[f"{s} {o}" for s, o, *_ in STUDY_ORDERS]
+)
+def test_the_catalog_lists_studies_in_any_columns_order_page_after_page(
+    archive: Archive, sort: str, order: str, key, reverse: bool
+) -> None:
+    expected = [orthanc_study_id(f) for f in sorted(pager_studies(archive), key=key, reverse=reverse)]
+    first = archive.json("/query/studies", patient_name="pager", per_page="25", sort=sort, order=order)
+    assert first["sort"] == {"column": sort, "order": order} and first["total"] == len(expected)
+    pages, answer = [first], first
+    while answer["links"]["next"]:
+        assert "after=" in answer["links"]["next"]  # where this page ends, not an offset
+        answer = archive.session.get(answer["links"]["next"]).json()
+        pages.append(answer)
+    assert [row["id"] for page in pages for row in page["rows"]] == expected
+    assert [row["number"] for page in pages for row in page["rows"]] == list(range(1, len(expected) + 1))
+
+    # Back from the last page, and straight to the last page from the first.
+    back = archive.session.get(pages[-1]["links"]["previous"]).json()
+    assert [row["id"] for row in back["rows"]] == [row["id"] for row in pages[-2]["rows"]]
+    assert back["page"] == len(pages) - 1
+    last = archive.session.get(first["links"]["last"]).json()
+    assert [row["id"] for row in last["rows"]] == [row["id"] for row in pages[-1]["rows"]]
+    assert (last["page"], last["links"]["next"]) == (len(pages), None)
+
+
+def test_the_catalog_lists_patients_by_name_and_shows_how_the_page_is_ordered(archive: Archive) -> None:
+    expected = sorted(
+        {f.patient_id: f.patient_name.upper() for f in pager_studies(archive)}.items(),
+        key=lambda item: item[1],
+    )
+    rows = archive.all_rows("/query/patients", patient_name="pager", sort="name", order="desc")
+    assert [row["patient_id"] for row in rows] == [patient_id for patient_id, _name in reversed(expected)]
+    page = archive.get("/query/patients", patient_name="pager", sort="name", order="desc")
+    assert re.search(r'aria-sort="descending"><a class="sort" href="[^"]*sort=name&amp;order=asc', page.text)
+    assert ">Newest study first</a>" in page.text
+    studies = archive.get("/query/studies", patient_name="pager")
+    for column in (
+        "name",
+        "study_id",
+        "accession",
+        "date",
+        "description",
+        "modalities",
+        "series",
+        "instances",
+        "size",
+    ):
+        assert f"sort={column}&amp;" in studies.text, column
+
+
+def test_a_list_from_the_archive_says_so(archive: Archive) -> None:
+    """The archive's own answer (what the pages fall back to) sorts newest first only."""
+    answer = archive.via("archive").json("/query/studies", patient_name="pager", sort="name")
+    assert answer["sort"] == {"column": "date", "order": "desc"}
+    page = archive.via("archive").get("/query/studies", patient_name="pager", sort="name")
+    assert 'class="sort"' not in page.text and "Newest first." in page.text
 
 
 @pytest.mark.parametrize("source", SOURCES)

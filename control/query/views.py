@@ -243,7 +243,10 @@ def list_answer(
 ):
     """The JSON of a list: what it is, where the page sits, and its rows with absolute URLs."""
     base = request.host_url.rstrip("/")
-    links = {name: base + pages[name] if pages[name] else None for name in ("previous", "next")}
+    links = {
+        name: base + pages[key] if pages[key] else None
+        for name, key in (("previous", "previous"), ("next", "next"), ("last", "last_page"))
+    }
     body = {
         "list": kind,
         **extra,
