@@ -1,4 +1,4 @@
-"""The six scenarios of issue 8, each comparing the portal with Orthanc asked directly.
+"""The scenarios, each comparing the portal with Orthanc asked directly.
 
 "Direct" is what a client with Orthanc's credentials gets from Orthanc's own HTTP port; "portal"
 is the same thing asked as a user asks it, through Caddy (and the control plane where it is in the
@@ -17,6 +17,9 @@ path). Each scenario adds rows (times, ratios, targets) and content checks to th
   bounded time; every step's latency and errors.
 - ``growth``: the searches again as the archive grows (one-instance studies), to show which costs
   follow the archive's size (Orthanc's SQLite index) and which do not (the portal).
+- ``catalog`` (``bench.catalog``): the study catalog's searches against ``/tools/find`` and today's
+  finder as the archive grows, the catalog alone at up to a million rows on SQLite and PostgreSQL,
+  and its feeder's lag under a steady stream of stores.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any
 import requests
 import urllib3
 
-from bench import clients, data
+from bench import catalog, clients, data
 from bench.clients import Refused, digest_of, expect
 from bench.measure import DIRECT, PORTAL, Action, Answer, Comparison, MemorySampler, interleave, percentile
 from bench.report import Report, Row, Target, format_seconds
@@ -68,14 +71,44 @@ class Scale:
     viewer_threads: int = 6
     frames_per_user: int = 4
     budget: float = 900.0  # seconds any one comparison may take before it stops repeating
+    catalog_rows: tuple[int, ...] = (200_000, 1_000_000)  # the catalog alone (bench.catalog)
+    lag_rates: tuple[int, ...] = (120, 350)  # stores a second while the feeder's lag is measured
+    lag_seconds: float = 30.0
 
 
 PRESETS = {
     # About 10 minutes on a 2-core machine; the full growth curve (--sizes 1000,10000,50000) about 13.
     "default": Scale((100, 300), 400, 1000, (1000, 10000), 50, 60, 5, 50),
-    "quick": Scale((40, 60), 100, 1000, (1000, 3000), 20, 15, 3, 20, budget=120),
+    "quick": Scale(
+        (40, 60),
+        100,
+        1000,
+        (1000, 3000),
+        20,
+        15,
+        3,
+        20,
+        budget=120,
+        catalog_rows=(20_000, 100_000),
+        lag_seconds=10,
+    ),
     # What tests/test_bench_smoke.py runs: the code paths, not the figures.
-    "smoke": Scale((3, 5), 4, 30, (40, 60), 3, 3, 1, 2, viewer_threads=2, frames_per_user=2, budget=30),
+    "smoke": Scale(
+        (3, 5),
+        4,
+        30,
+        (40, 60),
+        3,
+        3,
+        1,
+        2,
+        viewer_threads=2,
+        frames_per_user=2,
+        budget=30,
+        catalog_rows=(400, 800),
+        lag_rates=(20,),
+        lag_seconds=2,
+    ),
 }
 
 
@@ -195,6 +228,8 @@ class Bench:
             (data.encode(dataset) for _facts, dataset in made),
             deadline=time.monotonic() + 600,
         )
+        # The results pages list from the study catalog: let its feeder apply what was stored.
+        self.stack.wait_for_catalog(timeout=600)
         self.say(f"  search material: {len(made)} studies ({time.monotonic() - started:.0f} s to store)")
         return [facts for facts, _dataset in made]
 
@@ -864,6 +899,7 @@ def load_filler(bench: Bench, total: int) -> None:
                 bench.say(f"    {index - start + 1:,} of {wanted:,} stored")
 
     data.post_files(bench.orthanc, bench.stack.orthanc_url, bodies(), deadline=time.monotonic() + 3600)
+    bench.stack.wait_for_catalog(timeout=3600)
     elapsed = time.monotonic() - started
     bench.say(f"  archive grown to {total:,} studies: {wanted:,} stored in {elapsed:.0f} s")
     bench.report.archive.setdefault("loading", []).append(
@@ -920,6 +956,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "upload": run_upload,
     "users": run_users,
     "growth": run_growth,
+    "catalog": catalog.run_catalog,
 }
 
 

@@ -23,7 +23,8 @@ import requests
 from control.orthanc import Orthanc, resource_id
 from control.query.finder import DateRange, Finder, Search
 
-from conftest import Stack, make_stack
+from conftest import Stack, free_port, make_stack
+from postgres import PostgresServer, binaries
 from samples import Loaded, StudyFacts, load_samples, make_study, send, store_study
 
 pytestmark = pytest.mark.stack
@@ -77,12 +78,29 @@ class Archive:
         return rows
 
 
+# The control plane's database: the catalog matches with SQLite's GLOB and trigram table there,
+# with LIKE and pg_trgm on PostgreSQL. The tests of matching and order run on both.
+DATABASES = [
+    "sqlite",
+    pytest.param(
+        "postgresql", marks=pytest.mark.skipif(binaries() is None, reason="PostgreSQL is not installed")
+    ),
+]
+
+
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    """A stack of this module's own, holding the pydicom samples and the made-up studies below."""
-    stack = make_stack(tmp_path_factory.mktemp("query"))
-    stack.start()
+def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+    """A stack of this module's own, holding the pydicom samples and the made-up studies below, its
+    database SQLite unless a test asks for PostgreSQL (``DATABASES``)."""
+    database = getattr(request, "param", "sqlite")
+    server = PostgresServer(free_port()) if database == "postgresql" else None
+    env = {}
+    if server:
+        server.start()
+        env["PACS_DATABASE_URL"] = server.create_database("pacs")
+    stack = make_stack(tmp_path_factory.mktemp(f"query-{database}"), **env)
     try:
+        stack.start()
         loaded = load_samples(stack)
         studies = dict(loaded.studies)
         for made in made_up_studies():
@@ -92,6 +110,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         yield Archive(stack, loaded, studies, stack.sign_in())
     finally:
         stack.stop()
+        if server:
+            server.stop()
 
 
 def made_up_studies() -> list[list]:
@@ -195,6 +215,7 @@ CRITERIA = [
 ]
 
 
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize(("criteria", "expected"), CRITERIA, ids=[repr(case[0]) for case in CRITERIA])
 def test_each_criterion_finds_exactly_the_expected_studies_and_patients(
@@ -281,6 +302,7 @@ def test_a_go_back_elsewhere_is_ignored(archive: Archive) -> None:
         assert re.search(r'<a class="button" href="([^"]+)">Go back', page.text).group(1) == "/query"
 
 
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
 @pytest.mark.parametrize("source", SOURCES)
 def test_paging_newest_first_with_a_total(archive: Archive, source: str) -> None:
     archive = archive.via(source)
@@ -342,6 +364,7 @@ def test_large_answers_page_through_date_windows_in_the_same_order(archive: Arch
         assert [match.id for match in patients] == [match.id for match in patients_at_once], search
 
 
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize(
     "sample",
@@ -383,6 +406,7 @@ def test_names_in_every_script_display_and_can_be_searched(
     assert found == expected
 
 
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
 @pytest.mark.parametrize(
     ("criteria", "found_by_the_archive"),
     [
@@ -429,6 +453,7 @@ STUDY_ORDERS = [
 ]
 
 
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
 @pytest.mark.parametrize(
     ("sort", "order", "key", "reverse"), STUDY_ORDERS, ids=[f"{s} {o}" for s, o, *_ in STUDY_ORDERS]
 )
@@ -455,6 +480,7 @@ def test_the_catalog_lists_studies_in_any_columns_order_page_after_page(
     assert (last["page"], last["links"]["next"]) == (len(pages), None)
 
 
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
 def test_the_catalog_lists_patients_by_name_and_shows_how_the_page_is_ordered(archive: Archive) -> None:
     expected = sorted(
         {f.patient_id: f.patient_name.upper() for f in pager_studies(archive)}.items(),

@@ -14,9 +14,11 @@ is the first of the reversed order. A page asked for by number alone (a typed UR
 whose cost grows with it.
 
 **Plans.** The total is counted first (the kept count when there are no criteria); a small answer
-(up to ``SELECTIVE`` studies) is then read by its criteria and sorted, a large one by walking the
-order's index and testing each study. SQLite needs telling: its trigram index finds few matches
-at once but many slowly, and it plans ``IN`` and ``EXISTS`` as written.
+(up to ``SELECTIVE`` studies) is then read by its criteria (a materialised CTE) and sorted, a large
+one found by walking the order's index and testing each study. Planners need telling: SQLite's
+trigram index finds few matches at once but many slowly, it plans ``IN`` and ``EXISTS`` as
+written, and PostgreSQL walked the name index through a hundred thousand rows for a thousand
+matches.
 
 **Patients.** A patient's place is that of its first matching study in the chosen order (for the
 default order, its newest matching study, as the archive's finder does), shown with the patient's
@@ -28,10 +30,11 @@ before that end (it was listed already).
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -39,7 +42,9 @@ from control.catalog import tables
 from control.catalog.names import fold, glob_pattern, has_wildcard, like_pattern, longest_literal
 from control.catalog.store import read_state
 from control.orthanc import resource_id
-from control.query.finder import PatientMatch, Search, dicom_date
+
+if TYPE_CHECKING:
+    from control.query.finder import PatientMatch, Search
 
 SELECTIVE = 5000
 WALK_CHUNK = 200
@@ -118,6 +123,20 @@ class CatalogPage:
         return self.offset + len(self.rows)
 
 
+def dicom_date(day: dt.date) -> str:
+    """A date as DICOM writes it (``YYYYMMDD``), as ``control.query.finder`` compares them."""
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
+
+
+@dataclass(frozen=True)
+class Matching:
+    """A search's SQL, and whether it matches few studies (``SELECTIVE`` or fewer): those are read
+    by the criteria first and then sorted; many are found by walking the order's index."""
+
+    where: list[sa.ColumnElement[bool]]
+    few: bool
+
+
 def supports(search: Search) -> bool:
     """Whether the catalog can answer ``search`` (criteria it keeps columns for)."""
     return set(search.patient_query) | set(search.study_query) <= SUPPORTED
@@ -150,6 +169,7 @@ class Catalog:
     def __init__(self, connection: sa.Connection) -> None:
         self.connection = connection
         self.sqlite = connection.dialect.name == "sqlite"
+        self._patients_named: dict[str, bool] = {}
 
     # ---- criteria -----------------------------------------------------------------------------
 
@@ -182,8 +202,10 @@ class Catalog:
         typed = search.patient_query["PatientID"]
         if has_wildcard(typed):
             return False
-        exists = sa.select(c.id).where(c.patient_key == resource_id(typed)).limit(1)
-        return self.connection.execute(exists).first() is not None
+        if typed not in self._patients_named:
+            exists = sa.select(c.id).where(c.patient_key == resource_id(typed)).limit(1)
+            self._patients_named[typed] = self.connection.execute(exists).first() is not None
+        return self._patients_named[typed]
 
     def matches(self, key: sa.ColumnElement, pattern: str, *, walking: bool) -> sa.ColumnElement[bool]:
         """``key`` matching a DICOM pattern (``*``, ``?``) as a whole, in the matching form."""
@@ -193,7 +215,10 @@ class Catalog:
         if not self.sqlite:
             return key.like(like_pattern(folded), escape="\\")
         glob = glob_pattern(folded)
-        if not walking and key.name in TEXT_INDEX.c and longest_literal(folded) >= 3:
+        # A pattern that starts with text is a range of the key's b-tree; one that starts with a
+        # wildcard (a match anywhere) needs the trigram index, which knows three characters.
+        anywhere = folded[0] in "*?"
+        if anywhere and not walking and key.name in TEXT_INDEX.c and longest_literal(folded) >= 3:
             return c.id.in_(sa.select(TEXT_INDEX.c.rowid).where(TEXT_INDEX.c[key.name].op("GLOB")(glob)))
         return key.op("GLOB")(glob)
 
@@ -237,16 +262,16 @@ class Catalog:
         patient only when ``patient_key`` (the archive's patient id) is given."""
         keys = sorting.keys(STUDY_SORTS)
         total = self.count_studies(search, patient_key)
-        where = self.conditions(search, walking=total > SELECTIVE) + self._of_patient(patient_key)
+        matching = self.matching(search, total, patient_key)
         start, end = decode_cursor(after, keys), decode_cursor(before, keys)
         if last_page:
             offset = max(0, (total - 1) // limit * limit) if total else 0
-            rows = self._ordered(where, keys, not sorting.descending, limit=total - offset or limit)[::-1]
+            rows = self._ordered(matching, keys, not sorting.descending, limit=total - offset or limit)[::-1]
         elif end is not None:
-            rows = self._ordered(where, keys, not sorting.descending, limit=limit, beyond=end)[::-1]
+            rows = self._ordered(matching, keys, not sorting.descending, limit=limit, beyond=end)[::-1]
         else:
             rows = self._ordered(
-                where, keys, sorting.descending, limit=limit, beyond=start, offset=0 if start else offset
+                matching, keys, sorting.descending, limit=limit, beyond=start, offset=0 if start else offset
             )
         page = CatalogPage(rows, offset, limit, total, offset + len(rows) < total)
         if rows:
@@ -254,9 +279,13 @@ class Catalog:
             page.before = encode_cursor(tuple(getattr(rows[0], key.name) for key in keys))
         return page
 
+    def matching(self, search: Search, total: int, patient_key: str | None = None) -> Matching:
+        few = total <= SELECTIVE
+        return Matching(self.conditions(search, walking=not few) + self._of_patient(patient_key), few)
+
     def _ordered(
         self,
-        where: list[sa.ColumnElement[bool]],
+        matching: Matching,
         keys: tuple[sa.ColumnElement, ...],
         descending: bool,
         *,
@@ -264,12 +293,34 @@ class Catalog:
         beyond: tuple[Any, ...] | None = None,
         offset: int = 0,
     ) -> list[Any]:
-        query = sa.select(tables.studies).where(*where)
+        """Matching studies in the order of ``keys`` (after ``beyond``, when given)."""
+        if matching.few:
+            # Read first, sorted next: left to itself, a planner may walk the order's index
+            # through a million rows for a thousand matches (PostgreSQL did, for a name order).
+            # Only the keys are sorted; the page's rows are read by their ids.
+            found = sa.select(c.id, *keys).where(*matching.where).cte("matches").prefix_with("MATERIALIZED")
+            chosen = self._order(
+                sa.select(found), tuple(found.c[key.name] for key in keys), descending, beyond
+            )
+            chosen = chosen.limit(limit).offset(offset).subquery("chosen")
+            query = sa.select(tables.studies).join(chosen, c.id == chosen.c.id)
+            return list(
+                self.connection.execute(
+                    self._order(query, tuple(chosen.c[key.name] for key in keys), descending, None)
+                )
+            )
+        query = self._order(sa.select(tables.studies).where(*matching.where), keys, descending, beyond)
+        return list(self.connection.execute(query.limit(limit).offset(offset)))
+
+    @staticmethod
+    def _order(
+        query: sa.Select, keys: tuple[sa.ColumnElement, ...], descending: bool, beyond: tuple[Any, ...] | None
+    ) -> sa.Select:
+        """``query`` in the order of ``keys``, after ``beyond`` when given."""
         if beyond is not None:
             place = sa.tuple_(*keys)
             query = query.where(place < sa.tuple_(*beyond) if descending else place > sa.tuple_(*beyond))
-        query = query.order_by(*(key.desc() if descending else key.asc() for key in keys))
-        return list(self.connection.execute(query.limit(limit).offset(offset)))
+        return query.order_by(*(key.desc() if descending else key.asc() for key in keys))
 
     # ---- patients -----------------------------------------------------------------------------
 
@@ -288,18 +339,22 @@ class Catalog:
         study in ``sorting``'s order."""
         keys = sorting.keys(PATIENT_SORTS)
         total = self.count_patients(search)
-        where = self.conditions(search, walking=total > SELECTIVE)
+        matching = self.matching(search, total)
         start = decode_cursor(after, keys)
         seen: set[str] = set()
         found: list[Any] = []
         skip = 0 if start else offset
-        for chunk in self._walk(where, keys, sorting.descending, start):
+        for chunk in self._walk(matching, keys, sorting.descending, start):
             firsts = []
             for row in chunk:
                 if row.patient_key not in seen:
                     seen.add(row.patient_key)
                     firsts.append(row)
-            listed = self._listed_before(where, keys, sorting.descending, start, firsts) if start else set()
+            listed = (
+                self._listed_before(matching.where, keys, sorting.descending, start, firsts)
+                if start
+                else set()
+            )
             for row in firsts:
                 if row.patient_key in listed:
                     continue
@@ -312,7 +367,7 @@ class Catalog:
             if len(found) > limit:
                 break
         rows = found[:limit]
-        counts = self._matching_counts(where, [row.patient_key for row in rows])
+        counts = self._matching_counts(matching.where, [row.patient_key for row in rows])
         matches = [self.patient_match(row, counts.get(row.patient_key, 1)) for row in rows]
         page = CatalogPage(matches, offset, limit, total, len(found) > limit)
         if rows:
@@ -321,7 +376,7 @@ class Catalog:
 
     def _walk(
         self,
-        where: list[sa.ColumnElement[bool]],
+        matching: Matching,
         keys: tuple[sa.ColumnElement, ...],
         descending: bool,
         start: tuple[Any, ...] | None,
@@ -329,7 +384,7 @@ class Catalog:
         """Matching studies in order after ``start``, a chunk at a time."""
         place = start
         while True:
-            chunk = self._ordered(where, keys, descending, limit=WALK_CHUNK, beyond=place)
+            chunk = self._ordered(matching, keys, descending, limit=WALK_CHUNK, beyond=place)
             if chunk:
                 yield chunk
             if len(chunk) < WALK_CHUNK:
@@ -370,6 +425,11 @@ class Catalog:
 
     @staticmethod
     def patient_match(row: Any, study_count: int) -> PatientMatch:
+        # Imported here: control.query imports this module, and this module is also the first
+        # one imported by ./pacs catalog and the benchmark, where a module-level import would
+        # come back to a control.query still being imported.
+        from control.query.finder import PatientMatch
+
         tags = {
             "PatientID": row.patient_id,
             "PatientName": row.patient_name,
