@@ -420,15 +420,21 @@ def catalog_feed(site: Site) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    # The control plane's set-up makes the schema; until the database answers, wait rather than
-    # exit (the runner gives up on a process that keeps dying).
+    # The control plane's set-up makes the secrets and the schema (in compose, in another
+    # container that may start later): wait for them rather than make secrets of its own or exit
+    # (the runner gives up on a process that keeps dying).
+    secrets_given = os.environ.get("PACS_SECRET_ORTHANC_USER") and os.environ.get(
+        "PACS_SECRET_ORTHANC_PASSWORD"
+    )
     while not stop.is_set():
         try:
-            orthanc = _archive_client(site)
-            break
+            if secrets_given or (site.secrets_dir / "secrets.json").exists():
+                orthanc = _archive_client(site)
+                break
+            log.info("the installation is not set up yet: waiting")
         except sa.exc.SQLAlchemyError as error:
             log.warning("the database is not ready (%s): waiting", type(error).__name__)
-            stop.wait(2)
+        stop.wait(2)
     else:
         return
     Feeder(site.engine, orthanc).run(stop)
