@@ -319,6 +319,10 @@ def test_catalog_check_finds_a_row_removed_by_hand_and_one_changed(stack: Stack)
 
     assert stack.pacs("catalog", "rebuild").returncode == 0
     assert stack.pacs("catalog", "check").returncode == 0
+    status = stack.pacs("catalog", "status")
+    assert status.returncode == 0
+    assert "status:       ready" in status.stdout
+    assert f"studies:      {len(archive_ids(stack)):,} of" in status.stdout
 
 
 @pytest.mark.skipif(binaries() is None, reason="PostgreSQL is not installed")

@@ -21,7 +21,9 @@ from control.orthanc import Orthanc
 
 LAG_LIMIT = 10.0
 FEEDER_SILENT = 20.0  # the feeder writes a heartbeat every second at least while it runs
-USED_INSTEAD = "these results come from the archive itself, newest first, and names match with their accents"
+USED_INSTEAD = (
+    "these results come from the archive itself, newest first, and names must be typed with their accents"
+)
 
 
 @dataclass(frozen=True)
