@@ -161,6 +161,35 @@ def test_stores_by_c_store_and_by_upload_appear_in_the_catalog_and_its_searches(
     assert (row["instances_count"], row["size"]) == (1, int(statistics["DicomUncompressedSize"]))
 
 
+def test_a_series_added_a_moment_ago_shows_on_its_patients_page_before_the_feeder_applies_it(
+    stack: Stack,
+) -> None:
+    """A report attached, a late series: one patient's list compares the catalog with the archive
+    (one GET) while changes wait, and answers from the archive when they differ."""
+    first = fresh_study("CT_small.dcm", patient_id="CAT-LATE-SERIES")
+    assert c_store(stack, first) == 0x0000
+    stack.wait_for_catalog()
+    session = stack.sign_in()
+    (before,) = search(session, stack, patient_id="CAT-LATE-SERIES")["rows"]
+    assert before["series_count"] == 1
+    later = fresh_study("MR_small.dcm", patient_id="CAT-LATE-SERIES")
+    later.StudyInstanceUID = first.StudyInstanceUID
+    feeder = feeder_pid(stack)
+    os.kill(feeder, signal.SIGSTOP)
+    try:
+        assert c_store(stack, later) == 0x0000
+        answer = search(session, stack, patient_id="CAT-LATE-SERIES")
+        patient = search(session, stack, f"/query/patients/{before['patient']['id']}/studies")
+    finally:
+        os.kill(feeder, signal.SIGCONT)
+    assert answer["source"] == "archive" and answer["notice"] is None
+    assert [(row["id"], row["series_count"]) for row in answer["rows"]] == [(before["id"], 2)]
+    assert patient["source"] == "archive" and patient["rows"][0]["series_count"] == 2
+    stack.wait_for_catalog()
+    again = search(session, stack, patient_id="CAT-LATE-SERIES")
+    assert again["source"] == "catalog" and again["rows"][0]["modalities"] == ["CT", "MR"]
+
+
 def test_a_study_deleted_from_the_archive_leaves_the_catalog(stack: Stack) -> None:
     made = fresh_study("CT_small.dcm", patient_id="CAT-DELETED", patient_name="Soon^Deleted")
     assert c_store(stack, made) == 0x0000

@@ -237,10 +237,10 @@ class Catalog:
         query = sa.select(sa.func.count()).select_from(tables.studies).where(*where)
         return self.connection.execute(query).scalar_one()
 
-    def study_ids_of_patient(self, patient_key: str) -> set[str]:
-        return set(
-            self.connection.execute(sa.select(c.study_id).where(c.patient_key == patient_key)).scalars()
-        )
+    def study_versions_of_patient(self, patient_key: str) -> dict[str, tuple[int, str]]:
+        """A patient's studies: each one's series count and the archive's last update of it."""
+        query = sa.select(c.study_id, c.series_count, c.last_update).where(c.patient_key == patient_key)
+        return {study_id: (series, updated) for study_id, series, updated in self.connection.execute(query)}
 
     @staticmethod
     def _of_patient(patient_key: str | None) -> list[sa.ColumnElement[bool]]:

@@ -142,15 +142,19 @@ def one_patient_id(search: Search) -> str | None:
 
 
 def catalog_has_patient(connection: sa.Connection, orthanc_id: str) -> bool:
-    """Whether the catalog holds every study the archive holds of this patient (an archive that
-    holds no such patient: nothing to miss)."""
+    """Whether the catalog holds this patient's studies as the archive holds them now: the same
+    studies, each with as many series and the same last update (an archive that holds no such
+    patient: nothing to miss)."""
     try:
-        held = {study["ID"] for study in orthanc().get_json(f"/patients/{orthanc_id}/studies")}
+        held = {
+            study["ID"]: (len(study.get("Series", ())), study.get("LastUpdate") or "")
+            for study in orthanc().get_json(f"/patients/{orthanc_id}/studies")
+        }
     except OrthancError as error:
         if error.status == 404:
             return True
         raise
-    return held <= Catalog(connection).study_ids_of_patient(orthanc_id)
+    return held == Catalog(connection).study_versions_of_patient(orthanc_id)
 
 
 @dataclass(frozen=True)
@@ -170,8 +174,9 @@ def choose_source(search: Search | None, sorting: Sorting, patient_id: str | Non
 
     While changes wait for the feeder, one patient's studies (the list of a patient, given its
     ``patient_id``, or a search for one patient ID typed exactly) are checked against the archive,
-    one GET: if the archive holds a study the catalog does not have yet (stored a moment ago), the
-    archive answers, so that a search made right after a store finds it.
+    one GET: if the archive holds a study the catalog does not have yet, or has it otherwise (a
+    series added a moment ago, a PDF report say), the archive answers, so that what a user just
+    stored shows on the page that follows.
     """
     if request.args.get("source") == "archive" or (search is not None and not supports(search)):
         return Source(False)
