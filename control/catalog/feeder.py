@@ -62,12 +62,12 @@ from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 
 log = logging.getLogger("pacs.catalog")
 
-BATCH = 1000  # changes read at once
+BATCH = 500  # changes read at once: about 125 stored studies, whose rows then show together
 POLL_SECONDS = 0.25  # between reads of the log when there was nothing new
 HEARTBEAT_SECONDS = 1.0  # the state row's heartbeat is written at most this often while idle
 GAP_GRACE = 3.0  # seconds a gap in the log is waited for (see the module's notes)
 COUNT_CHECK_SECONDS = 3.0  # the least time between two comparisons of study counts
-READERS = 4  # studies read from the archive at once
+READERS = 8  # studies read from the archive at once (its HTTP server has 50 threads)
 SWEEP_PAGE = 10_000  # study ids listed at once when sweeping
 BUILD_PAGE = 200  # studies read at once when building
 
@@ -143,6 +143,7 @@ class Feeder:
         self._last_count_check = 0.0
         self._count_check_seconds = COUNT_CHECK_SECONDS
         self._archive_reachable = True
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="catalog-reader")
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -190,6 +191,7 @@ class Feeder:
                 pause = 5.0
             stop.wait(pause)
         self.lock.release()
+        self._readers.shutdown()
         log.info("catalog feeder %s stopped", self.name)
 
     def _claim(self) -> None:
@@ -293,11 +295,10 @@ class Feeder:
             return {
                 study_id: read_study(self.orthanc, study_id, expanded.get(study_id)) for study_id in wanted
             }
-        with ThreadPoolExecutor(READERS) as pool:
-            found = pool.map(
-                lambda study_id: read_study(self.orthanc, study_id, expanded.get(study_id)), wanted
-            )
-            return dict(zip(wanted, found, strict=True))
+        found = self._readers.map(
+            lambda study_id: read_study(self.orthanc, study_id, expanded.get(study_id)), wanted
+        )
+        return dict(zip(wanted, found, strict=True))
 
     # ---- deletions ----------------------------------------------------------------------------
 
