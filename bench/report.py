@@ -214,7 +214,7 @@ def checks_text(report: Report) -> str:
 WIDTH = 1000
 MARGIN = 20
 BAR_HEIGHT = 22
-GREEN, RED, GREY, BLUE, ORANGE = "#2e7d32", "#c62828", "#9e9e9e", "#1565c0", "#ef6c00"
+GREEN, RED, GREY, BLUE, ORANGE, PURPLE = "#2e7d32", "#c62828", "#9e9e9e", "#1565c0", "#ef6c00", "#6a1b9a"
 INK, FAINT = "#212121", "#e0e0e0"
 
 
@@ -346,7 +346,7 @@ def _growth_lines(
         decade *= 10
     for size in sizes:
         draw.text((x_of(size) - 25, bottom + 6), f"{size:,} studies", fill=GREY, font=_font(11))
-    colours = [BLUE, ORANGE, GREEN, RED]
+    colours = [BLUE, ORANGE, GREEN, RED, PURPLE]
     for index, measure in enumerate(measures):
         colour = colours[index % len(colours)]
         for way, width in (("direct", 1), ("portal", 3)):
