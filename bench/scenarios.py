@@ -885,6 +885,8 @@ def load_filler(bench: Bench, total: int) -> None:
     """Add one-instance studies (``GROW-*``) until the archive holds ``total`` studies."""
     have = bench.count_studies()
     if have >= total:
+        # Studies stored by the scenarios before (the upload's, say) must be in the catalog too.
+        bench.stack.wait_for_catalog(timeout=600)
         return
     start = len(bench.find("Study", {"PatientID": "GROW-*"}, expand=False))
     wanted = total - have
