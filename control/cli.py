@@ -460,7 +460,7 @@ def catalog_status(site: Site) -> None:
         return f"{(now - moment).total_seconds():.1f} s ago" if moment else "never"
 
     click.echo(f"status:       {state.status}")
-    click.echo(f"studies:      {state.studies:,} of {state.patients:,} patients")
+    click.echo(f"studies:      {state.studies:,} studies of {state.patients:,} patients")
     click.echo(f"applied:      change {state.applied_seq:,} of the archive's {last}")
     click.echo(f"feeder:       {state.feeder or 'none yet'}, last heard {ago(state.heartbeat_at)}")
     click.echo(f"caught up:    {ago(state.caught_up_at)}")
@@ -477,6 +477,7 @@ def catalog_rebuild(site: Site) -> None:
 
     from control.catalog import store
     from control.catalog.feeder import Feeder, feeder_name
+    from control.catalog.freshness import FEEDER_SILENT
     from control.orthanc import OrthancUnavailable
 
     engine, orthanc = _catalog_parts(site)
@@ -498,6 +499,7 @@ def catalog_rebuild(site: Site) -> None:
                 requested = db.utcnow()
                 store.update_state(connection, build_requested_at=requested)
             click.echo("pacs: the running feeder rebuilds the catalog")
+            heard, heard_at = None, time.monotonic()
             while True:
                 time.sleep(1)
                 with engine.connect() as connection:
@@ -506,6 +508,13 @@ def catalog_rebuild(site: Site) -> None:
                     show(state.build_done, state.build_total)
                 elif state.built_at and state.built_at >= requested and state.build_requested_at is None:
                     break
+                if state.heartbeat_at != heard:
+                    heard, heard_at = state.heartbeat_at, time.monotonic()
+                elif time.monotonic() - heard_at > FEEDER_SILENT:
+                    _fail(
+                        f"the feeder holding the catalog ({state.feeder}) has not answered for "
+                        f"{FEEDER_SILENT:.0f} s; it rebuilds once it answers again"
+                    )
     except OrthancUnavailable:
         _fail("the archive is not reachable: start the portal first (./pacs up --detach)")
     with engine.connect() as connection:

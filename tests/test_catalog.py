@@ -351,7 +351,7 @@ def test_catalog_check_finds_a_row_removed_by_hand_and_one_changed(stack: Stack)
     status = stack.pacs("catalog", "status")
     assert status.returncode == 0
     assert "status:       ready" in status.stdout
-    assert f"studies:      {len(archive_ids(stack)):,} of" in status.stdout
+    assert f"studies:      {len(archive_ids(stack)):,} studies of" in status.stdout
 
 
 @pytest.mark.skipif(binaries() is None, reason="PostgreSQL is not installed")
