@@ -1,9 +1,10 @@
-"""The native runner: set-up, then Orthanc, the control plane and Caddy as supervised processes.
+"""The native runner: set-up, then Orthanc, the control plane, the catalog's feeder and Caddy as
+supervised processes.
 
 ``prepare`` makes an installation ready (folders, secrets, database, settings, first admin, viewer,
-generated configs) and is idempotent. ``Supervisor`` starts the three processes in order, waits
-until each answers, starts again one that dies (the portal meanwhile answers "archive not
-reachable" rather than nothing), and stops them all (terminate, wait, kill) when told to.
+generated configs) and is idempotent. ``Supervisor`` starts the processes in order, waits until
+each answers, starts again one that dies (the portal meanwhile answers "archive not reachable"
+rather than nothing), and stops them all (terminate, wait, kill) when told to.
 ``./pacs up --detach`` runs the same supervisor as a background process whose pid is kept in
 ``run/pacs.pid``; ``./pacs down`` signals it and makes sure nothing is left behind.
 """
@@ -250,6 +251,16 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             umask=site.umask,
             output_log=site.logs / "access.log",
         ),
+        # The study catalog's feeder (control.catalog.feeder): a process of its own, so that
+        # following the archive never competes with the pages for a worker's interpreter.
+        Process(
+            "catalog",
+            [sys.executable, "-m", "control", "--data", str(site.data), "catalog", "feed"],
+            site.logs / "catalog.log",
+            lambda: True,
+            env={"PACS_DATA": str(site.data)},
+            umask=site.umask,
+        ),
         Process(
             "caddy",
             ["caddy", "run", "--config", str(site.run / "Caddyfile"), "--adapter", "caddyfile"],
@@ -420,7 +431,7 @@ def running_supervisor(site: Site) -> int | None:
 
 
 def leftover_processes(site: Site) -> Iterator[tuple[str, int]]:
-    for name in ("orthanc", "control", "caddy"):
+    for name in ("orthanc", "control", "catalog", "caddy"):
         pid = read_pid(site.run / f"{name}.pid")
         if pid:
             yield name, pid

@@ -35,7 +35,7 @@ from control import settings
 from dockerd import DockerEngine, DockerError, debian_base_tarball, run_logged, tail
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-SERVICES = ("control", "orthanc", "caddy")
+SERVICES = ("control", "catalog", "orthanc", "caddy")
 CONTAINER_UID = 10001
 """The unprivileged user all three images run as (docker/*.Dockerfile)."""
 

@@ -73,12 +73,12 @@ def test_a_pdf_is_attached_from_the_study_row(stack: Stack, uploader: str, tmp_p
     with chromium() as browser:
         page = signed_in_page(browser, stack, uploader)
         studies_of(page, stack, dataset.PatientID)
-        assert page.inner_text("table.results tbody tr td:nth-child(7)").strip() == "1"
+        assert page.inner_text("table.results tbody tr td.series").strip() == "1"
         page.set_input_files("td.attach-pdf input[type=file]", str(report))
         page.get_by_role("button", name="Upload File").click()
         page.wait_for_load_state()
         assert "/query/studies" in page.url
-        assert page.inner_text("table.results tbody tr td:nth-child(7)").strip() == "2"
+        assert page.inner_text("table.results tbody tr td.series").strip() == "2"
 
 
 def test_a_reader_sees_no_upload_controls(stack: Stack) -> None:

@@ -206,7 +206,7 @@ def test_detached_up_then_down_leaves_nothing_behind(fresh_stack: Stack) -> None
     assert "health   ok" in status.stdout
     run = fresh_stack.data / "run"
     pids = [int(path.read_text()) for path in run.glob("*.pid")]
-    assert len(pids) == 4
+    assert len(pids) == 5  # the runner, Orthanc, the control plane, the catalog's feeder, Caddy
 
     stopped = fresh_stack.pacs("down")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
