@@ -16,6 +16,7 @@ from flask.sessions import SecureCookieSessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from control import __version__, access, configs, errors, formatting
+from control.archive_version import ArchiveVersions
 from control.dicomweb.fast import QuickGate
 from control.dicomweb.frames import FrameSource
 from control.extensions import csrf, login_manager
@@ -56,7 +57,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         site.secrets.orthanc_user,
         site.secrets.orthanc_password,
     )
-    app.extensions["frames"] = FrameSource(app.extensions["orthanc"])
+    app.extensions["archive_version"] = ArchiveVersions(app.extensions["orthanc"])
+    app.extensions["frames"] = FrameSource(app.extensions["orthanc"], app.extensions["archive_version"])
 
     # Caddy is the only listener and the only client of this app: trust its one forwarded hop.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
