@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +35,8 @@ from control.site import REPOSITORY, Site
 from control.viewer import ensure_viewer
 
 ADMIN_USERNAME = "admin"
+# Debian installs Orthanc in /usr/sbin, which an ordinary user's PATH lacks on Debian 12 and 13.
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 # A process that dies is started again after RESTART_DELAY seconds, unless it died more than
 # MAX_RESTARTS times within RESTART_WINDOW seconds: then something is wrong that a restart won't fix.
@@ -219,7 +222,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
     caddy_home = site.cache / "caddy"
     return [
         Process(
-            "orthanc", ["Orthanc", str(site.run / "orthanc.json")], site.logs / "orthanc.log", orthanc_ready
+            "orthanc", [ORTHANC, str(site.run / "orthanc.json")], site.logs / "orthanc.log", orthanc_ready
         ),
         Process(
             "control",
