@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,8 @@ from control.site import REPOSITORY, Site, SiteError
 from control.viewer import ensure_viewer
 
 ADMIN_USERNAME = "admin"
+# Debian installs Orthanc in /usr/sbin, which an ordinary user's PATH lacks on Debian 12 and 13.
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 # A process that dies is started again after RESTART_DELAY seconds, unless it died more than
 # MAX_RESTARTS times within RESTART_WINDOW seconds: then something is wrong that a restart won't fix.
@@ -237,7 +240,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
     return [
         Process(
             "orthanc",
-            ["Orthanc", str(site.run / "orthanc.json")],
+            [ORTHANC, str(site.run / "orthanc.json")],
             site.logs / "orthanc.log",
             orthanc_ready,
             umask=site.umask,

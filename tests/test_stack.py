@@ -34,7 +34,15 @@ def test_health_reports_every_part_and_no_secret(stack: Stack) -> None:
     assert response.status_code == 200
     report = response.json()
     assert report["status"] == "ok"
-    assert report["orthanc"] == {"ok": True, "version": "1.10.1", "aet": stack.aet}
+    system = requests.get(f"{stack.orthanc_url}/system", auth=stack.orthanc_auth).json()
+    plugin = requests.get(f"{stack.orthanc_url}/plugins/dicom-web", auth=stack.orthanc_auth).json()
+    assert report["orthanc"] == {
+        "ok": True,
+        "version": system["Version"],
+        "dicomweb": plugin["Version"],
+        "extended_find": bool(system.get("Capabilities", {}).get("HasExtendedFind")),
+        "aet": stack.aet,
+    }
     assert report["database"]["ok"] and report["control"]["ok"]
     user, password = stack.orthanc_auth
     assert password not in response.text and user not in response.text

@@ -33,7 +33,9 @@ def healthz():
         report["database"] = {"ok": False, "error": type(error).__name__}
     try:
         system = current_app.extensions["orthanc"].system()
-        report["orthanc"] = {"ok": True, "version": system.get("Version"), "aet": system.get("DicomAet")}
+        # The versions of Orthanc and of its DICOMweb plugin, as the portal last asked (a minute at most).
+        versions = current_app.extensions["archive_version"].current().describe()
+        report["orthanc"] = {"ok": True, **versions, "aet": system.get("DicomAet")}
     except (OrthancUnavailable, OrthancError) as error:
         report["orthanc"] = {
             "ok": False,
