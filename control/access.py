@@ -43,6 +43,8 @@ RULES: dict[str, Audience] = {
     "tokens.study_link": Audience.SIGNED_IN,
     # The DICOMweb gate decides itself: a signed-in user or a study grant (control.dicomweb.rules).
     "dicomweb.*": Audience.PUBLIC,
+    # The viewer's configuration and a bare /viewer: what they say depends on who asks (control.viewer).
+    "viewer.*": Audience.PUBLIC,
     "admin.*": Audience.ADMIN,
     # Uploads need the account's "can upload files" right; the worklist page is the admin's.
     "uploads.*": Audience.UPLOADER,

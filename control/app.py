@@ -69,7 +69,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from control import admin, auth, dicomweb, public, query, tokens, uploads
+    from control import admin, auth, dicomweb, public, query, tokens, uploads, viewer
 
     app.register_blueprint(public.bp)
     app.register_blueprint(auth.bp)
@@ -78,6 +78,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(dicomweb.bp)
     app.register_blueprint(query.bp)
     app.register_blueprint(uploads.bp)
+    app.register_blueprint(viewer.bp)
     errors.init_app(app)
     formatting.init_app(app)
 
