@@ -351,6 +351,7 @@ def token_command(site: Site, study: str) -> None:
     from control import configs, network
     from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
     from control.tokens import SHARED_UID, shared, store, study_facts
+    from control.tokens.periods import LinkPeriod
 
     db.migrate(site.engine)
     values = site.load_settings()
@@ -382,7 +383,12 @@ def token_command(site: Site, study: str) -> None:
             patient=facts.patient_name,
             study=facts.study_uid,
         )
+    period = LinkPeriod(token.accessible_until(values["token_days"]), db.utcnow().date())
+    if period.expired:
+        _fail(period.note(values["date_format"]))
     click.echo(network.token_link(values, token.token))
+    # The link alone goes to standard output, for scripts; the person reads the rest.
+    click.echo(f"pacs: {period.note(values['date_format'])}", err=True)
 
 
 @main.command(
