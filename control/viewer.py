@@ -156,7 +156,8 @@ def app_config():
         "department": g.settings["department"],
         "back": way_back(),
     }
-    # json.dumps escapes every non-ASCII character, so no value can end the statement early.
+    # A JSON literal is JavaScript: quotes and backslashes escaped, every non-ASCII character
+    # (U+2028 and U+2029 too, line ends to older engines) written as \u escapes.
     body = f"window.pacsPortal = {json.dumps(portal)};\n{APP_CONFIG.read_text()}"
     response = make_response(body)
     response.headers["Content-Type"] = "text/javascript; charset=utf-8"

@@ -164,8 +164,10 @@ def test_a_patient_with_an_expired_link_sees_how_to_reach_the_institution(
         page.goto(link)
         assert page.locator("h1").inner_text() == "This link has expired"
         contact = page.locator("p.contact")
+        settings = Site(tls_stack.data).load_settings()
         assert contact.inner_text() == (
-            "Contact St. Test Hospital, Radiology: phone +30 210 123 4567, e-mail imaging@example.org."
+            f"Contact {settings['institution']}, {settings['department']}: phone +30 210 123 4567, "
+            "e-mail imaging@example.org."
         )
         assert (
             contact.get_by_role("link", name="+30 210 123 4567").get_attribute("href") == "tel:+302101234567"

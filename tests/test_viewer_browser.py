@@ -10,12 +10,17 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, Page
 
+from control.site import Site
+
 from browser import DESKTOP, PHONE, chromium, screenshot, sign_in, wait_for_image
 from conftest import ADMIN_PASSWORD, SITE_NAME, TLSStack, c_store, csrf_token, fresh_study, orthanc_id
 
 pytestmark = [pytest.mark.stack, pytest.mark.browser]
 
-INSTITUTION = "St. Test Hospital"
+
+def institution(stack: TLSStack) -> str:
+    """The institution's name as the portal's settings hold it now (other tests may rename it)."""
+    return Site(stack.data).load_settings()["institution"]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +59,8 @@ def test_a_physician_sees_the_institution_no_tour_and_goes_back_to_the_results(
     wait_for_image(viewer)
     assert not tour_started(viewer), "the viewer started its onboarding tour"
     link = portal_link(viewer)
-    assert link.inner_text().split("\n")[-2:] == [INSTITUTION, "Back to the results"]
-    assert viewer.get_by_role("link", name=f"Back to the results: {INSTITUTION}").count() == 1
+    assert link.inner_text().split("\n")[-2:] == [institution(tls_stack), "Back to the results"]
+    assert viewer.get_by_role("link", name=f"Back to the results: {institution(tls_stack)}").count() == 1
     screenshot(viewer, "viewer", full_page=False)
     with viewer.expect_navigation():
         link.click()
@@ -92,11 +97,11 @@ def test_a_patient_goes_back_to_the_study_page(browser: Browser, tls_stack: TLSS
         page.get_by_role("link", name="View the study online").click()
     wait_for_image(page)
     assert not tour_started(page)
-    back = page.get_by_role("link", name=f"Back to your study: {INSTITUTION}")
+    back = page.get_by_role("link", name=f"Back to your study: {institution(tls_stack)}")
     with page.expect_navigation():
         back.click()
     assert page.url == patient_page
-    assert page.locator("h1").inner_text() == f"Your study at {INSTITUTION}"
+    assert page.locator("h1").inner_text() == f"Your study at {institution(tls_stack)}"
 
 
 @pytest.mark.parametrize(
@@ -111,4 +116,4 @@ def test_a_bare_viewer_address_leads_back_to_the_portal(
     for address in ("/viewer/", "/viewer", "/viewer?StudyInstanceUIDs="):
         page.goto(f"{tls_stack.browser_url}{address}")
         assert page.url == f"{tls_stack.browser_url}{lands_on}", address
-        assert INSTITUTION in page.inner_text("header")
+        assert institution(tls_stack) in page.inner_text("header")
