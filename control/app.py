@@ -71,7 +71,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from control import admin, auth, desktop, dicomweb, metrics, public, query, tokens, uploads
+    from control import admin, auth, desktop, dicomweb, metrics, public, query, tokens, uploads, viewer
 
     # Outermost, so that the gate's quick answers are counted too (control.metrics).
     app.wsgi_app = metrics.Counting(app.wsgi_app)  # type: ignore[method-assign]
@@ -86,6 +86,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(uploads.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(uploads.gate)
+    app.register_blueprint(viewer.bp)
     errors.init_app(app)
     formatting.init_app(app)
 

@@ -369,6 +369,7 @@ def token_command(site: Site, study: str) -> None:
     from control import configs, network
     from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
     from control.tokens import NO_BIRTH_DATE, SHARED_UID, shared, store, study_facts, unchecked_link_warning
+    from control.tokens.periods import LinkPeriod
 
     db.migrate(site.engine)
     values = site.load_settings()
@@ -402,7 +403,12 @@ def token_command(site: Site, study: str) -> None:
             study=facts.study_uid,
             **({"identity_check": NO_BIRTH_DATE} if warning else {}),
         )
+    period = LinkPeriod(token.accessible_until(values["token_days"]), db.utcnow().date())
+    if period.expired:
+        _fail(period.note(values["date_format"]))
     click.echo(network.token_link(values, token.token))
+    # The link alone goes to standard output, for scripts; the person reads the rest.
+    click.echo(f"pacs: {period.note(values['date_format'])}", err=True)
     if warning:
         click.echo(f"pacs: {warning}", err=True)
 

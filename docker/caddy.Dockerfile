@@ -18,7 +18,7 @@ COPY ohif/pin.json /build/pin.json
 ARG BUILD_CA_CERTIFICATES=
 RUN registry-ca fetch-ohif /build/pin.json /srv/ohif
 
-# Stage 2: Caddy and the viewer's files; the site's own app-config.js replaces OHIF's.
+# Stage 2: Caddy and the viewer's files (its app-config.js comes from the control plane).
 FROM debian:${DEBIAN_RELEASE}-slim
 
 # policy-rc.d keeps the package scripts from starting Caddy's system service during the build.
@@ -35,7 +35,6 @@ RUN groupadd --gid 10001 pacs \
 	&& install -d -o pacs -g pacs -m 0700 /data
 
 COPY --from=ohif /srv/ohif /srv/ohif
-COPY ohif/app-config.js /srv/ohif/app-config.js
 COPY docker/await-file.sh /usr/local/bin/await-file
 
 # Caddy keeps its autosaved configuration and state in the data volume, as the native runner does.

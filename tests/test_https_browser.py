@@ -101,6 +101,7 @@ def test_copy_a_study_link(browser: Browser, tls_stack: TLSStack) -> None:
     )
     page.goto(f"{tls_stack.browser_url}/query/studies?patient_id={dataset.PatientID}")
     page.get_by_role("button", name="Copy study link").click()
+    page.get_by_role("button", name="Copy the link").click()
     page.wait_for_selector("text=Copied to the clipboard.")
     copied = page.evaluate("navigator.clipboard.readText()")
     assert re.fullmatch(rf"https://{SITE_NAME}:{tls_stack.web_port}/token\?[A-Za-z0-9]{{64}}", copied)
