@@ -110,7 +110,8 @@ def log_of(window: pacs_download_gui.DownloaderWindow) -> str:
 def test_the_window_downloads_a_study_and_carries_on_after_a_cut(
     stack: Stack, study: Study, window: pacs_download_gui.DownloaderWindow, display: str, tmp_path: Path
 ) -> None:
-    relay = CuttingRelay(stack.web_port, cut={2})
+    # Some 3 MB/s, a hospital's remote link: the bar has seconds to move.
+    relay = CuttingRelay(stack.web_port, cut={2}, rate=3_000_000)
     try:
         # The address the downloader page tells the user to paste: the page's own.
         type_into(window.address, relay.url(f"{stack.url}/query/studies/{study.orthanc_id}/downloader"))
@@ -176,7 +177,7 @@ def test_the_one_command_on_the_downloader_page_installs_the_window(
     assert installed.returncode == 0, installed.stdout + installed.stderr
     for command, name in (("pacs-downloader", "pacs-downloader"), ("pacs-download", "pacs-download")):
         version = subprocess.run([str(home / "bin" / command), "--version"], capture_output=True, text=True)
-        assert version.stdout.strip() == f"{name} 0.2.0", version.stderr
+        assert version.stdout.strip() == f"{name} {pacs_download_gui.core.__version__}", version.stderr
     # The installed window opens on the display with the address it was given.
     opened = subprocess.run(
         [

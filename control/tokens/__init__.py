@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any
@@ -465,17 +465,25 @@ def patient_report(token: store.StudyToken, study: StudyView, instance_id: str):
     """A PDF report attached to the study, as the document itself (the browser shows it)."""
     if instance_id not in {instance for instance, _title in study.reports}:
         abort(404)  # the token opens its own study's reports only
-    try:
-        upstream = current_app.extensions["orthanc"].open_stream(f"/instances/{instance_id}/pdf")
-    except OrthancError as error:
-        if error.status in (400, 404):
+    upstream = current_app.extensions["orthanc"].open_raw(f"/instances/{instance_id}/pdf")
+    if upstream.status >= 400:
+        status = upstream.status
+        upstream.close()
+        upstream.release_conn()
+        if status in (400, 404):
             abort(404)  # a document of the study that is not a PDF
-        raise
+        raise OrthancError(status, "the archive did not hand out the report")
     _used(token, Action.TOKEN_USED, page="report")
-    response = Response(
-        upstream.iter_content(256 * 1024), mimetype="application/pdf", direct_passthrough=True
-    )
-    response.call_on_close(upstream.close)
+
+    def body() -> Iterator[bytes]:
+        # A report that breaks off raises here, so the browser sees a cut answer, never a short PDF.
+        try:
+            yield from upstream.stream(256 * 1024, decode_content=False)
+        finally:
+            upstream.close()
+            upstream.release_conn()
+
+    response = Response(body(), mimetype="application/pdf", direct_passthrough=True)
     response.headers["Content-Disposition"] = 'inline; filename="report.pdf"'
     response.headers["Cache-Control"] = "no-store"
     return response
