@@ -34,8 +34,14 @@ RULES: dict[str, Audience] = {
     "query.*": Audience.SIGNED_IN,
     # Patients' pages: the token in the link is the key (control.tokens checks it).
     "tokens.*": Audience.PUBLIC,
-    # The DICOMweb gate decides itself: a signed-in user or a study grant (control.dicomweb.rules).
+    # The desktop viewer and tokens for other viewers (control.desktop); a patient's own button
+    # is one of the patients' pages.
+    "desktop.*": Audience.SIGNED_IN,
+    # The DICOMweb gate decides itself: a signed-in user, a study grant or a viewer token
+    # (control.dicomweb.rules).
     "dicomweb.*": Audience.PUBLIC,
+    # The viewer's configuration and a bare /viewer: what they say depends on who asks (control.viewer).
+    "viewer.*": Audience.PUBLIC,
     "admin.*": Audience.ADMIN,
     # Monitoring decides itself: admins, or clients on this machine (control.metrics).
     "metrics.metrics": Audience.PUBLIC,

@@ -181,6 +181,7 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         control_upstream=topology.control_upstream,
         dicomweb_routes=dicomweb_routes.TO_CONTROL_PLANE,
         dicomweb_gate=dicomweb_routes.GATE,
+        dicomweb_bulk=dicomweb_routes.BULK_DATA,
     )
 
 

@@ -7,7 +7,8 @@ kind; the gate (``control.dicomweb.rules``) lets through only paths of the gramm
 canonical form. All three take the grammar from this table:
 
 - the Caddyfile's matchers for what the control plane answers are rendered from
-  ``TO_CONTROL_PLANE`` (``control.configs``, ``proxy/Caddyfile``);
+  ``TO_CONTROL_PLANE``, and the one for bulk data's media type from ``BULK_DATA``
+  (``control.configs``, ``proxy/Caddyfile``);
 - the blueprint's URL rules are the rows' ``rules`` (``control.dicomweb``);
 - the gate knows a path when a row matches it (``known``).
 
@@ -146,7 +147,7 @@ _PARTS = r"(?:/metadata|/rendered|/thumbnail)"
 _FRAMES = r"/frames/[0-9]+(?:,[0-9]+)*(?:/rendered|/thumbnail)?"
 _BULK = r"/bulk/[0-9A-Fa-f]{8}(?:/[0-9]+/[0-9A-Fa-f]{8})*"
 _INSTANCE = rf"/instances/{UID}(?:{_PARTS}|{_FRAMES}|{_BULK})?"
-_SERIES_RESOURCE = rf"/series/{UID}(?:{_PARTS}|/instances|{_INSTANCE})?"
+_SERIES_RESOURCE = rf"/series/(?P<series>{UID})(?:{_PARTS}|/instances|{_INSTANCE})?"
 
 STUDY_RESOURCE = Route(
     "study_resource",
@@ -162,6 +163,10 @@ WADO_URI = Route(
     "WADO-URI: the study, series and instance are in the query string.",
     pattern="/wado",
 )
+
+# Bulk data (a PDF report, say), whose Accept header Caddy narrows to the one type both DICOMweb
+# plugins serve (proxy/Caddyfile): a Caddyfile ``path_regexp``.
+BULK_DATA = rf"^/dicom-web/studies/{UID}/series/{UID}/instances/{UID}{_BULK}$"
 
 # Caddy's question before it streams Orthanc's answer (forward_auth); not a DICOMweb path.
 GATE = "/internal/gate/dicom-web"

@@ -1,9 +1,10 @@
-"""The native runner: set-up, then Orthanc, the control plane and Caddy as supervised processes.
+"""The native runner: set-up, then Orthanc, the control plane, the catalog's feeder and Caddy as
+supervised processes.
 
 ``prepare`` makes an installation ready (folders, secrets, database, settings, first admin, viewer,
-generated configs) and is idempotent. ``Supervisor`` starts the three processes in order, waits
-until each answers, starts again one that dies (the portal meanwhile answers "archive not
-reachable" rather than nothing), and stops them all (terminate, wait, kill) when told to.
+generated configs) and is idempotent. ``Supervisor`` starts the processes in order, waits until
+each answers, starts again one that dies (the portal meanwhile answers "archive not reachable"
+rather than nothing), and stops them all (terminate, wait, kill) when told to.
 ``./pacs up --detach`` runs the same supervisor as a background process whose pid is kept in
 ``run/pacs.pid``; ``./pacs down`` signals it and makes sure nothing is left behind.
 """
@@ -16,6 +17,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +35,8 @@ from control.site import REPOSITORY, Site, SiteError
 from control.viewer import ensure_viewer
 
 ADMIN_USERNAME = "admin"
+# Debian installs Orthanc in /usr/sbin, which an ordinary user's PATH lacks on Debian 12 and 13.
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 # A process that dies is started again after RESTART_DELAY seconds, unless it died more than
 # MAX_RESTARTS times within RESTART_WINDOW seconds: then something is wrong that a restart won't fix.
@@ -235,7 +239,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
     return [
         Process(
             "orthanc",
-            ["Orthanc", str(site.run / "orthanc.json")],
+            [ORTHANC, str(site.run / "orthanc.json")],
             site.logs / "orthanc.log",
             orthanc_ready,
             umask=site.umask,
@@ -248,6 +252,16 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             env={"PACS_DATA": str(site.data), "TMPDIR": str(site.spool)},
             umask=site.umask,
             output_log=site.logs / "access.log",
+        ),
+        # The study catalog's feeder (control.catalog.feeder): a process of its own, so that
+        # following the archive never competes with the pages for a worker's interpreter.
+        Process(
+            "catalog",
+            [sys.executable, "-m", "control", "--data", str(site.data), "catalog", "feed"],
+            site.logs / "catalog.log",
+            lambda: True,
+            env={"PACS_DATA": str(site.data)},
+            umask=site.umask,
         ),
         Process(
             "caddy",
@@ -419,7 +433,7 @@ def running_supervisor(site: Site) -> int | None:
 
 
 def leftover_processes(site: Site) -> Iterator[tuple[str, int]]:
-    for name in ("orthanc", "control", "caddy"):
+    for name in ("orthanc", "control", "catalog", "caddy"):
         pid = read_pid(site.run / f"{name}.pid")
         if pid:
             yield name, pid

@@ -147,7 +147,7 @@ def test_caddy_hands_the_control_plane_the_tables_routes_and_orthanc_the_rest(po
     site = portal.extensions["site"]
     topology = configs.Topology.from_environment(site)
     control = f"{topology.control_upstream}"
-    to_control, to_orthanc, refusals = [], [], 0
+    to_control, to_orthanc, refusals, header_changes = [], [], 0, []
     for route in caddy_routes(site, tmp_path / "Caddyfile"):
         matchers = route.get("match", [])
         text = json.dumps(matchers)
@@ -157,7 +157,10 @@ def test_caddy_hands_the_control_plane_the_tables_routes_and_orthanc_the_rest(po
         if not proxies:
             # Either Caddy answers itself (a refusal), or the route only changes headers and the
             # request goes on to the next.
-            refusals += any(handler["handler"] == "static_response" for handler in handlers(route["handle"]))
+            if any(handler["handler"] == "static_response" for handler in handlers(route["handle"])):
+                refusals += 1
+            else:
+                header_changes.extend(matcher["path_regexp"]["pattern"] for matcher in matchers)
             continue
         *asked, final = proxies
         gates = [proxy["rewrite"]["uri"] for proxy in asked]
@@ -174,6 +177,8 @@ def test_caddy_hands_the_control_plane_the_tables_routes_and_orthanc_the_rest(po
     ]
     assert to_orthanc == [({"path": ["/dicom-web/*", "/wado"]}, [routes.GATE])]
     assert refusals == 3  # bad paging, a method override, an encoded body
+    assert header_changes == [routes.BULK_DATA]  # bulk data asked for as both plugins serve it
+    assert re.match(routes.BULK_DATA, f"{INSTANCE}/bulk/00420011")  # an attached PDF's, as Orthanc names it
     # Whatever the table has goes one of these two ways.
     assert all(re.match(r"\^\(\?:/dicom-web/", pattern) for _methods, pattern, _gates in to_control)
     assert all(path.startswith("/dicom-web/") or path == "/wado" for path in PATHS if routes.known(path))

@@ -1,4 +1,5 @@
-"""Pages anyone may open: the branded landing page, the downloader program and the health check."""
+"""Pages anyone may open: the branded landing page, the downloader (one file, or a package for pip:
+``installer``) and the health check."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def healthz():
         report["database"] = {"ok": False, "error": type(error).__name__}
     try:
         system = current_app.extensions["orthanc"].system()
-        report["orthanc"] = {"ok": True, "version": system.get("Version"), "aet": system.get("DicomAet")}
+        # The versions of Orthanc and of its DICOMweb plugin, as the portal last asked (a minute at most).
+        versions = current_app.extensions["archive_version"].current().describe()
+        report["orthanc"] = {"ok": True, **versions, "aet": system.get("DicomAet")}
     except (OrthancUnavailable, OrthancError) as error:
         report["orthanc"] = {
             "ok": False,
@@ -54,3 +57,6 @@ def healthz():
     healthy = all(part["ok"] for part in report.values())
     report = {"status": "ok" if healthy else "degraded", **report}
     return jsonify(report), 200 if healthy else 503
+
+
+from control.public import installer  # noqa: E402, F401 - the module registers bp's routes

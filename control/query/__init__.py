@@ -3,7 +3,8 @@
 For signed-in users (physicians and admins). ``views`` holds the pages, ``criteria`` the form and
 its translation into an Orthanc query, ``finder`` the newest-first paging over Orthanc's
 ``/tools/find``, ``present`` the rows as pages and JSON show them, ``downloads`` the zips and the
-downloader's manifest and command line (the program itself is public: ``control.public``), and
+downloader's manifest and command line (the program itself, one file or a package for
+pip, is public: ``control.public``), and
 ``links`` the patients' study links users copy from the results.
 """
 

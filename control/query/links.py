@@ -6,7 +6,8 @@ recorded in the activity log. The first request for a study makes its token, lat
 
 from __future__ import annotations
 
-from flask import abort, current_app, g, jsonify
+from flask import abort, current_app, g, jsonify, url_for
+from flask_login import current_user
 
 from control import db, network
 from control.activity import Action, Outcome, record_activity
@@ -14,14 +15,18 @@ from control.errors import error_response
 from control.orthanc import OrthancError
 from control.query import bp
 from control.tokens import NO_BIRTH_DATE, SHARED_UID, shared, store, study_facts, unchecked_link_warning
+from control.tokens.periods import LinkPeriod
 
 
 @bp.post("/tokens/studies/<orthanc_id>/link")
 def study_link(orthanc_id: str):
     """The fully qualified link of a study's token, for a signed-in user to copy and send.
 
-    Answers JSON: ``{"link", "token_id", "accessible_until", "new"}``. The first request for a
-    study makes its token. A study whose UID another patient's study shares gets 409 and no link.
+    Answers JSON: ``{"link", "token_id", "accessible_until", "expired", "note", "extend_url",
+    "new"}``: ``note`` says until when the link works, or that it has expired and would not open
+    (the page shows that before anything is copied); ``extend_url`` is the admin's page of the
+    link, for admins only. The first request for a study makes its token, so that an expired one is
+    there to extend. A study whose UID another patient's study shares gets 409 and no link.
     """
     orthanc = current_app.extensions["orthanc"]
     try:
@@ -56,11 +61,14 @@ def study_link(orthanc_id: str):
             study=facts.study_uid,
             **({"identity_check": NO_BIRTH_DATE} if warning else {}),
         )
-    until = token.accessible_until(g.settings["token_days"])
+    period = LinkPeriod(token.accessible_until(g.settings["token_days"]), db.utcnow().date())
     answer = {
         "link": network.token_link(g.settings, token.token),
         "token_id": token.public_id,
-        "accessible_until": until.isoformat(),
+        "accessible_until": period.until.isoformat(),
+        "expired": period.expired,
+        "note": period.note(g.settings["date_format"]),
+        "extend_url": url_for("admin.token", token_id=token.id) if current_user.is_admin else None,
         "new": new,
     }
     if warning:

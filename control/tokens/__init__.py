@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any
@@ -26,6 +26,7 @@ import segno
 import sqlalchemy as sa
 from flask import (
     Blueprint,
+    Response,
     abort,
     current_app,
     g,
@@ -66,6 +67,9 @@ class StudyView:
     modalities: list[str]
     study_uid: str
     orthanc_id: str
+    # The study's documents (modality DOC: attached PDF reports), as (instance id, title), offered
+    # on the patient's page on their own.
+    reports: tuple[tuple[str, str], ...] = ()
 
 
 def study_facts(orthanc: Orthanc, orthanc_id: str) -> tuple[store.StudyFacts, StudyView]:
@@ -91,6 +95,12 @@ def study_facts(orthanc: Orthanc, orthanc_id: str) -> tuple[store.StudyFacts, St
         modalities=modalities,
         study_uid=facts.study_uid,
         orthanc_id=orthanc_id,
+        reports=tuple(
+            (instance, item.get("MainDicomTags", {}).get("SeriesDescription") or "Report")
+            for item in series
+            if item.get("MainDicomTags", {}).get("Modality") == "DOC"
+            for instance in item.get("Instances", [])
+        ),
     )
     return facts, view
 
@@ -387,6 +397,36 @@ def patient_download(token: store.StudyToken, study: StudyView):
             "study": token.row.study_uid,
         },
     )
+
+
+@bp.route("/token/report/<instance_id>")
+@with_token
+def patient_report(token: store.StudyToken, study: StudyView, instance_id: str):
+    """A PDF report attached to the study, as the document itself (the browser shows it)."""
+    if instance_id not in {instance for instance, _title in study.reports}:
+        abort(404)  # the token opens its own study's reports only
+    upstream = current_app.extensions["orthanc"].open_raw(f"/instances/{instance_id}/pdf")
+    if upstream.status >= 400:
+        status = upstream.status
+        upstream.close()
+        upstream.release_conn()
+        if status in (400, 404):
+            abort(404)  # a document of the study that is not a PDF
+        raise OrthancError(status, "the archive did not hand out the report")
+    _used(token, Action.TOKEN_USED, page="report")
+
+    def body() -> Iterator[bytes]:
+        # A report that breaks off raises here, so the browser sees a cut answer, never a short PDF.
+        try:
+            yield from upstream.stream(256 * 1024, decode_content=False)
+        finally:
+            upstream.close()
+            upstream.release_conn()
+
+    response = Response(body(), mimetype="application/pdf", direct_passthrough=True)
+    response.headers["Content-Disposition"] = 'inline; filename="report.pdf"'
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.route("/token/manifest")
