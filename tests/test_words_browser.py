@@ -111,8 +111,10 @@ def walked(browser: Browser, tls_stack: TLSStack, tmp_path_factory: pytest.TempP
     page.goto(f"{tls_stack.browser_url}/query")
     assert page.locator("header a:has-text('Upload')").count() == 1  # the header has it too
     page.set_input_files(".upload-section #upload-files", [str(image), str(hl7)])
+    assert page.is_hidden(".upload-section #upload-cancel")
     page.click(".upload-section #upload-submit")
     page.wait_for_selector("#upload-status:has-text('Done')")
+    assert page.is_hidden(".upload-section #upload-cancel")  # nothing left to cancel
     summary = page.inner_text("table.upload-studies")
     assert "Yamada Tarou = 山田 太郎 = やまだ たろう" in summary and "Words study" in summary
     assert "2024-01-31 11:00:00" in summary and "1 stored" in summary and "0 refused" in summary
@@ -200,7 +202,7 @@ def test_every_page_shows_dicom_values_in_words(browser: Browser, tls_stack: TLS
 
     admin.goto(f"{base}/admin/activity?patient={walked['patient_id']}")
     text = admin.inner_text("main table")
-    for words in ("Uploaded files", "Attached a PDF report", "Opened a list of studies or series"):
+    for words in ("Upload", "Attached a PDF report", "Opened a list of studies or series"):
         assert words in text, text
     for internal in ("list-opened", "study_orthanc_id", "pdf-attached", "patient_orthanc_id"):
         assert internal not in admin.inner_text("main"), internal
