@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import current_app, flash, g, redirect, render_template, request, url_for
 
-from control import apply
+from control import apply, formatting
 from control.activity import Action, record_activity
 from control.admin import bp
 from control.orthanc import OrthancError, OrthancUnavailable
@@ -70,7 +70,8 @@ def worklist_delete(entry_id: str):
     else:
         record_activity(
             Action.WORKLIST_DELETED,
-            patient=f"{deleted.patient_name} ({deleted.patient_id})",
+            patient=formatting.patient_label(deleted.patient_name, deleted.patient_id),
+            patient_id=deleted.patient_id,
             accession=deleted.accession_number,
             modality=deleted.modality,
         )
