@@ -153,6 +153,12 @@ class Process:
     restarts: list[float] = field(default_factory=list)
     # Where standard output goes when it is not ``log`` (gunicorn's access log); stderr stays in ``log``.
     output_log: Path | None = None
+    # The portal reads ``log`` back (the archive watcher reads Orthanc's): it is written even when
+    # the logs go to the journal.
+    read_back: bool = False
+    # It listens on ports the admin chooses, perhaps below 1024 (DICOM's 104, https' 443): as a
+    # system service it may bind them (control.service).
+    listens: bool = False
 
     def start(self, pid_dir: Path) -> None:
         # Output goes through pipes to rotating log files (control.logs), never straight to a file.
@@ -171,7 +177,7 @@ class Process:
             logs.relay(self.popen.stdout, self.output_log, f"{self.name}-access")
             logs.relay(self.popen.stderr, self.log, self.name)
         else:
-            logs.relay(self.popen.stdout, self.log, self.name)
+            logs.relay(self.popen.stdout, self.log, self.name, read_back=self.read_back)
         (pid_dir / f"{self.name}.pid").write_text(str(self.popen.pid))
 
     def wait_ready(self, timeout: float) -> None:
@@ -243,6 +249,8 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             site.logs / "orthanc.log",
             orthanc_ready,
             umask=site.umask,
+            read_back=True,
+            listens=True,
         ),
         Process(
             "control",
@@ -270,6 +278,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             caddy_ready,
             env={"XDG_CONFIG_HOME": str(caddy_home / "config"), "XDG_DATA_HOME": str(caddy_home / "data")},
             umask=site.umask,
+            listens=True,
         ),
     ]
 
@@ -281,10 +290,8 @@ def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
     long zip download and the browser is left with a truncated file. The access log records the path
     without its query string: token links carry the token there.
     """
+    # A socket left by a gunicorn that died is replaced by gunicorn itself.
     listen = topology.control_listen
-    if listen.startswith("unix:"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(listen[5:]).unlink()
     return [
         sys.executable,
         "-m",
