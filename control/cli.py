@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from control import accounts, db, logs, stack
+from control import accounts, db, logs, stack, unixhttp
 from control import settings as site_settings
 from control.activity import Action, record_activity
 from control.network import local_address
@@ -135,7 +135,7 @@ def status(site: Site) -> None:
         click.echo("  installed as systemd services: systemctl status 'pacs-*'")
     if parts.get("control"):
         try:
-            code, body = stack.get_over_unix_socket(site.run / "control.sock", "/healthz")
+            code, body = unixhttp.request(site.run / "control.sock", "GET", "/healthz")
             click.echo(f"  health   {json.loads(body).get('status', code)}")
         except OSError as error:
             click.echo(f"  health   unknown ({error})")

@@ -41,8 +41,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
 from control import configs, logs, stack
 from control import settings as site_settings
 from control.site import REPOSITORY, Site
@@ -374,7 +372,7 @@ def wait_ready(site: Site, name: str, say: Callable[[str], None]) -> bool:
         return False
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, requests.RequestException):
+        with contextlib.suppress(OSError):
             if found[name].ready():
                 return True
         time.sleep(0.2)

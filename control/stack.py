@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from control import accounts, configs, db, logs, unixhttp
 from control import settings as site_settings
+from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.site import REPOSITORY, Site, SiteError
 from control.viewer import ensure_viewer
 
@@ -108,11 +107,6 @@ def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def get_over_unix_socket(path: Path, url: str) -> tuple[int, bytes]:
-    """A GET to an HTTP server on a unix socket (gunicorn's), for readiness and status checks."""
-    return unixhttp.request(path, "GET", url)
 
 
 def port_is_free(port: int) -> bool:
@@ -194,7 +188,7 @@ class Process:
                     f"{self.name} stopped while starting (exit code {self.popen.returncode}); "
                     f"its log {self.log} ends with:\n{tail(self.log)}"
                 )
-            with contextlib.suppress(OSError, requests.RequestException):
+            with contextlib.suppress(OSError):
                 if self.ready():
                     return
             time.sleep(0.1)
@@ -225,16 +219,21 @@ def tail(path: Path, lines: int = 20) -> str:
 def processes(site: Site, prepared: Prepared) -> list[Process]:
     """The stack's programs in the order they start."""
     values, topology = prepared.settings, prepared.topology
-    orthanc_auth = (site.secrets.orthanc_user, site.secrets.orthanc_password)
     orthanc_base = configs.orthanc_url(values, topology)
     control_socket = site.run / "control.sock"
     admin_socket = site.run / "caddy-admin.sock"
 
+    archive = Orthanc(orthanc_base, site.secrets.orthanc_user, site.secrets.orthanc_password)
+
     def orthanc_ready() -> bool:
-        return requests.get(f"{orthanc_base}/system", auth=orthanc_auth, timeout=2).ok
+        try:
+            archive.system()
+        except (OrthancUnavailable, OrthancError):
+            return False
+        return True
 
     def control_ready() -> bool:
-        return get_over_unix_socket(control_socket, "/healthz")[0] in (200, 503)
+        return unixhttp.request(control_socket, "GET", "/healthz")[0] in (200, 503)
 
     def caddy_ready() -> bool:
         if values["web_port"]:

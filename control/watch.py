@@ -45,7 +45,7 @@ import sqlalchemy as sa
 from control import db
 from control.activity import Action, Outcome, record_activity
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
-from control.site import Site
+from control.site import Site, write_private
 from control.tokens import shared
 
 INTERVAL = 2.0  # seconds between two readings
@@ -175,9 +175,7 @@ class ArchiveWatch:
             return {}
 
     def _save(self, state: dict[str, Any]) -> None:
-        temporary = self.state_file.with_name(self.state_file.name + ".tmp")
-        temporary.write_text(json.dumps(state))
-        temporary.replace(self.state_file)
+        write_private(self.state_file, json.dumps(state))
 
     def _read_log(self, state: dict[str, Any], connection: sa.Connection) -> None:
         """Record the refusals Orthanc logged since the position kept in ``state``."""
