@@ -9,6 +9,13 @@ by default the cache of the default data directory) so that every stack does not
 here with openssl for the name ``pacs.test`` (and 127.0.0.1), installed with ``./pacs config
 certificate``. Python clients trust that certificate and reach it at ``https://127.0.0.1:PORT``;
 browsers reach it by its name (``browser_url``, see tests/browser.py).
+
+``app``, ``client`` and ``auth`` are the in-process layer, for the logic that needs no archive
+(sign-in, CSRF, access rules, forms, the admin's pages): the control plane built by
+``create_app`` on a temporary data directory whose SQLite database is made by the real
+migrations, driven through Flask's test client. No Orthanc, gunicorn or Caddy: the archive's port
+is one where nothing listens, so a page that asks the archive gets the portal's 503. Tests of this
+layer are marked ``inprocess`` (``./pacs test -m inprocess``, seconds).
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import html.parser
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -28,15 +37,23 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+import sqlalchemy as sa
+from argon2 import PasswordHasher, profiles
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from flask import Flask
+from flask.testing import FlaskClient
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+from werkzeug.test import TestResponse
 
-from bench.stack import REPOSITORY, free_port  # noqa: F401 - tests import free_port from here
+from bench.stack import REPOSITORY, free_port
 from bench.stack import Stack as PortalStack
+from control import accounts, db
+from control.app import create_app
+from control.site import Site
 
 os.environ.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
 
@@ -255,3 +272,116 @@ def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
     yield made
     made.stop()
     made.pacs("down")
+
+
+@pytest.fixture(scope="session")
+def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new installation's database, made once by the real migrations; each ``app`` gets a copy."""
+    engine = Site(tmp_path_factory.mktemp("migrated")).engine
+    db.migrate(engine)
+    engine.dispose()
+    return Path(engine.url.database)
+
+
+@pytest.fixture
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_database: Path) -> Iterator[Flask]:
+    """The control plane of a new installation in ``tmp_path``, in process, with one admin."""
+    # The real argon2id code at its cheapest cost: the inner loop hashes many passwords.
+    monkeypatch.setattr(accounts, "_hasher", PasswordHasher.from_parameters(profiles.CHEAPEST))
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(migrated_database, data / migrated_database.name)
+    engine = Site(data).engine
+    with engine.begin() as connection:
+        # Not the archive's usual 8042, where another installation's Orthanc may answer.
+        db.put_settings(connection, {"orthanc_http_port": free_port()})
+        accounts.create_user(connection, "admin", ADMIN_PASSWORD, is_admin=True)
+    engine.dispose()
+    made = create_app({"DATA_DIR": data, "TESTING": True})
+    yield made
+    made.extensions["site"].engine.dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A browser of the in-process portal: it keeps cookies; it follows no redirect unless told."""
+    return app.test_client()
+
+
+def add_user(app: Flask, username: str, password: str, **rights: bool) -> accounts.User:
+    """An account made as the admin's page makes it (``is_admin``, ``can_upload``)."""
+    with app.extensions["site"].engine.begin() as connection:
+        return accounts.create_user(connection, username, password, **rights)
+
+
+def activity_rows(app: Flask, **where: str) -> list:
+    """The activity log's rows (all columns), oldest first, those whose columns equal ``where``."""
+    table = db.activity
+    query = sa.select(table).where(*(table.c[name] == value for name, value in where.items()))
+    with app.extensions["site"].engine.connect() as connection:
+        return list(connection.execute(query.order_by(table.c.id)))
+
+
+class _FormReader(html.parser.HTMLParser):
+    """What a browser would send of each form of a page, as the page fills it in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict[str, str]] = []
+        self._select: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        given = {name: value or "" for name, value in attrs}
+        name = given.get("name")
+        if tag == "form":
+            self.forms.append({})
+        elif not self.forms or "disabled" in given:
+            return
+        elif tag == "input" and name and given.get("type", "text") not in ("file", "submit", "button"):
+            if given.get("type") not in ("checkbox", "radio") or "checked" in given:
+                self.forms[-1][name] = given.get("value", "on")
+        elif tag == "select" and name:
+            self._select = name
+        elif tag == "option" and self._select and ("selected" in given or self._select not in self.forms[-1]):
+            self.forms[-1][self._select] = given.get("value", "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "select":
+            self._select = None
+
+
+def form_values(page: str, index: int = 0) -> dict[str, str]:
+    """The fields the ``index``-th form of ``page`` sends as it stands (no textareas, no files)."""
+    reader = _FormReader()
+    reader.feed(page)
+    return reader.forms[index]
+
+
+class Auth:
+    """Signing in and out, and sending forms, as a browser does: through the pages' own forms,
+    with the token each page carries (flaskr's ``AuthActions``)."""
+
+    def __init__(self, client: FlaskClient) -> None:
+        self.client = client
+
+    def login(self, username: str = "admin", password: str = ADMIN_PASSWORD, **data: str) -> TestResponse:
+        page = self.client.get("/login")
+        return self.client.post(
+            "/login",
+            data={"username": username, "password": password, "csrf_token": csrf_token(page.text), **data},
+        )
+
+    def logout(self) -> TestResponse:
+        return self.submit("/account/password", "/logout")
+
+    def submit(
+        self, page: str, action: str | None = None, data: dict | None = None, **headers: str
+    ) -> TestResponse:
+        """Open ``page`` and send its form (to ``action``, by default the page itself) with ``data``."""
+        token = csrf_token(self.client.get(page).text)
+        return self.client.post(action or page, data={**(data or {}), "csrf_token": token}, headers=headers)
+
+
+@pytest.fixture
+def auth(client: FlaskClient) -> Auth:
+    return Auth(client)
