@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import html
 import html.parser
 import os
 import re
@@ -43,6 +44,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flask import Flask
 from flask.testing import FlaskClient
+from jinja2 import FileSystemBytecodeCache
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -283,8 +285,19 @@ def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(engine.url.database)
 
 
+@pytest.fixture(scope="session")
+def compiled_templates(tmp_path_factory: pytest.TempPathFactory) -> FileSystemBytecodeCache:
+    """The pages' templates, compiled once for all the tests' apps."""
+    return FileSystemBytecodeCache(str(tmp_path_factory.mktemp("templates")))
+
+
 @pytest.fixture
-def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_database: Path) -> Iterator[Flask]:
+def app(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    migrated_database: Path,
+    compiled_templates: FileSystemBytecodeCache,
+) -> Iterator[Flask]:
     """The control plane of a new installation in ``tmp_path``, in process, with one admin."""
     # The real argon2id code at its cheapest cost: the inner loop hashes many passwords.
     monkeypatch.setattr(accounts, "_hasher", PasswordHasher.from_parameters(profiles.CHEAPEST))
@@ -298,6 +311,7 @@ def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_database: Path
         accounts.create_user(connection, "admin", ADMIN_PASSWORD, is_admin=True)
     engine.dispose()
     made = create_app({"DATA_DIR": data, "TESTING": True})
+    made.jinja_env.bytecode_cache = compiled_templates
     yield made
     made.extensions["site"].engine.dispose()
 
@@ -350,11 +364,21 @@ class _FormReader(html.parser.HTMLParser):
             self._select = None
 
 
-def form_values(page: str, index: int = 0) -> dict[str, str]:
-    """The fields the ``index``-th form of ``page`` sends as it stands (no textareas, no files)."""
+def form_values(page: str, having: str) -> dict[str, str]:
+    """What the form of ``page`` with the field ``having`` sends as it stands (no textareas, no
+    files)."""
     reader = _FormReader()
     reader.feed(page)
-    return reader.forms[index]
+    [form] = [form for form in reader.forms if having in form]
+    return form
+
+
+def field_error(page: str, name: str) -> str | None:
+    """The error a page shows next to its form field ``name``, or None."""
+    after = page.split(f'name="{name}"', 1)[1]
+    own = re.split(r'<div class="field[ "]', after, maxsplit=1)[0]
+    found = re.search(r'class="field-error" role="alert">([^<]*)<', own)
+    return html.unescape(found.group(1)) if found else None
 
 
 class Auth:
@@ -378,8 +402,12 @@ class Auth:
         self, page: str, action: str | None = None, data: dict | None = None, **headers: str
     ) -> TestResponse:
         """Open ``page`` and send its form (to ``action``, by default the page itself) with ``data``."""
-        token = csrf_token(self.client.get(page).text)
-        return self.client.post(action or page, data={**(data or {}), "csrf_token": token}, headers=headers)
+        data = {**(data or {}), "csrf_token": self.token(page)}
+        return self.client.post(action or page, data=data, headers=headers)
+
+    def token(self, page: str) -> str:
+        """The CSRF token of ``page``'s forms, as the browser has it after opening the page."""
+        return csrf_token(self.client.get(page).text)
 
 
 @pytest.fixture

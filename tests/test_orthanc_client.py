@@ -20,6 +20,8 @@ from control.orthanc import Orthanc, OrthancError, OrthancRefused, OrthancUnavai
 
 from conftest import free_port
 
+pytestmark = pytest.mark.inprocess
+
 
 def client(port: int, timeout: float = 30) -> Orthanc:
     return Orthanc(f"http://127.0.0.1:{port}", "user", "password", timeout=timeout)

@@ -8,12 +8,11 @@ that come before anything is applied, and the settings that apply by being store
 
 from __future__ import annotations
 
-import html
 import io
 
 import pytest
 
-from conftest import activity_rows, form_values
+from conftest import activity_rows, field_error, form_values
 
 pytestmark = pytest.mark.inprocess
 
@@ -42,7 +41,7 @@ def stored_settings(app) -> dict:
 def send_settings(client, **typed: str):
     page = client.get("/admin/settings")
     assert page.status_code == 200
-    values = form_values(page.text) | typed
+    values = form_values(page.text, "institution") | typed
     return client.post("/admin/settings", data=values)
 
 
@@ -54,11 +53,9 @@ def test_a_bad_value_is_refused_next_to_its_field_and_nothing_changes(
     before = stored_settings(app)
     response = send_settings(client, **{name: text}, institution="St. Elsewhere")
     assert response.status_code == 400
-    page = html.unescape(response.text)
-    error = page.split(f'id="{name}"', 1)[1].split('class="field-error" role="alert">', 1)[1]
-    assert message in error.split("</p>", 1)[0]
+    assert message in (field_error(response.text, name) or "")
     # The admin's typing stays on the page, to be put right.
-    assert 'value="St. Elsewhere"' in page
+    assert form_values(response.text, "institution")["institution"] == "St. Elsewhere"
     assert stored_settings(app) == before
     assert activity_rows(app, action="settings-changed") == []
 
@@ -67,13 +64,13 @@ def test_every_bad_value_is_named_at_once(app, client, auth) -> None:
     auth.login()
     response = send_settings(client, token_days="5", time_zone="Nowhere", web_port="port")
     assert response.status_code == 400
-    assert response.text.count('class="field-error" role="alert"') == 3
+    assert all(field_error(response.text, name) for name in ("token_days", "time_zone", "web_port"))
 
 
 def test_a_certificate_that_is_not_one_is_refused_and_ssl_stays_off(app, client, auth) -> None:
     auth.login()
     page = client.get("/admin/settings")
-    values = form_values(page.text) | {"ssl_enabled": "yes"}
+    values = form_values(page.text, "institution") | {"ssl_enabled": "yes"}
     files = {
         "certificate": (io.BytesIO(b"not a certificate"), "site.crt"),
         "key": (io.BytesIO(b"not a key"), "site.key"),
@@ -87,7 +84,7 @@ def test_a_certificate_that_is_not_one_is_refused_and_ssl_stays_off(app, client,
 
 def test_half_a_pair_is_refused_with_what_is_missing(app, client, auth) -> None:
     auth.login()
-    values = form_values(client.get("/admin/settings").text)
+    values = form_values(client.get("/admin/settings").text, "institution")
     response = client.post(
         "/admin/settings",
         data={**values, "certificate": (io.BytesIO(b"-----BEGIN CERTIFICATE-----"), "site.crt")},
@@ -125,7 +122,7 @@ def test_the_page_as_it_stands_saves_nothing(app, client, auth) -> None:
 
 def test_no_token_changes_nothing(app, client, auth) -> None:
     auth.login()
-    values = form_values(client.get("/admin/settings").text)
+    values = form_values(client.get("/admin/settings").text, "institution")
     values.pop("csrf_token")
     response = client.post("/admin/settings", data={**values, "institution": "St. Elsewhere"})
     assert response.status_code == 400
