@@ -12,10 +12,10 @@ browsers reach it by its name (``browser_url``, see tests/browser.py).
 
 ``app``, ``client`` and ``auth`` are the in-process layer, for the logic that needs no archive
 (sign-in, CSRF, access rules, forms, the admin's pages): the control plane built by
-``create_app`` on a temporary data directory whose SQLite database is made by the real
-migrations, driven through Flask's test client. No Orthanc, gunicorn or Caddy: the archive's port
-is one where nothing listens, so a page that asks the archive gets the portal's 503. Tests of this
-layer are marked ``inprocess`` (``./pacs test -m inprocess``, seconds).
+``create_app`` on a temporary data directory, each test on a new installation's SQLite database
+made by the real migrations, driven through Flask's test client. No Orthanc, gunicorn or Caddy:
+the archive's port is one where nothing listens, so a page that asks the archive gets the
+portal's 503. Tests of this layer are marked ``inprocess`` (``./pacs test -m inprocess``, seconds).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flask import Flask
 from flask.testing import FlaskClient
-from jinja2 import FileSystemBytecodeCache
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -61,6 +60,14 @@ os.environ.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
 
 ADMIN_PASSWORD = "correct horse battery staple"
 SITE_NAME = "pacs.test"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under ``-m inprocess``, a test module that never names the marker is not even imported:
+    importing the browser and DICOM libraries of the other modules would take seconds."""
+    if config.option.markexpr == "inprocess" and collection_path.name.startswith("test_"):
+        return "inprocess" not in collection_path.read_text()
+    return None
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 90) -> None:
@@ -278,40 +285,66 @@ def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new installation's database, made once by the real migrations; each ``app`` gets a copy."""
+    """A database made once by the real migrations, for tests to take copies of."""
     engine = Site(tmp_path_factory.mktemp("migrated")).engine
     db.migrate(engine)
     engine.dispose()
     return Path(engine.url.database)
 
 
+# The real argon2id code at its cheapest cost: the inner loop hashes many passwords.
+CHEAP_HASHER = PasswordHasher.from_parameters(profiles.CHEAPEST)
+
+
 @pytest.fixture(scope="session")
-def compiled_templates(tmp_path_factory: pytest.TempPathFactory) -> FileSystemBytecodeCache:
-    """The pages' templates, compiled once for all the tests' apps."""
-    return FileSystemBytecodeCache(str(tmp_path_factory.mktemp("templates")))
+def installation(tmp_path_factory: pytest.TempPathFactory, migrated_database: Path) -> tuple[Flask, Path]:
+    """The in-process control plane, built once, and the database of a new installation with
+    one admin, which each test's ``app`` starts from.
 
-
-@pytest.fixture
-def app(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    migrated_database: Path,
-    compiled_templates: FileSystemBytecodeCache,
-) -> Iterator[Flask]:
-    """The control plane of a new installation in ``tmp_path``, in process, with one admin."""
-    # The real argon2id code at its cheapest cost: the inner loop hashes many passwords.
-    monkeypatch.setattr(accounts, "_hasher", PasswordHasher.from_parameters(profiles.CHEAPEST))
-    data = tmp_path / "data"
-    data.mkdir()
-    shutil.copyfile(migrated_database, data / migrated_database.name)
-    engine = Site(data).engine
-    with engine.begin() as connection:
+    Building an app compiles every URL rule (most of the cost of ``create_app``); a test gets the
+    one app on a database of its own instead. A test that changes the app itself (adds a page,
+    say) takes ``own_app``.
+    """
+    data = tmp_path_factory.mktemp("installation")
+    new = data / "new-installation.sqlite3"
+    shutil.copyfile(migrated_database, new)
+    engine = db.make_engine(f"sqlite:///{new}")
+    with engine.begin() as connection, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(accounts, "_hasher", CHEAP_HASHER)
         # Not the archive's usual 8042, where another installation's Orthanc may answer.
         db.put_settings(connection, {"orthanc_http_port": free_port()})
         accounts.create_user(connection, "admin", ADMIN_PASSWORD, is_admin=True)
     engine.dispose()
+    shutil.copyfile(new, data / migrated_database.name)
+    return create_app({"DATA_DIR": data, "TESTING": True}), new
+
+
+@pytest.fixture
+def app(installation: tuple[Flask, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+    """The control plane of a new installation, in process, with one admin (``ADMIN_PASSWORD``)."""
+    built, new = installation
+    site: Site = built.extensions["site"]
+    database = Path(site.engine.url.database)
+    for leftover in (database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    shutil.copyfile(new, database)
+    shutil.rmtree(site.secrets_dir / "tls", ignore_errors=True)
+    site._settings = None  # the new database's revision may be the number the last one had
+    monkeypatch.setattr(accounts, "_hasher", CHEAP_HASHER)
+    yield built
+    site.engine.dispose()
+
+
+@pytest.fixture
+def own_app(
+    installation: tuple[Flask, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Flask]:
+    """An app of the test's own on a new installation, for tests that change the app itself."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(installation[1], data / "control.sqlite3")
+    monkeypatch.setattr(accounts, "_hasher", CHEAP_HASHER)
     made = create_app({"DATA_DIR": data, "TESTING": True})
-    made.jinja_env.bytecode_cache = compiled_templates
     yield made
     made.extensions["site"].engine.dispose()
 

@@ -22,7 +22,7 @@ from werkzeug.routing.converters import AnyConverter
 
 from control.access import RULES, Audience, audience_of
 
-from conftest import activity_rows, add_user, csrf_token
+from conftest import Auth, activity_rows, add_user, csrf_token
 
 pytestmark = pytest.mark.inprocess
 
@@ -129,9 +129,12 @@ def test_a_user_without_the_right_is_refused_and_it_is_logged(app, client, auth,
     assert sorted((detail["method"], detail["path"]) for detail in denied) == sorted(closed)
 
 
-def test_a_page_nobody_listed_is_closed_to_everyone_admins_too(app, client, auth) -> None:
+def test_a_page_nobody_listed_is_closed_to_everyone_admins_too(own_app) -> None:
+    app = own_app
     app.add_url_rule("/unlisted", "unlisted", lambda: "the page's secret")
     assert audience_of("unlisted") is None
+    client = app.test_client()
+    auth = Auth(client)
     assert client.get("/unlisted").status_code == 404
     auth.login()
     response = client.get("/unlisted")
