@@ -1,6 +1,6 @@
 """``control.access.RULES`` is the only place that grants access, one rule per endpoint.
 
-In process, on an app of its own (no archive needed): the URL map is walked, and every endpoint
+In process (no archive needed, tests/conftest.py's ``app``): the URL map is walked, and every endpoint
 must be named by exactly one rule (by its name or by its blueprint's, never both), every
 blueprint must serve one audience, and no view may carry a sign-in check of its own beside the
 rules (flask-login's ``login_required`` and its kin), which would make a second place to read.
