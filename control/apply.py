@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from control import configs, db, tls, unixhttp
+from control import configs, db, nodes, tls, unixhttp
 from control.activity import Action, Outcome, record_activity
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.settings import BY_NAME, Effect, Modality, parse_modalities
@@ -264,33 +264,45 @@ class _Plan:
         topology = configs.Topology.from_environment(site)
         archive_effects = {Effect.ARCHIVE_API, Effect.ARCHIVE_RESTART} & self.effects
         if archive_effects:
-            configs.write_private(
-                site.run / "orthanc.json", configs.render_orthanc(site, self.live, topology)
-            )
+            configs.write_orthanc_configurations(site, self.live, topology)
         configs.write_unavailable(site, self.live)
         configs.write_running_settings(site, self.live)
-        orthanc = Orthanc(
-            configs.orthanc_url(self.live, topology), site.secrets.orthanc_user, site.secrets.orthanc_password
-        )
+        # Each archive node is told itself: registrations live in each Orthanc's memory.
+        archive = nodes.connect(site, self.live, topology).each()
         if self.restart_archive:
-            if restart_archive(orthanc):
+            restarted = [name for name, orthanc in archive if restart_archive(orthanc)]
+            if len(restarted) == len(archive):
                 applied.notes.append("The archive restarts with the new DICOM settings.")
+            elif restarted:
+                applied.notes.append(
+                    f"The archive restarts with the new DICOM settings ({', '.join(restarted)}); the "
+                    "nodes that do not answer take them when they start."
+                )
             else:
                 applied.notes.append(
                     "The archive does not answer; it takes the new DICOM settings when it starts."
                 )
         elif Effect.ARCHIVE_API in self.effects:
-            try:
-                register_modalities(orthanc, parse_modalities(self.live["dicom_modalities"]))
-            except (OrthancUnavailable, OrthancError) as error:
-                log.warning("Modalities saved but not registered now: %s", error)
-                applied.archive_told = False
+            told = []
+            for name, orthanc in archive:
+                try:
+                    register_modalities(orthanc, parse_modalities(self.live["dicom_modalities"]))
+                except (OrthancUnavailable, OrthancError) as error:
+                    log.warning("Modalities saved but not registered now on %s: %s", name, error)
+                else:
+                    told.append(name)
+            applied.archive_told = len(told) == len(archive)
+            if applied.archive_told:
+                applied.notes.append("The archive took it at once; nothing was restarted.")
+            elif told:
+                applied.notes.append(
+                    f"The archive took it at once ({', '.join(told)}); the nodes that do not answer "
+                    "take the list when they next start."
+                )
+            else:
                 applied.notes.append(
                     "The archive does not answer right now; it takes the list when it next starts."
                 )
-            else:
-                applied.archive_told = True
-                applied.notes.append("The archive took it at once; nothing was restarted.")
         if self.caddyfile is not None:
             if from_page:
                 _after_response(lambda: _load_later(site, self.caddyfile, self.force_load, changed))
