@@ -73,6 +73,7 @@ class Action(enum.StrEnum):
     DICOMWEB_DENIED = "dicomweb-denied"
     DICOM_REFUSED = "dicom-refused"  # a modality's request the archive refused (from its log)
     STUDY_UID_SHARED = "study-uid-shared"  # two patients' studies arrived with one Study Instance UID
+    ARCHIVE_ORPHANS = "archive-orphans"  # stored files no index row names, counted and removed
 
 
 class Outcome(enum.StrEnum):
