@@ -52,8 +52,8 @@ def sqlite_instances(site: Site) -> int:
     except sqlite3.Error:
         return 0
     try:
-        # Orthanc's resource types: 0 patient, 1 study, 2 series, 3 instance.
-        return connection.execute("SELECT COUNT(*) FROM Resources WHERE resourceType = 3").fetchone()[0]
+        # Orthanc's resource types: 1 patient, 2 study, 3 series, 4 instance.
+        return connection.execute("SELECT COUNT(*) FROM Resources WHERE resourceType = 4").fetchone()[0]
     except sqlite3.Error:
         return 0
     finally:

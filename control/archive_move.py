@@ -114,8 +114,8 @@ def _instances_in(url: str) -> int:
         exists = connection.execute("SELECT to_regclass('public.resources') IS NOT NULL").fetchone()[0]
         if not exists:
             return 0
-        # Orthanc's resource types: 3 is an instance.
-        return connection.execute("SELECT COUNT(*) FROM resources WHERE resourcetype = 3").fetchone()[0]
+        # Orthanc's resource types: 4 is an instance.
+        return connection.execute("SELECT COUNT(*) FROM resources WHERE resourcetype = 4").fetchone()[0]
 
 
 def _size_of(folder: Path) -> int:
