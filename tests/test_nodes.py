@@ -33,9 +33,8 @@ from pydicom import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from bench.stack import stack_environment
+from bench.stack import free_ports, stack_environment
 from control import accounts, configs, db
-from control.stack import port_is_free
 
 from conftest import ADMIN_PASSWORD, Stack, csrf_token, free_port, make_stack
 from postgres import PostgresServer, binaries
@@ -49,14 +48,6 @@ pytestmark = [
 NODES = 2
 UPLOADER = ("ulla", "uploads many studies 1")
 READ_BLOCK = 64 * 1024
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` free ports in a row: the nodes of one machine take the ones after."""
-    while True:
-        first = free_port()
-        if all(port_is_free(first + offset) for offset in range(1, count)):
-            return first
 
 
 @dataclass
