@@ -1,7 +1,7 @@
 """A private PostgreSQL server: its own cluster in a temporary folder, on a free port.
 
-The tests run the control plane on one (``tests/postgres.py``), and the benchmark measures several
-archive nodes on one. Debian's ``postgresql`` package provides the binaries; ``initdb`` refuses to
+The tests run the control plane on one (``tests/postgres.py``), and the benchmark measures the
+study catalog on one. Debian's ``postgresql`` package provides the binaries; ``initdb`` refuses to
 run as root, so the cluster belongs to the ``postgres`` system user when run as root. The server
 listens on 127.0.0.1 only and trusts local connections: it lives as long as its user's session.
 """
