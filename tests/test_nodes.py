@@ -404,8 +404,9 @@ def test_the_writer_killed_while_modalities_store_an_upload_arrives_and_zips_dow
         metadata = session.get(f"{stack.url}/dicom-web/studies/{zipped.uid}/series/{series}/metadata")
         answers.append((round(at, 2), page.status_code, metadata.status_code))
         time.sleep(0.2)
-    late = [answer for answer in answers if answer[0] > configs.HEALTH_INTERVAL]
-    assert late and all(answer[1:] == (200, 200) for answer in late), answers
+    # The survivor answers at once: reads are sent to it as soon as the dead node refuses, by the
+    # control planes and by Caddy alike (within one health interval is what the site is promised).
+    assert all(answer[1:] == (200, 200) for answer in answers), answers
 
     for modality in modalities:
         modality.join()
