@@ -51,6 +51,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="archive sizes of the growth scenario, in studies (default 1000,10000; "
         "the full curve: 1000,10000,50000)",
     )
+    parser.add_argument(
+        "--catalog-rows",
+        help="sizes of the catalog alone in the catalog scenario, in rows (default 200000,1000000)",
+    )
     parser.add_argument("--users", type=int, help="simulated users (default 50)")
     parser.add_argument("--users-seconds", type=float, help="how long the users keep going (default 60)")
     parser.add_argument(
@@ -79,6 +83,10 @@ def scale_of(options: argparse.Namespace):
         changes["repeat"] = options.repeat
     if options.sizes:
         changes["sizes"] = tuple(sorted(int(size.replace("_", "")) for size in options.sizes.split(",")))
+    if options.catalog_rows:
+        changes["catalog_rows"] = tuple(
+            sorted(int(size.replace("_", "")) for size in options.catalog_rows.split(","))
+        )
     if options.users:
         changes["users"] = options.users
     if options.users_seconds:

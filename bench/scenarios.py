@@ -1,4 +1,4 @@
-"""The scenarios of the benchmark; the first six compare the portal with Orthanc asked directly.
+"""The scenarios of the benchmark, most of them comparing the portal with Orthanc asked directly.
 
 "Direct" is what a client with Orthanc's credentials gets from Orthanc's own HTTP port; "portal"
 is the same thing asked as a user asks it, through Caddy (and the control plane where it is in the
@@ -19,6 +19,9 @@ path). Each scenario adds rows (times, ratios, targets) and content checks to th
   bounded time; every step's latency and errors.
 - ``growth``: the searches again as the archive grows (one-instance studies), to show which costs
   follow the archive's size (Orthanc's SQLite index) and which do not (the portal).
+- ``catalog`` (``bench.catalog``): the study catalog's searches against ``/tools/find`` and today's
+  finder as the archive grows, the catalog alone at up to a million rows on SQLite and PostgreSQL,
+  and its feeder's lag under a steady stream of stores.
 - ``activity``: the admin's activity pages, filters and CSV export over an activity log of years
   (10 million rows written straight into the table, ``bench.activity``), each against a time
   budget: there is no direct way to compare with.
@@ -49,7 +52,7 @@ from typing import Any
 import requests
 import urllib3
 
-from bench import clients, data
+from bench import catalog, clients, data
 from bench.clients import Refused, digest_of, expect
 from bench.measure import DIRECT, PORTAL, Action, Answer, Comparison, MemorySampler, interleave, percentile
 from bench.nodes import run_nodes
@@ -82,12 +85,28 @@ class Scale:
     frames_per_user: int = 4
     budget: float = 900.0  # seconds any one comparison may take before it stops repeating
     activity_rows: int = 10_000_000  # rows of the activity scenario's log
+    catalog_rows: tuple[int, ...] = (200_000, 1_000_000)  # the catalog alone (bench.catalog)
+    lag_rates: tuple[int, ...] = (120, 350)  # stores a second while the feeder's lag is measured
+    lag_seconds: float = 30.0
 
 
 PRESETS = {
     # About 10 minutes on a 2-core machine; the full growth curve (--sizes 1000,10000,50000) about 13.
     "default": Scale((100, 300), 400, 1000, (1000, 10000), 50, 60, 5, 50),
-    "quick": Scale((40, 60), 100, 1000, (1000, 3000), 20, 15, 3, 20, budget=120, activity_rows=1_000_000),
+    "quick": Scale(
+        (40, 60),
+        100,
+        1000,
+        (1000, 3000),
+        20,
+        15,
+        3,
+        20,
+        budget=120,
+        catalog_rows=(20_000, 100_000),
+        lag_seconds=10,
+        activity_rows=1_000_000,
+    ),
     # What tests/test_bench_smoke.py runs: the code paths, not the figures.
     "smoke": Scale(
         (3, 5),
@@ -102,6 +121,9 @@ PRESETS = {
         frames_per_user=2,
         budget=30,
         activity_rows=20_000,
+        catalog_rows=(400, 800),
+        lag_rates=(20,),
+        lag_seconds=2,
     ),
 }
 
@@ -222,6 +244,8 @@ class Bench:
             (data.encode(dataset) for _facts, dataset in made),
             deadline=time.monotonic() + 600,
         )
+        # The results pages list from the study catalog: let its feeder apply what was stored.
+        self.stack.wait_for_catalog(timeout=600)
         self.say(f"  search material: {len(made)} studies ({time.monotonic() - started:.0f} s to store)")
         return [facts for facts, _dataset in made]
 
@@ -970,6 +994,8 @@ def load_filler(bench: Bench, total: int) -> None:
     """Add one-instance studies (``GROW-*``) until the archive holds ``total`` studies."""
     have = bench.count_studies()
     if have >= total:
+        # Studies stored by the scenarios before (the upload's, say) must be in the catalog too.
+        bench.stack.wait_for_catalog(timeout=600)
         return
     start = len(bench.find("Study", {"PatientID": "GROW-*"}, expand=False))
     wanted = total - have
@@ -984,6 +1010,7 @@ def load_filler(bench: Bench, total: int) -> None:
                 bench.say(f"    {index - start + 1:,} of {wanted:,} stored")
 
     data.post_files(bench.orthanc, bench.stack.orthanc_url, bodies(), deadline=time.monotonic() + 3600)
+    bench.stack.wait_for_catalog(timeout=3600)
     elapsed = time.monotonic() - started
     bench.say(f"  archive grown to {total:,} studies: {wanted:,} stored in {elapsed:.0f} s")
     bench.report.archive.setdefault("loading", []).append(
@@ -1033,7 +1060,7 @@ def all_studies_action(bench: Bench):
     return direct
 
 
-# ---- 7. activity ---------------------------------------------------------------------------
+# ---- 8. activity (7., the catalog, is bench.catalog) ----------------------------------------------
 
 ACTIVITY_PAGE_BUDGET = 0.5  # seconds for one page of the admin's activity lists
 ACTIVITY_CSV_BUDGET = 10.0  # seconds for one user's whole CSV export
@@ -1087,7 +1114,7 @@ def run_activity(bench: Bench) -> None:
         )
         median = statistics.median(seconds[1:])
         bench.report.add(
-            Row("activity", name, None, median, median, Target("time", ACTIVITY_PAGE_BUDGET), runs=runs)
+            Row("activity", name, None, median, median, Target("within", ACTIVITY_PAGE_BUDGET), runs=runs)
         )
     begun = time.perf_counter()
     with admin.get(
@@ -1109,7 +1136,7 @@ def run_activity(bench: Bench) -> None:
             None,
             seconds,
             seconds,
-            Target("time", ACTIVITY_CSV_BUDGET),
+            Target("within", ACTIVITY_CSV_BUDGET),
             runs=1,
         )
     )
@@ -1123,6 +1150,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "upload": run_upload,
     "users": run_users,
     "growth": run_growth,
+    "catalog": catalog.run_catalog,
     "activity": run_activity,
     "nodes": run_nodes,
 }

@@ -38,7 +38,7 @@ BANNER = "Press Ctrl-C to stop."
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # The processes whose CPU is counted, as the pid files in run/ name them.
-PROCESS_NAMES = ("orthanc", "control", "caddy")
+PROCESS_NAMES = ("orthanc", "control", "catalog", "caddy")
 
 
 class StackFailed(RuntimeError):
@@ -274,6 +274,40 @@ class Stack:
 
     def processes(self) -> Processes:
         return Processes.of(self.data / "run")
+
+    @property
+    def database_url(self) -> str:
+        from control import db
+
+        return self.env.get("PACS_DATABASE_URL") or db.default_url(self.data)
+
+    def catalog_state(self):
+        """The study catalog's state row (``control.catalog.store.State``)."""
+        from control import db
+        from control.catalog import store
+
+        engine = db.make_engine(self.database_url)
+        try:
+            with engine.connect() as connection:
+                return store.read_state(connection)
+        finally:
+            engine.dispose()
+
+    def wait_for_catalog(self, timeout: float = 120) -> None:
+        """Wait until the study catalog holds every change the archive has logged so far."""
+        last = (
+            self.orthanc().get(f"{self.orthanc_url}/changes", params={"last": ""}, timeout=30).json()["Last"]
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.catalog_state()
+            if state.status == "ready" and state.applied_seq >= last:
+                return
+            if time.monotonic() > deadline:
+                raise StackFailed(
+                    f"the catalog did not catch up with change {last}: {state}\n" + logs_tail(self.data)
+                )
+            time.sleep(0.1)
 
     def orthanc(self) -> requests.Session:
         """A session straight to Orthanc with its credentials: the "direct" side of every comparison.

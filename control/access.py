@@ -33,16 +33,24 @@ RULES: dict[str, Audience] = {
     "query.*": Audience.SIGNED_IN,
     # The downloader program itself is offered on the landing page, to anyone.
     "query.downloader_script": Audience.PUBLIC,
+    "query.downloader_package": Audience.PUBLIC,
     # Patients' pages: the token in the link is the key (control.tokens checks it).
     "tokens.patient_page": Audience.PUBLIC,
     "tokens.patient_viewer": Audience.PUBLIC,
     "tokens.patient_download": Audience.PUBLIC,
     "tokens.patient_handout": Audience.PUBLIC,
+    "tokens.patient_report": Audience.PUBLIC,
     "tokens.patient_manifest": Audience.PUBLIC,
     "tokens.patient_series_download": Audience.PUBLIC,
     "tokens.study_link": Audience.SIGNED_IN,
+    # The desktop viewer and tokens for other viewers (control.desktop): users' own, and a
+    # patient's from their page, where the link is the key.
+    "desktop.*": Audience.SIGNED_IN,
+    "desktop.patient_launch": Audience.PUBLIC,
     # The DICOMweb gate decides itself: a signed-in user or a study grant (control.dicomweb.rules).
     "dicomweb.*": Audience.PUBLIC,
+    # The viewer's configuration and a bare /viewer: what they say depends on who asks (control.viewer).
+    "viewer.*": Audience.PUBLIC,
     "admin.*": Audience.ADMIN,
     # Monitoring decides itself: admins, or clients on this machine (control.metrics).
     "metrics.metrics": Audience.PUBLIC,

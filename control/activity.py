@@ -74,6 +74,10 @@ class Action(enum.StrEnum):
     DICOM_REFUSED = "dicom-refused"  # a modality's request the archive refused (from its log)
     STUDY_UID_SHARED = "study-uid-shared"  # two patients' studies arrived with one Study Instance UID
     ARCHIVE_ORPHANS = "archive-orphans"  # stored files no index row names, counted and removed
+    DESKTOP_VIEWER_OPENED = "desktop-viewer-opened"
+    VIEWER_TOKEN_MADE = "viewer-token-made"
+    VIEWER_TOKEN_USED = "viewer-token-used"
+    VIEWER_TOKEN_REVOKED = "viewer-token-revoked"
 
 
 class Outcome(enum.StrEnum):

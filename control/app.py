@@ -16,6 +16,7 @@ from flask import Flask, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from control import __version__, access, configs, errors, formatting, nodes
+from control.archive_version import ArchiveVersions
 from control.cookies import SiteSessionInterface
 from control.dicomweb.fast import QuickGate
 from control.dicomweb.frames import FrameSource
@@ -50,7 +51,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     topology = configs.Topology.from_environment(site)
     # Every node of the archive behind one client: reads in turn, writes to the writer (control.nodes).
     app.extensions["orthanc"] = nodes.connect(site, settings, topology)
-    app.extensions["frames"] = FrameSource(app.extensions["orthanc"])
+    app.extensions["archive_version"] = ArchiveVersions(app.extensions["orthanc"])
+    app.extensions["frames"] = FrameSource(app.extensions["orthanc"], app.extensions["archive_version"])
     # Which archive studies hold a Study Instance UID now, for the DICOMweb gate (both its ways).
     app.extensions["study_holders"] = partial(shared.holders, app.extensions["orthanc"])
     # Started in each gunicorn worker (control.gunicorn_conf); tests run rounds of it themselves.
@@ -65,7 +67,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from control import admin, auth, dicomweb, metrics, public, query, tokens, uploads
+    from control import admin, auth, desktop, dicomweb, metrics, public, query, tokens, uploads, viewer
 
     # Outermost, so that the gate's quick answers are counted too (control.metrics).
     app.wsgi_app = metrics.Counting(app.wsgi_app)  # type: ignore[method-assign]
@@ -75,10 +77,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin.bp)
     app.register_blueprint(tokens.bp)
     app.register_blueprint(dicomweb.bp)
+    app.register_blueprint(desktop.bp)
     app.register_blueprint(query.bp)
     app.register_blueprint(uploads.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(uploads.gate)
+    app.register_blueprint(viewer.bp)
     errors.init_app(app)
     formatting.init_app(app)
 

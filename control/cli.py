@@ -148,7 +148,7 @@ def status(site: Site) -> None:
     supervisor = stack.running_supervisor(site)
     parts = dict(stack.leftover_processes(site))
     click.echo(f"portal ({site.data}): " + (f"running, pid {supervisor}" if supervisor else "not running"))
-    roles = ("orthanc", "control", "caddy")
+    roles = ("orthanc", "control", "catalog", "caddy")
 
     # Every archive node and control plane that runs (orthanc-2...), each after the first of its role.
     def order(name: str) -> tuple[int, str]:
@@ -399,6 +399,7 @@ def token_command(site: Site, study: str) -> None:
     from control import network, nodes
     from control.orthanc import OrthancError, OrthancUnavailable
     from control.tokens import NO_BIRTH_DATE, SHARED_UID, shared, store, study_facts, unchecked_link_warning
+    from control.tokens.periods import LinkPeriod
 
     db.migrate(site.engine)
     values = site.load_settings()
@@ -429,7 +430,12 @@ def token_command(site: Site, study: str) -> None:
             study=facts.study_uid,
             **({"identity_check": NO_BIRTH_DATE} if warning else {}),
         )
+    period = LinkPeriod(token.accessible_until(values["token_days"]), db.utcnow().date())
+    if period.expired:
+        _fail(period.note(values["date_format"]))
     click.echo(network.token_link(values, token.token))
+    # The link alone goes to standard output, for scripts; the person reads the rest.
+    click.echo(f"pacs: {period.note(values['date_format'])}", err=True)
     if warning:
         click.echo(f"pacs: {warning}", err=True)
 
@@ -571,6 +577,186 @@ def archive_orphans(site: Site, remove: bool) -> None:
     if remove and (found.orphans or found.recent):
         orphans.record(site, found, username=_shell_user())
     click.echo(f"pacs: {found.describe()}")
+
+
+# ---- the study catalog (control/catalog) ---------------------------------------------------------
+
+
+@main.group()
+def catalog() -> None:
+    """The study catalog the query pages search: feed, rebuild, check."""
+
+
+def _archive_client(site: Site):
+    """The archive's client, as the running portal has it: every node (control.nodes)."""
+    from control import nodes
+
+    return nodes.connect(site, site.load_settings(), configs.Topology.from_environment(site))
+
+
+def _catalog_parts(site: Site):
+    """The database (migrated) and the archive's client."""
+    db.migrate(site.engine)
+    return site.engine, _archive_client(site)
+
+
+@catalog.command("feed")
+@click.pass_obj
+def catalog_feed(site: Site) -> None:
+    """Follow the archive's change log into the catalog until stopped (the runner starts this)."""
+    import logging
+    import signal
+    import threading
+
+    import sqlalchemy as sa
+
+    from control.catalog.feeder import Feeder
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    log = logging.getLogger("pacs.catalog")
+    log.setLevel(logging.INFO)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    # The control plane's set-up makes the secrets and the schema (in compose, in another
+    # container that may start later): wait for them rather than make secrets of its own or exit
+    # (the runner gives up on a process that keeps dying).
+    secrets_given = os.environ.get("PACS_SECRET_ORTHANC_USER") and os.environ.get(
+        "PACS_SECRET_ORTHANC_PASSWORD"
+    )
+    while not stop.is_set():
+        try:
+            if secrets_given or (site.secrets_dir / "secrets.json").exists():
+                orthanc = _archive_client(site)
+                break
+            log.info("the installation is not set up yet: waiting")
+        except sa.exc.SQLAlchemyError as error:
+            log.warning("the database is not ready (%s): waiting", type(error).__name__)
+        stop.wait(2)
+    else:
+        return
+    Feeder(site.engine, orthanc).run(stop)
+
+
+@catalog.command("status")
+@click.pass_obj
+def catalog_status(site: Site) -> None:
+    """Say how far the catalog has followed the archive, and who feeds it."""
+    from control.catalog import store
+    from control.orthanc import OrthancUnavailable
+
+    engine, orthanc = _catalog_parts(site)
+    with engine.connect() as connection:
+        state = store.read_state(connection)
+    try:
+        last: int | str = int(orthanc.get_json("/changes", params={"last": ""}).get("Last", 0))
+    except OrthancUnavailable:
+        last = "unknown (the archive is not reachable)"
+    now = db.utcnow()
+
+    def ago(moment) -> str:
+        return f"{(now - moment).total_seconds():.1f} s ago" if moment else "never"
+
+    click.echo(f"status:       {state.status}")
+    click.echo(f"studies:      {state.studies:,} studies of {state.patients:,} patients")
+    click.echo(f"applied:      change {state.applied_seq:,} of the archive's {last}")
+    click.echo(f"feeder:       {state.feeder or 'none yet'}, last heard {ago(state.heartbeat_at)}")
+    click.echo(f"caught up:    {ago(state.caught_up_at)}")
+    click.echo(f"last build:   {ago(state.built_at)}")
+    if state.status == "building":
+        click.echo(f"building:     {state.build_done:,} of {state.build_total:,} studies")
+
+
+@catalog.command("rebuild")
+@click.pass_obj
+def catalog_rebuild(site: Site) -> None:
+    """Make the catalog again from the archive (the pages ask the archive meanwhile)."""
+    import time
+
+    from control.catalog import store
+    from control.catalog.feeder import Feeder, feeder_name
+    from control.catalog.freshness import FEEDER_SILENT
+    from control.orthanc import OrthancUnavailable
+
+    engine, orthanc = _catalog_parts(site)
+    feeder = Feeder(engine, orthanc, name=f"{feeder_name()} (./pacs catalog rebuild)")
+
+    def show(done: int, total: int) -> None:
+        click.echo(f"\r  {done:,} of {total:,} studies", nl=False)
+
+    try:
+        if feeder.lock.try_acquire():
+            try:
+                click.echo("pacs: rebuilding the catalog from the archive")
+                feeder.build(progress=show)
+            finally:
+                feeder.lock.release()
+        else:
+            # The running portal's feeder holds the catalog: it does the build, between two batches.
+            with engine.begin() as connection:
+                requested = db.utcnow()
+                store.update_state(connection, build_requested_at=requested)
+            click.echo("pacs: the running feeder rebuilds the catalog")
+            heard, heard_at = None, time.monotonic()
+            while True:
+                time.sleep(1)
+                with engine.connect() as connection:
+                    state = store.read_state(connection)
+                if state.status == "building":
+                    show(state.build_done, state.build_total)
+                elif state.built_at and state.built_at >= requested and state.build_requested_at is None:
+                    break
+                if state.heartbeat_at != heard:
+                    heard, heard_at = state.heartbeat_at, time.monotonic()
+                elif time.monotonic() - heard_at > FEEDER_SILENT:
+                    _fail(
+                        f"the feeder holding the catalog ({state.feeder}) has not answered for "
+                        f"{FEEDER_SILENT:.0f} s; it rebuilds once it answers again"
+                    )
+    except OrthancUnavailable:
+        _fail("the archive is not reachable: start the portal first (./pacs up --detach)")
+    with engine.connect() as connection:
+        state = store.read_state(connection)
+    click.echo(f"\npacs: the catalog holds {state.studies:,} studies of {state.patients:,} patients")
+
+
+@catalog.command("check")
+@click.option("--quick", is_flag=True, help="Compare which studies are listed only, not every row's columns.")
+@click.pass_obj
+def catalog_check(site: Site, quick: bool) -> None:
+    """Compare the catalog with the archive and say what differs (exit 1 when something does)."""
+    from control.catalog.check import check
+    from control.orthanc import OrthancUnavailable
+
+    engine, orthanc = _catalog_parts(site)
+
+    def show(done: int, total: int) -> None:
+        click.echo(f"\r  compared {done:,} of {total:,} rows", nl=False, err=True)
+
+    try:
+        found = check(engine, orthanc, quick=quick, progress=None if quick else show)
+    except OrthancUnavailable:
+        _fail("the archive is not reachable: start the portal first (./pacs up --detach)")
+    if not quick:
+        click.echo("", err=True)
+    click.echo(f"archive: {found.archive_studies:,} studies; catalog: {found.catalog_studies:,} rows")
+    for label, count, shown in (
+        ("studies missing from the catalog", found.missing_count, found.missing),
+        ("rows of studies the archive no longer holds", found.extra_count, found.extra),
+    ):
+        click.echo(f"{label}: {count:,}")
+        for study_id in shown:
+            click.echo(f"  {study_id}")
+    if not quick:
+        click.echo(f"rows that differ from the archive: {found.differing_count:,} of {found.compared_rows:,}")
+        for study_id, columns in found.differing:
+            click.echo(f"  {study_id}: {', '.join(columns)}")
+    if found.moved_meanwhile:
+        click.echo(
+            "the catalog followed the archive meanwhile: "
+            "what was stored during the check may show as a difference"
+        )
+    sys.exit(0 if found.clean else 1)
 
 
 @main.command(

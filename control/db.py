@@ -119,10 +119,23 @@ def default_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'control.sqlite3'}"
 
 
+class _ClosingSQLiteConnection(sqlite3.Connection):
+    """A SQLite connection that closes itself when the garbage collector takes it.
+
+    An engine dropped without ``dispose()`` (a shell command's, a test's look at a data directory)
+    leaves its pooled connections to the collector, and Python 3.13 (Debian 13's) reports each as
+    ``ResourceWarning: unclosed database``. SQLAlchemy warns by itself about a connection that was
+    never given back to its pool, the leak that matters; an idle pooled one is closed here.
+    """
+
+    def __del__(self) -> None:
+        self.close()
+
+
 def make_engine(url: str) -> sa.Engine:
     """An engine for ``url``, with the SQLite settings that make one file safe for many workers."""
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "factory": _ClosingSQLiteConnection})
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -283,6 +296,43 @@ shared_study_uids = sa.Table(
     sa.Column("study_uid", sa.String(64), primary_key=True),
     sa.Column("flagged_at", sa.DateTime, nullable=False),
     sa.Column("studies", sa.Text, nullable=False, server_default="[]"),
+)
+
+viewer_tokens = sa.Table(
+    "viewer_tokens",
+    metadata,
+    # Bearer tokens for DICOMweb clients that have no browser cookie: the desktop viewer launched
+    # from a row (minutes), or another viewer a physician hands a study to (days). Each reads
+    # exactly its studies (and series, when scoped to one) through the DICOMweb gate.
+    sa.Column("id", sa.Integer, primary_key=True),
+    # What the activity log and the admin pages show for a token: never the token itself, of which
+    # the database keeps only a SHA-256.
+    sa.Column("public_id", sa.String(32), nullable=False, unique=True),
+    sa.Column("secret_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("scope", sa.String(16), nullable=False),
+    sa.Column("study_uids", sa.Text, nullable=False),  # a JSON list
+    sa.Column("orthanc_study_ids", sa.Text, nullable=False),  # the archive's ids of those studies, likewise
+    sa.Column("series_uid", sa.String(64), nullable=False, server_default=""),
+    sa.Column("patient_name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("patient_id", sa.String(100), nullable=False, server_default=""),
+    # Who answers for it: a user account (which must stay active), or a patient's study link
+    # (which must stay valid). No foreign keys: the rows outlive a deleted account or link.
+    sa.Column("issued_by_user_id", sa.Integer),
+    sa.Column("issued_by", sa.String(64), nullable=False, server_default=""),
+    sa.Column("study_token_id", sa.Integer),
+    sa.Column("note", sa.String(200), nullable=False, server_default=""),
+    sa.Column("issued_at", sa.DateTime, nullable=False),
+    sa.Column("issued_from", sa.String(64), nullable=False, server_default=""),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Column("revoked_at", sa.DateTime),
+    sa.Column("revoked_by", sa.String(64), nullable=False, server_default=""),
+    sa.Column("uses", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_used_at", sa.DateTime),
+    sa.Column("last_used_from", sa.String(64), nullable=False, server_default=""),
+    sa.Index("ix_viewer_tokens_issued_at", "issued_at"),
+    sa.Index("ix_viewer_tokens_patient_id", "patient_id"),
+    sqlite_autoincrement=True,
 )
 
 archive_state = sa.Table(

@@ -113,6 +113,20 @@ def _host_name(text: str) -> None:
         raise ValueError(f"{text!r} is not a host name or an address")
 
 
+_PHONE = re.compile(r"^\+?\(?[0-9][0-9 ()./-]{2,38}$")
+_EMAIL = re.compile(r"^[^@\s<>\"]{1,64}@[A-Za-z0-9.-]{1,252}\.[A-Za-z]{2,63}$")
+
+
+def _phone(text: str) -> None:
+    if text and not _PHONE.match(text):
+        raise ValueError(f"{text!r} is not a phone number (digits, spaces, + ( ) . / -)")
+
+
+def _email(text: str) -> None:
+    if text and not _EMAIL.match(text):
+        raise ValueError(f"{text!r} is not an e-mail address")
+
+
 @dataclass(frozen=True)
 class Modality:
     """A DICOM modality allowed to query the worklist and the archive (``dicom_modalities``)."""
@@ -325,6 +339,24 @@ SETTINGS: tuple[Setting, ...] = (
         "Ask patients for their birth date",
         "Before a patient's link shows the study, ask for the patient's date of birth; repeated wrong "
         "answers lock the link for a while.",
+    ),
+    Setting(
+        "contact_phone",
+        str,
+        "",
+        "Patients' contact phone",
+        "The phone number patients call about their links (one expired, one that does not open, a "
+        "question about a study), shown on patients' pages, e.g. +30 210 123 4567. Blank: none shown.",
+        check=_phone,
+    ),
+    Setting(
+        "contact_email",
+        str,
+        "",
+        "Patients' contact e-mail",
+        "The e-mail address patients write to about their links, shown on patients' pages beside the "
+        "phone, e.g. imaging@example.org. Blank: none shown.",
+        check=_email,
     ),
     Setting(
         "zip_content",

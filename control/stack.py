@@ -1,12 +1,13 @@
-"""The native runner: set-up, then Orthanc, the control plane and Caddy as supervised processes.
+"""The native runner: set-up, then Orthanc, the control plane, the catalog's feeder and Caddy as
+supervised processes.
 
 ``prepare`` makes an installation ready (folders, secrets, database, settings, first admin, viewer,
-generated configs) and is idempotent. ``Supervisor`` starts the three processes in order, waits
-until each answers, starts again one that dies (the portal meanwhile answers "archive not
-reachable" rather than nothing), and stops them all (terminate, wait, kill) when told to.
+generated configs) and is idempotent. ``Supervisor`` starts the processes in order, waits until
+each answers, starts again one that dies (the portal meanwhile answers "archive not reachable"
+rather than nothing), and stops them all (terminate, wait, kill) when told to.
 ``./pacs up --nodes N`` runs N archive nodes (``orthanc``, ``orthanc-2``...) and N control planes
-(``control``, ``control-2``...) behind the one Caddy, on one machine: for tests and small sites
-(README: Several nodes).
+(``control``, ``control-2``...) behind the one Caddy, on one machine, with one catalog feeder:
+for tests and small sites (README: Several nodes).
 ``./pacs up --detach`` runs the same supervisor as a background process whose pid is kept in
 ``run/pacs.pid``; ``./pacs down`` signals it and makes sure nothing is left behind.
 """
@@ -20,6 +21,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +40,8 @@ from control.site import REPOSITORY, Site, SiteError
 from control.viewer import ensure_viewer
 
 ADMIN_USERNAME = "admin"
+# Debian installs Orthanc in /usr/sbin, which an ordinary user's PATH lacks on Debian 12 and 13.
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 # A process that dies is started again after RESTART_DELAY seconds, unless it died more than
 # MAX_RESTARTS times within RESTART_WINDOW seconds: then something is wrong that a restart won't fix.
@@ -233,7 +237,8 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def processes(site: Site, prepared: Prepared) -> list[Process]:
-    """The stack's programs in the order they start: every archive node, every control plane, Caddy."""
+    """The stack's programs in the order they start: every archive node, every control plane, the
+    catalog's feeder, Caddy."""
     values, topology = prepared.settings, prepared.topology
     orthanc_auth = (site.secrets.orthanc_user, site.secrets.orthanc_password)
     admin_socket = site.run / "caddy-admin.sock"
@@ -253,7 +258,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
     archive = [
         Process(
             node.name,
-            ["Orthanc", str(configs.orthanc_configuration_file(site, node))],
+            [ORTHANC, str(configs.orthanc_configuration_file(site, node))],
             site.logs / f"{node.name}.log",
             orthanc_ready(node),
             umask=site.umask,
@@ -279,6 +284,18 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
                 output_log=site.logs / ("access.log" if number == 1 else f"access-{number}.log"),
             )
         )
+    # The study catalog's feeder (control.catalog.feeder): a process of its own, so that following
+    # the archive never competes with the pages for a worker's interpreter. One for all nodes: it
+    # reads the shared index's change log through the client of all nodes, and however many run
+    # (on other machines too) the one holding the database's lock feeds (control.catalog.lock).
+    catalog = Process(
+        "catalog",
+        [sys.executable, "-m", "control", "--data", str(site.data), "catalog", "feed"],
+        site.logs / "catalog.log",
+        lambda: True,
+        env={"PACS_DATA": str(site.data)},
+        umask=site.umask,
+    )
     caddy_home = site.cache / "caddy"
     caddy = Process(
         "caddy",
@@ -288,7 +305,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
         env={"XDG_CONFIG_HOME": str(caddy_home / "config"), "XDG_DATA_HOME": str(caddy_home / "data")},
         umask=site.umask,
     )
-    return [*archive, *planes, caddy]
+    return [*archive, *planes, catalog, caddy]
 
 
 def gunicorn_argv(site: Site, topology: configs.Topology, listen: str | None = None) -> list[str]:

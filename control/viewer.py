@@ -1,15 +1,23 @@
-"""Set-up of the OHIF viewer: the pinned prebuilt ``@ohif/app`` from the npm registry.
+"""The OHIF viewer: its set-up, and what it is told about the site it serves.
 
-``npm pack`` fetches the package tarball; its SHA-512 must equal the integrity pinned in
-ohif/pin.json before anything is unpacked. Only the regular files and folders of ``package/dist``
-are extracted, into the cache, and the portal's own ohif/app-config.js replaces the build's.
-Nothing of the viewer is ever committed.
+Set-up: ``npm pack`` fetches the pinned prebuilt ``@ohif/app``; its SHA-512 must equal the integrity
+pinned in ohif/pin.json before anything is unpacked. Only the regular files and folders of
+``package/dist`` are extracted, into the cache. Nothing of the viewer is ever committed, and none of
+its bundles is changed.
+
+Configuration: the build loads ``/app-config.js``, which Caddy hands to this blueprint rather than
+serving the build's own. It is the portal's ohif/app-config.js after one line of data, so that the
+viewer carries the institution's name and a way back to the portal for whoever opens it: a
+signed-in user goes back to the results (or the query page), a patient to the page of their study
+link. A bare ``/viewer`` (no study named) comes here too and is sent the same way back, rather than
+showing an empty black page.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -17,11 +25,19 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from flask import Blueprint, current_app, g, make_response, redirect, request, url_for
+from flask_login import current_user
+
+from control import db
 from control.configs import OHIF_PIN, viewer_directory
 from control.site import REPOSITORY, Site
+from control.tokens import grants, store
 
 APP_CONFIG = REPOSITORY / "ohif" / "app-config.js"
+
+bp = Blueprint("viewer", __name__)
 
 
 class ViewerSetupError(RuntimeError):
@@ -48,10 +64,6 @@ def ensure_viewer(site: Site, say: Callable[..., None] = print) -> Path:
     dist = viewer_directory(site)
     if not (dist / "index.html").exists():
         _install(dist, say)
-    if not (dist / "app-config.js").exists() or (
-        (dist / "app-config.js").read_bytes() != APP_CONFIG.read_bytes()
-    ):
-        shutil.copyfile(APP_CONFIG, dist / "app-config.js")
     return dist
 
 
@@ -106,3 +118,57 @@ def _install(dist: Path, say: Callable[..., None]) -> None:
             shutil.rmtree(target)
         target.mkdir()
         (unpacked / "package" / "dist").rename(dist)
+
+
+def _patient_page() -> str | None:
+    """The page of the newest study link whose viewer grant this browser holds, if one still works."""
+    with current_app.extensions["site"].engine.connect() as connection:
+        held = grants.still_valid(
+            connection, grants.read(request), g.settings["token_days"], db.utcnow().date()
+        )
+        token = store.get(connection, held[0].token_id) if held else None
+    if token is None:
+        return None
+    secret = current_app.extensions["site"].secrets.token_key
+    link = store.derive_token(secret, token.row.study_uid, token.row.generation)
+    return f"{url_for('tokens.patient_page')}?{link}"
+
+
+def way_back() -> dict[str, Any]:
+    """Where the viewer's header link leads, and what it says.
+
+    ``results`` tells the viewer to prefer the results page it was opened from (its referrer, which
+    the portal's referrer policy sends within the site), when there is one.
+    """
+    if current_user.is_authenticated:
+        return {"href": url_for("query.search"), "label": "Back to the results", "results": True}
+    if grants.read(request):
+        # The patient's page itself is not named here: the viewer's link asks for it (leave()).
+        return {"href": url_for("viewer.leave"), "label": "Back to your study", "results": False}
+    return {"href": url_for("public.index"), "label": "Back to the portal", "results": False}
+
+
+@bp.get("/app-config.js")
+def app_config():
+    """The viewer's configuration for this site and this browser (never cached: it names both)."""
+    portal = {
+        "institution": g.settings["institution"],
+        "department": g.settings["department"],
+        "back": way_back(),
+    }
+    # A JSON literal is JavaScript: quotes and backslashes escaped, every non-ASCII character
+    # (U+2028 and U+2029 too, line ends to older engines) written as \u escapes.
+    body = f"window.pacsPortal = {json.dumps(portal)};\n{APP_CONFIG.read_text()}"
+    response = make_response(body)
+    response.headers["Content-Type"] = "text/javascript; charset=utf-8"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/viewer")
+@bp.get("/viewer/")
+def leave():
+    """A viewer address that names no study (Caddy sends only those here): back to the portal."""
+    if current_user.is_authenticated:
+        return redirect(url_for("query.search"))
+    return redirect(_patient_page() or url_for("public.index"))

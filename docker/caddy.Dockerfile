@@ -1,8 +1,12 @@
 # Caddy, the only web listener, from Debian's packages, with the pinned OHIF viewer build inside.
 
+# The Debian release the image is built on: trixie (Debian 13, the default) or bookworm (Debian 12).
+# compose.yaml passes PACS_DEBIAN_RELEASE; the packages are whatever that release ships.
+ARG DEBIAN_RELEASE=trixie
+
 # Stage 1: fetch the prebuilt viewer pinned in ohif/pin.json and check it against the pinned
 # integrity. dpkg's force-unsafe-io: see orthanc.Dockerfile (npm brings some 300 small packages).
-FROM debian:bookworm-slim AS ohif
+FROM debian:${DEBIAN_RELEASE}-slim AS ohif
 RUN apt-get update \
 	&& DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
 		-o Dpkg::Options::=--force-unsafe-io ca-certificates npm \
@@ -14,8 +18,8 @@ COPY ohif/pin.json /build/pin.json
 ARG BUILD_CA_CERTIFICATES=
 RUN registry-ca fetch-ohif /build/pin.json /srv/ohif
 
-# Stage 2: Caddy and the viewer's files; the site's own app-config.js replaces OHIF's.
-FROM debian:bookworm-slim
+# Stage 2: Caddy and the viewer's files (its app-config.js comes from the control plane).
+FROM debian:${DEBIAN_RELEASE}-slim
 
 # policy-rc.d keeps the package scripts from starting Caddy's system service during the build.
 RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d \
@@ -31,7 +35,6 @@ RUN groupadd --gid 10001 pacs \
 	&& install -d -o pacs -g pacs -m 0700 /data
 
 COPY --from=ohif /srv/ohif /srv/ohif
-COPY ohif/app-config.js /srv/ohif/app-config.js
 COPY docker/await-file.sh /usr/local/bin/await-file
 
 # Caddy keeps its autosaved configuration and state in the data volume, as the native runner does.

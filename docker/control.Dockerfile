@@ -2,7 +2,11 @@
 # virtual environment. At every start `python -m control --data /data serve` creates what is missing
 # in the data volume (folders, secrets, database, first admin), renders the Orthanc and Caddy
 # configurations there for the other two containers, then runs gunicorn on port 8000.
-FROM debian:bookworm-slim
+
+# The Debian release the image is built on: trixie (Debian 13, the default) or bookworm (Debian 12).
+# compose.yaml passes PACS_DEBIAN_RELEASE; the packages are whatever that release ships.
+ARG DEBIAN_RELEASE=trixie
+FROM debian:${DEBIAN_RELEASE}-slim
 
 # dpkg's force-unsafe-io: see orthanc.Dockerfile.
 RUN apt-get update \

@@ -1,7 +1,11 @@
 # Orthanc, the DICOM archive, from Debian's packages: the same build as the native runner's.
 # It serves DICOM on 4242 (published) and HTTP on 8042 (reached by control and caddy over the
 # project network only), with the configuration the control container renders into the data volume.
-FROM debian:bookworm-slim
+
+# The Debian release the image is built on: trixie (Debian 13, the default) or bookworm (Debian 12).
+# compose.yaml passes PACS_DEBIAN_RELEASE; the packages are whatever that release ships.
+ARG DEBIAN_RELEASE=trixie
+FROM debian:${DEBIAN_RELEASE}-slim
 
 # policy-rc.d keeps the package scripts from starting Orthanc's system service during the build.
 # dpkg's force-unsafe-io skips an fsync per file, which makes installs several times faster on

@@ -1,7 +1,9 @@
 # PostgreSQL, from Debian's packages: the control plane's database and the archive's index of a
 # portal with several archive nodes (compose.nodes.yaml). The cluster lives in the volume
 # mounted at /var/lib/postgresql/data; docker/postgresql-start.sh makes it at the first start.
-FROM debian:bookworm-slim
+# The Debian release, as the other images' (orthanc.Dockerfile).
+ARG DEBIAN_RELEASE=trixie
+FROM debian:${DEBIAN_RELEASE}-slim
 
 # policy-rc.d keeps the package scripts from starting a cluster of their own during the build;
 # dpkg's force-unsafe-io: see orthanc.Dockerfile.

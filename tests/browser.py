@@ -11,9 +11,11 @@ and fetch metadata behave as they do for a hospital's users.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -22,6 +24,13 @@ if TYPE_CHECKING:
     from conftest import SiteCertificate, Stack
 
 CHROMIUM = "/usr/bin/chromium"
+# What the pages looked like, for a person to look at after a run: PACS_TEST_OUTPUT, else data/.
+TEST_OUTPUT = Path(
+    os.environ.get("PACS_TEST_OUTPUT") or Path(__file__).parent.parent / "data" / "test-output"
+)
+# A desktop screen and a phone (an iPhone 12 to 15's CSS pixels).
+DESKTOP = {"width": 1400, "height": 1000}
+PHONE = {"width": 390, "height": 844}
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -105,3 +114,12 @@ def wait_for_image(page: Page, timeout: float = 60, minimum: int = 500) -> int:
             return lit
         time.sleep(0.5)
     raise AssertionError(f"the viewer showed no image within {timeout:.0f} s ({lit} lit pixels)")
+
+
+def screenshot(page: Page, name: str, full_page: bool = True) -> Path:
+    """Save what the page shows as ``screenshots/NAME-WIDTHxHEIGHT.png`` in the test output."""
+    size = page.viewport_size or {"width": 0, "height": 0}
+    path = TEST_OUTPUT / "screenshots" / f"{name}-{size['width']}x{size['height']}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=full_page)
+    return path

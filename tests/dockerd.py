@@ -6,8 +6,9 @@ Docker engine the machine may run nor lands in a build context. Stopping it stop
 kills what is left of its processes, unmounts and deletes its folders, deletes the network
 bridges it made and puts back the packet filter rules it found: the machine is left as it was.
 
-``debian_base_tarball`` makes the root file system of ``debian:bookworm-slim`` with debootstrap
-(from Debian's default mirror) and keeps it in a cache folder, so only the first run pays for it.
+``debian_base_tarball`` makes the root file system of a Debian release (``debian:trixie-slim``,
+``debian:bookworm-slim``) with debootstrap (from Debian's default mirror) and keeps it in a cache
+folder, so only the first run on a machine pays for it.
 """
 
 from __future__ import annotations
@@ -294,6 +295,7 @@ def debian_base_tarball(cache: Path, suite: str = "bookworm") -> Path:
     debootstrap = require_programs("debootstrap")["debootstrap"]
     cache.mkdir(parents=True, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix=f"pacs-debootstrap-{suite}-"))
+    target.chmod(0o755)  # the root folder of a system, which the tarball's "." carries
     try:
         run_logged(
             [debootstrap, "--variant=minbase", suite, str(target)],

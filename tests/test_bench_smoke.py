@@ -18,9 +18,9 @@ from conftest import REPOSITORY
 
 pytestmark = pytest.mark.stack
 
-SCENARIOS = {"zip", "search", "viewer", "upload", "users", "growth", "activity", "nodes"}
+SCENARIOS = {"zip", "search", "viewer", "upload", "users", "growth", "catalog", "activity", "nodes"}
 # The scenarios that ask both ways the same question, so each has a "same content" check.
-COMPARED = {"zip", "search", "viewer", "upload", "growth", "nodes"}
+COMPARED = {"zip", "search", "viewer", "upload", "growth", "catalog", "nodes"}
 
 
 def test_a_smoke_run_reports_every_scenario_with_matching_content(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,12 +38,14 @@ class CuttingRelay:
 
     Connections are numbered in the order their answers grow past ``CUT_AFTER`` bytes (the zips);
     those numbered in ``cut`` are closed at that point, as a dropped network would. Each request's
-    first line is kept, to tell what was fetched how often.
+    first line is kept, to tell what was fetched how often. With ``rate`` (bytes a second), answers
+    come no faster than that, as over a slow link, so that a progress bar has time to move.
     """
 
-    def __init__(self, target_port: int, cut: set[int] = frozenset()) -> None:
+    def __init__(self, target_port: int, cut: set[int] = frozenset(), rate: float | None = None) -> None:
         self.target_port = target_port
         self.cut = cut
+        self.rate = rate
         self.requests: list[str] = []
         self.heads: list[str] = []  # each request's line and headers
         self.large = 0
@@ -92,6 +95,8 @@ class CuttingRelay:
             sent += len(data)
             if not self._send(client, data):
                 break
+            if self.rate:
+                time.sleep(len(data) / self.rate)
         self._close(client, upstream)
 
     @staticmethod

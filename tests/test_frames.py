@@ -17,6 +17,7 @@ from pydicom.uid import generate_uid
 
 from control import db
 from control.activity import Action
+from control.archive_version import ArchiveVersions
 from control.dicomweb.frames import SERVED, FrameRequest, FrameSource, answered_syntax
 from control.orthanc import Orthanc
 from control.site import Site
@@ -63,6 +64,16 @@ FRAME = "/dicom-web/studies/1.2.3/series/1.2.4/instances/1.2.5/frames/1"
 )
 def test_the_core_answers_only_what_it_answers_as_the_plugin(accept: str, stored: str, named) -> None:
     assert answered_syntax(accept, stored) == named
+    assert answered_syntax(accept, stored, native_named_as_stored=True) == named
+
+
+@pytest.mark.parametrize(
+    ("named_as_stored", "named"),
+    [(True, IMPLICIT_LE), (False, EXPLICIT_LE)],
+    ids=["DICOMweb 1.7", "DICOMweb 1.20"],
+)
+def test_native_frames_of_any_syntax_are_named_as_the_plugin_names_them(named_as_stored, named) -> None:
+    assert answered_syntax(ANY, IMPLICIT_LE, native_named_as_stored=named_as_stored) == named
 
 
 @pytest.mark.parametrize(
@@ -170,7 +181,8 @@ def test_every_frame_is_the_plugins_frame(stack: Stack, doctor: requests.Session
 def test_the_common_syntaxes_come_from_the_core(stack: Stack, pictures) -> None:
     """The cheap way is taken for every syntax it is meant for: native pixels, JPEG, JPEG-LS and
     JPEG 2000."""
-    source = FrameSource(Orthanc(stack.orthanc_url, *stack.orthanc_auth))
+    orthanc = Orthanc(stack.orthanc_url, *stack.orthanc_auth)
+    source = FrameSource(orthanc, ArchiveVersions(orthanc))
     taken = set()
     for name, syntax, path in pictures:
         if syntax in SERVED and from_plugin(stack, path, ANY).status_code == 200:

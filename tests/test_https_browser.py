@@ -101,6 +101,7 @@ def test_copy_a_study_link(browser: Browser, tls_stack: TLSStack) -> None:
     )
     page.goto(f"{tls_stack.browser_url}/query/studies?patient_id={dataset.PatientID}")
     page.get_by_role("button", name="Copy study link").click()
+    page.get_by_role("button", name="Copy the link").click()
     page.wait_for_selector("text=Copied to the clipboard.")
     copied = page.evaluate("navigator.clipboard.readText()")
     assert re.fullmatch(rf"https://{SITE_NAME}:{tls_stack.web_port}/token\?[A-Za-z0-9]{{64}}", copied)
@@ -113,11 +114,11 @@ def test_attach_a_pdf_report(browser: Browser, tls_stack: TLSStack, tmp_path) ->
     report.write_bytes(a_pdf())
     page = signed_in(browser, tls_stack, account(tls_stack, "https.uploader", can_upload=True))
     page.goto(f"{tls_stack.browser_url}/query/studies?patient_id={dataset.PatientID}")
-    assert page.inner_text("table.results tbody tr td:nth-child(7)").strip() == "1"
+    assert page.inner_text("table.results tbody tr td.series").strip() == "1"
     page.set_input_files("td.attach-pdf input[type=file]", str(report))
     submit(page, "td.attach-pdf button:has-text('Upload File')")
     assert "/query/studies" in page.url
-    assert page.inner_text("table.results tbody tr td:nth-child(7)").strip() == "2"
+    assert page.inner_text("table.results tbody tr td.series").strip() == "2"
 
 
 def test_upload_with_the_progress_bar(browser: Browser, tls_stack: TLSStack, tmp_path) -> None:

@@ -7,9 +7,12 @@ and compared exactly with what the pages list.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import html
+import os
 import re
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -17,10 +20,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from control.orthanc import Orthanc
+from control.orthanc import Orthanc, resource_id
 from control.query.finder import DateRange, Finder, Search
 
-from conftest import Stack, make_stack
+from conftest import Stack, free_port, make_stack
+from postgres import PostgresServer, binaries
 from samples import Loaded, StudyFacts, load_samples, make_study, send, store_study
 
 pytestmark = pytest.mark.stack
@@ -32,22 +36,37 @@ SCRIPT_NAME = "<script>alert(1)</script>"
 PAGING_PATIENTS = 30
 
 
+# Where the lists come from: the study catalog (what users get), and the archive itself (what the
+# pages fall back to while the catalog lags): the same criteria must find the same studies.
+SOURCES = ("catalog", "archive")
+
+
 @dataclass(repr=False)  # pydicom warns about odd samples when their datasets are shown
 class Archive:
-    """This module's stack, what it holds, and a signed-in session."""
+    """This module's stack, what it holds, a signed-in session, and the lists' source."""
 
     stack: Stack
     loaded: Loaded
     studies: dict[str, StudyFacts]  # every study sent, by UID (samples and made-up ones)
     session: requests.Session
+    source: str = "catalog"
+
+    def via(self, source: str) -> Archive:
+        """The same archive, its lists asked from ``source``."""
+        return dataclasses.replace(self, source=source)
 
     def get(self, path: str, **params: str) -> requests.Response:
+        if self.source == "archive":
+            params["source"] = "archive"
         return self.session.get(f"{self.stack.url}{path}", params=params)
 
     def json(self, path: str, **params: str) -> dict:
         response = self.get(path, format="json", **params)
         assert response.status_code == 200, response.text[:500]
-        return response.json()
+        answer = response.json()
+        if "source" in answer:
+            assert answer["source"] == self.source, answer.get("notice")
+        return answer
 
     def all_rows(self, path: str, **params: str) -> list[dict]:
         """Every row of a list, following its pages."""
@@ -59,20 +78,40 @@ class Archive:
         return rows
 
 
+# The control plane's database: the catalog matches with SQLite's GLOB and trigram table there,
+# with LIKE and pg_trgm on PostgreSQL. The tests of matching and order run on both.
+DATABASES = [
+    "sqlite",
+    pytest.param(
+        "postgresql", marks=pytest.mark.skipif(binaries() is None, reason="PostgreSQL is not installed")
+    ),
+]
+
+
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    """A stack of this module's own, holding the pydicom samples and the made-up studies below."""
-    stack = make_stack(tmp_path_factory.mktemp("query"))
-    stack.start()
+def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+    """A stack of this module's own, holding the pydicom samples and the made-up studies below, its
+    database SQLite unless a test asks for PostgreSQL (``DATABASES``)."""
+    database = getattr(request, "param", "sqlite")
+    server = PostgresServer(free_port()) if database == "postgresql" else None
+    env = {}
+    if server:
+        server.start()
+        env["PACS_DATABASE_URL"] = server.create_database("pacs")
+    stack = make_stack(tmp_path_factory.mktemp(f"query-{database}"), **env)
     try:
+        stack.start()
         loaded = load_samples(stack)
         studies = dict(loaded.studies)
         for made in made_up_studies():
             facts = store_study(stack, made)
             studies[facts.uid] = facts
+        stack.wait_for_catalog()
         yield Archive(stack, loaded, studies, stack.sign_in())
     finally:
         stack.stop()
+        if server:
+            server.stop()
 
 
 def made_up_studies() -> list[list]:
@@ -88,6 +127,10 @@ def made_up_studies() -> list[list]:
     ]
     # Two patients whose IDs differ only in case: an ID typed exactly finds its own patient alone.
     made += [make_study("Case^Lower", "CASE-ab"), make_study("Case^Upper", "CASE-AB")]
+    # Accents, which the catalog's matching folds away (the archive's does not).
+    made.append(
+        make_study("Müller^Jürgen", "ACCENT-1", study_date="20180305", InstitutionName="Clínica São José")
+    )
     day = dt.date(2019, 1, 1)
     for number in range(PAGING_PATIENTS):
         for visit in range(2):
@@ -172,10 +215,13 @@ CRITERIA = [
 ]
 
 
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize(("criteria", "expected"), CRITERIA, ids=[repr(case[0]) for case in CRITERIA])
 def test_each_criterion_finds_exactly_the_expected_studies_and_patients(
-    archive: Archive, criteria, expected
+    archive: Archive, source: str, criteria, expected
 ) -> None:
+    archive = archive.via(source)
     wanted = {uid for uid, facts in readable_names(archive).items() if expected(facts)}
     assert wanted, "the case must find something to be a test"
     studies = archive.all_rows("/query/studies", **criteria)
@@ -188,8 +234,10 @@ def test_each_criterion_finds_exactly_the_expected_studies_and_patients(
     assert {row["patient_id"].strip() for row in patients} - left_out == wanted_patients
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("criteria", [{}, {"modality": "MR"}, {"patient_name": "pager", "modality": "MR"}])
-def test_study_rows_show_all_their_modalities_and_series(archive: Archive, criteria) -> None:
+def test_study_rows_show_all_their_modalities_and_series(archive: Archive, source: str, criteria) -> None:
+    archive = archive.via(source)
     rows = archive.all_rows("/query/studies", **criteria)
     listed_twice = {
         uid
@@ -206,7 +254,9 @@ def test_study_rows_show_all_their_modalities_and_series(archive: Archive, crite
             assert row["series_count"] == len(facts.series), row
 
 
-def test_results_open_at_patient_level_and_drill_down_to_series(archive: Archive) -> None:
+@pytest.mark.parametrize("source", SOURCES)
+def test_results_open_at_patient_level_and_drill_down_to_series(archive: Archive, source: str) -> None:
+    archive = archive.via(source)
     page = archive.get("/query/patients", patient_name="compressedsamples")
     assert page.status_code == 200
     patients = archive.json("/query/patients", patient_name="compressedsamples")["rows"]
@@ -252,7 +302,10 @@ def test_a_go_back_elsewhere_is_ignored(archive: Archive) -> None:
         assert re.search(r'<a class="button" href="([^"]+)">Go back', page.text).group(1) == "/query"
 
 
-def test_paging_newest_first_with_a_total(archive: Archive) -> None:
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
+@pytest.mark.parametrize("source", SOURCES)
+def test_paging_newest_first_with_a_total(archive: Archive, source: str) -> None:
+    archive = archive.via(source)
     pagers = sorted(
         (facts for facts in archive.studies.values() if facts.patient_name.startswith("Pager")),
         key=lambda facts: facts.date,
@@ -311,6 +364,8 @@ def test_large_answers_page_through_date_windows_in_the_same_order(archive: Arch
         assert [match.id for match in patients] == [match.id for match in patients_at_once], search
 
 
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize(
     "sample",
     [
@@ -328,7 +383,10 @@ def test_large_answers_page_through_date_windows_in_the_same_order(archive: Arch
         "chrX2.dcm",
     ],
 )
-def test_names_in_every_script_display_and_can_be_searched(archive: Archive, sample: str) -> None:
+def test_names_in_every_script_display_and_can_be_searched(
+    archive: Archive, source: str, sample: str
+) -> None:
+    archive = archive.via(source)
     sent = next(item for item in archive.loaded.sent if item.name == sample)
     assert sent.stored
     name = str(sent.dataset.PatientName)
@@ -348,7 +406,117 @@ def test_names_in_every_script_display_and_can_be_searched(archive: Archive, sam
     assert found == expected
 
 
-def test_a_script_in_a_name_is_shown_as_text(archive: Archive) -> None:
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
+@pytest.mark.parametrize(
+    ("criteria", "found_by_the_archive"),
+    [
+        ({"patient_name": "Müller"}, True),
+        ({"patient_name": "müller jürgen"}, True),
+        ({"patient_name": "muller"}, False),
+        ({"patient_name": "MULLER JURGEN"}, False),
+        ({"patient_name": "mu?ler*"}, False),
+        ({"institution": "sao jose"}, False),
+    ],
+)
+def test_the_catalog_matches_names_without_their_accents(
+    archive: Archive, criteria: dict[str, str], found_by_the_archive: bool
+) -> None:
+    """The catalog folds accents ("Muller" finds "Müller"); the archive, asked directly, does not."""
+    found = {row["patient_id"] for row in archive.json("/query/patients", **criteria)["rows"]}
+    assert "ACCENT-1" in found
+    by_the_archive = {
+        row["patient_id"] for row in archive.via("archive").json("/query/patients", **criteria)["rows"]
+    }
+    assert ("ACCENT-1" in by_the_archive) == found_by_the_archive
+
+
+def pager_studies(archive: Archive) -> list[StudyFacts]:
+    return [facts for facts in archive.studies.values() if facts.patient_name.startswith("Pager")]
+
+
+def orthanc_study_id(facts: StudyFacts) -> str:
+    return resource_id(facts.patient_id, facts.uid)
+
+
+STUDY_ORDERS = [
+    ("date", "desc", lambda f: (f.date, f.time, orthanc_study_id(f)), True),
+    ("date", "asc", lambda f: (f.date, f.time, orthanc_study_id(f)), False),
+    ("name", "asc", lambda f: (f.patient_name.upper(), f.date, f.time, orthanc_study_id(f)), False),
+    ("name", "desc", lambda f: (f.patient_name.upper(), f.date, f.time, orthanc_study_id(f)), True),
+    ("series", "desc", lambda f: (len(f.series), f.date, f.time, orthanc_study_id(f)), True),
+    (
+        "modalities",
+        "asc",
+        lambda f: ("\\".join(sorted(f.modalities)), f.date, f.time, orthanc_study_id(f)),
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
+@pytest.mark.parametrize(
+    ("sort", "order", "key", "reverse"), STUDY_ORDERS, ids=[f"{s} {o}" for s, o, *_ in STUDY_ORDERS]
+)
+def test_the_catalog_lists_studies_in_any_columns_order_page_after_page(
+    archive: Archive, sort: str, order: str, key, reverse: bool
+) -> None:
+    expected = [orthanc_study_id(f) for f in sorted(pager_studies(archive), key=key, reverse=reverse)]
+    first = archive.json("/query/studies", patient_name="pager", per_page="25", sort=sort, order=order)
+    assert first["sort"] == {"column": sort, "order": order} and first["total"] == len(expected)
+    pages, answer = [first], first
+    while answer["links"]["next"]:
+        assert "after=" in answer["links"]["next"]  # where this page ends, not an offset
+        answer = archive.session.get(answer["links"]["next"]).json()
+        pages.append(answer)
+    assert [row["id"] for page in pages for row in page["rows"]] == expected
+    assert [row["number"] for page in pages for row in page["rows"]] == list(range(1, len(expected) + 1))
+
+    # Back from the last page, and straight to the last page from the first.
+    back = archive.session.get(pages[-1]["links"]["previous"]).json()
+    assert [row["id"] for row in back["rows"]] == [row["id"] for row in pages[-2]["rows"]]
+    assert back["page"] == len(pages) - 1
+    last = archive.session.get(first["links"]["last"]).json()
+    assert [row["id"] for row in last["rows"]] == [row["id"] for row in pages[-1]["rows"]]
+    assert (last["page"], last["links"]["next"]) == (len(pages), None)
+
+
+@pytest.mark.parametrize("archive", DATABASES, indirect=True)
+def test_the_catalog_lists_patients_by_name_and_shows_how_the_page_is_ordered(archive: Archive) -> None:
+    expected = sorted(
+        {f.patient_id: f.patient_name.upper() for f in pager_studies(archive)}.items(),
+        key=lambda item: item[1],
+    )
+    rows = archive.all_rows("/query/patients", patient_name="pager", sort="name", order="desc")
+    assert [row["patient_id"] for row in rows] == [patient_id for patient_id, _name in reversed(expected)]
+    page = archive.get("/query/patients", patient_name="pager", sort="name", order="desc")
+    assert re.search(r'aria-sort="descending"><a class="sort" href="[^"]*sort=name&amp;order=asc', page.text)
+    assert ">Newest study first</a>" in page.text
+    studies = archive.get("/query/studies", patient_name="pager")
+    for column in (
+        "name",
+        "study_id",
+        "accession",
+        "date",
+        "description",
+        "modalities",
+        "series",
+        "instances",
+        "size",
+    ):
+        assert f"sort={column}&amp;" in studies.text, column
+
+
+def test_a_list_from_the_archive_says_so(archive: Archive) -> None:
+    """The archive's own answer (what the pages fall back to) sorts newest first only."""
+    answer = archive.via("archive").json("/query/studies", patient_name="pager", sort="name")
+    assert answer["sort"] == {"column": "date", "order": "desc"}
+    page = archive.via("archive").get("/query/studies", patient_name="pager", sort="name")
+    assert 'class="sort"' not in page.text and "Newest first." in page.text
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_script_in_a_name_is_shown_as_text(archive: Archive, source: str) -> None:
+    archive = archive.via(source)
     for path in ("/query/patients", "/query/studies"):
         page = archive.get(path, patient_id="XSS-1")
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
@@ -418,7 +586,7 @@ def test_every_list_answers_json_by_accept_header(archive: Archive) -> None:
     assert answer.headers["Content-Type"].startswith("application/json")
     row = answer.json()["rows"][0]
     assert row["id"] and row["patient_id"] == "4MR1"
-    assert set(row["actions"]) == {"zip", "archive", "downloader", "manifest", "viewer", "studies"}
+    assert set(row["actions"]) == {"zip", "archive", "downloader", "manifest", "viewer", "studies", "desktop"}
     assert all(url.startswith(archive.stack.url + "/") for url in row["actions"].values())
 
 
@@ -474,7 +642,9 @@ def test_unknown_ids_are_not_found(archive: Archive) -> None:
         assert archive.get(path).status_code == 404, path
 
 
-def test_a_search_matching_everything_pages(archive: Archive) -> None:
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_search_matching_everything_pages(archive: Archive, source: str) -> None:
+    archive = archive.via(source)
     answer = archive.json("/query/patients", per_page="25")
     assert len(answer["rows"]) == 25 and answer["links"]["next"]
     every_patient = archive.all_rows("/query/patients")
@@ -495,13 +665,41 @@ def test_an_unreachable_archive_gives_a_clear_503(archive: Archive) -> None:
         archive.stack.wait_for_archive()
 
 
-def test_storing_more_shows_at_once(archive: Archive) -> None:
-    """Results are never cached: a study stored a moment ago is listed."""
+def test_storing_more_shows_in_the_archive_at_once_and_in_the_catalog_when_fed(archive: Archive) -> None:
+    """The archive's own answer is never cached; the catalog's holds a study once its feeder has
+    applied the store (within its lag, see control.catalog)."""
     made = make_study("Latecomer^Lou", "LATE-1", series=(("CT", 2),))
     assert all(item.stored for item in send(archive.stack, [(str(n), d) for n, d in enumerate(made)]))
+    for source in ("archive", "catalog"):
+        if source == "catalog":
+            archive.stack.wait_for_catalog()
+        found = archive.via(source).json("/query/patients", patient_name="latecomer")["rows"]
+        assert [row["patient_id"] for row in found] == ["LATE-1"]
+
+
+def test_a_patient_id_typed_exactly_finds_a_study_the_catalog_has_not_applied_yet(archive: Archive) -> None:
+    """While the feeder has changes to apply, one patient's studies come from the archive (one GET),
+    so the search made right after a store finds it; broader searches wait for the feeder."""
+    feeder = int((archive.stack.data / "run" / "catalog.pid").read_text())
+    os.kill(feeder, signal.SIGSTOP)  # the feeder falls behind, as under a burst of stores
+    try:
+        made = make_study("Latecomer^Lea", "LATE-2")
+        assert all(item.stored for item in send(archive.stack, [(str(n), d) for n, d in enumerate(made)]))
+        answer = archive.session.get(
+            f"{archive.stack.url}/query/studies", params={"patient_id": "LATE-2", "format": "json"}
+        ).json()
+        assert [row["patient"]["patient_id"] for row in answer["rows"]] == ["LATE-2"]
+        assert answer["source"] == "archive" and answer["notice"] is None
+        # Within the feeder's lag, a name search answers from the catalog without the new study.
+        broad = archive.json("/query/studies", patient_name="latecomer lea")
+        assert broad["source"] == "catalog" and broad["rows"] == []
+    finally:
+        os.kill(feeder, signal.SIGCONT)
+    archive.stack.wait_for_catalog()
     assert [
-        row["patient_id"] for row in archive.json("/query/patients", patient_name="latecomer")["rows"]
-    ] == ["LATE-1"]
+        row["patient"]["patient_id"]
+        for row in archive.json("/query/studies", patient_name="latecomer lea")["rows"]
+    ] == ["LATE-2"]
 
 
 def test_a_physician_without_admin_rights_queries_and_downloads(archive: Archive) -> None:

@@ -47,6 +47,7 @@ def test_copy_study_link_puts_the_patients_link_on_the_clipboard(stack: Stack, u
         page = signed_in_page(browser, stack, uploader, permissions=["clipboard-read", "clipboard-write"])
         studies_of(page, stack, dataset.PatientID)
         page.get_by_role("button", name="Copy study link").click()
+        page.get_by_role("button", name="Copy the link").click()
         page.wait_for_selector("text=Copied to the clipboard.")
         copied = page.evaluate("navigator.clipboard.readText()")
     assert re.fullmatch(rf"http://[^/]+:{stack.web_port}/token\?[A-Za-z0-9]{{64}}", copied)
@@ -60,6 +61,7 @@ def test_copy_study_link_shows_the_link_when_the_clipboard_is_refused(stack: Sta
         page.add_init_script("navigator.clipboard.writeText = () => Promise.reject(new Error('refused'))")
         studies_of(page, stack, dataset.PatientID)
         page.get_by_role("button", name="Copy study link").click()
+        page.get_by_role("button", name="Copy the link").click()
         page.wait_for_selector("text=did not allow copying")
         shown = page.input_value(".copied input")
     assert re.search(r"/token\?[A-Za-z0-9]{64}$", shown)
@@ -73,12 +75,12 @@ def test_a_pdf_is_attached_from_the_study_row(stack: Stack, uploader: str, tmp_p
     with chromium() as browser:
         page = signed_in_page(browser, stack, uploader)
         studies_of(page, stack, dataset.PatientID)
-        assert page.inner_text("table.results tbody tr td:nth-child(7)").strip() == "1"
+        assert page.inner_text("table.results tbody tr td.series").strip() == "1"
         page.set_input_files("td.attach-pdf input[type=file]", str(report))
         page.get_by_role("button", name="Upload File").click()
         page.wait_for_load_state()
         assert "/query/studies" in page.url
-        assert page.inner_text("table.results tbody tr td:nth-child(7)").strip() == "2"
+        assert page.inner_text("table.results tbody tr td.series").strip() == "2"
 
 
 def test_a_reader_sees_no_upload_controls(stack: Stack) -> None:

@@ -64,6 +64,8 @@ OTHER_TEXT = {
     "time_zone": "Europe/Athens",
     "web_server_name": "pacs.example.org",
     "public_address": "203.0.113.7",
+    "contact_phone": "+30 210 555 0100",
+    "contact_email": "radiology@example.org",
 }
 
 

@@ -34,7 +34,15 @@ def test_health_reports_every_part_and_no_secret(stack: Stack) -> None:
     assert response.status_code == 200
     report = response.json()
     assert report["status"] == "ok"
-    assert report["orthanc"] == {"ok": True, "version": "1.10.1", "aet": stack.aet}
+    system = requests.get(f"{stack.orthanc_url}/system", auth=stack.orthanc_auth).json()
+    plugin = requests.get(f"{stack.orthanc_url}/plugins/dicom-web", auth=stack.orthanc_auth).json()
+    assert report["orthanc"] == {
+        "ok": True,
+        "version": system["Version"],
+        "dicomweb": plugin["Version"],
+        "extended_find": bool(system.get("Capabilities", {}).get("HasExtendedFind")),
+        "aet": stack.aet,
+    }
     assert report["database"]["ok"] and report["control"]["ok"]
     user, password = stack.orthanc_auth
     assert password not in response.text and user not in response.text
@@ -206,7 +214,7 @@ def test_detached_up_then_down_leaves_nothing_behind(fresh_stack: Stack) -> None
     assert "health   ok" in status.stdout
     run = fresh_stack.data / "run"
     pids = [int(path.read_text()) for path in run.glob("*.pid")]
-    assert len(pids) == 4
+    assert len(pids) == 5  # the runner, Orthanc, the control plane, the catalog's feeder, Caddy
 
     stopped = fresh_stack.pacs("down")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout

@@ -46,6 +46,7 @@ from control.activity import (
 )
 from control.admin.forms import ActivityFilterForm, ContactForm, CredentialsForm, NewUserForm, TokenForm
 from control.auth import throttle
+from control.desktop import credentials as viewer_tokens
 from control.formatting import local_time
 from control.orthanc import OrthancUnavailable
 from control.tokens import shared, store
@@ -405,7 +406,8 @@ def event(event_id: int):
 
 @bp.route("/tokens")
 def tokens():
-    """Every study token: for whom, issued, last used, uses, from where, and its state."""
+    """Every study token: for whom, issued, last used, uses, from where, and its state; and the
+    newest viewer tokens (``control.desktop``)."""
     patient_id = request.args.get("patient_id", "").strip()
     held = request.args.get("held") == "1"
     page = _page_number()
@@ -418,6 +420,8 @@ def tokens():
         except OrthancUnavailable:
             shared_uids = None
         held_count = store.count_held(connection)
+        # Tokens of the desktop viewer and of other viewers, newest first, to revoke from here.
+        viewer_listed = viewer_tokens.listing(connection, g.settings, patient_id=patient_id)
     today = dt.date.today()
     arguments = {"patient_id": patient_id} if patient_id else {}
     if held:
@@ -436,6 +440,7 @@ def tokens():
         held=held,
         held_count=held_count,
         arguments=arguments,
+        viewer_listed=viewer_listed,
     )
 
 

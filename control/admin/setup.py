@@ -43,7 +43,10 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("Web server usage", ("zip_content", "date_format", "time_zone")),
-    ("Accessibility of studies via tokens", ("token_days", "token_identity_check")),
+    (
+        "Accessibility of studies via tokens",
+        ("token_days", "token_identity_check", "contact_phone", "contact_email"),
+    ),
     ("Sign-in", ("session_idle_minutes", "session_lifetime_hours")),
     ("Uploads", ("upload_max_mb", "upload_max_unpacked_mb", "disk_reserve_mb")),
     ("DICOM", ("dicom_aet", "dicom_port", "dicom_modalities", "dicom_store_from", "orthanc_http_port")),

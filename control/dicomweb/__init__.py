@@ -12,7 +12,9 @@ control plane answers from Orthanc's core at a fraction of the plugin's cost
 (``control.uploads.stow``).
 
 The decision itself is ``rules.decide`` and ``rules.owned``; this module finds out who is asking
-and which archive studies hold the UID asked for.
+(a signed-in user, a patient's study grants, or a viewer token: ``Authorization: Bearer``,
+``control.desktop``, which alone decides for a request that carries one) and which archive studies
+hold the UID asked for.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flask_login import current_user
 
 from control import db, spooling
 from control.activity import Action, Outcome, record_activity
+from control.desktop import credentials as viewer_tokens
 from control.dicomweb import relay, rules
 from control.dicomweb.frames import FrameRequest, NotTheGrantedStudy, StudyShared
 from control.extensions import csrf
@@ -49,7 +52,25 @@ def valid_grants() -> list[grants.Grant]:
         return grants.still_valid(connection, presented, g.settings["token_days"], db.utcnow().date())
 
 
+def token_visitor(token: viewer_tokens.ViewerToken) -> rules.Visitor:
+    """The gate's visitor for a viewer token that works: its studies, and its series if it has one."""
+    return rules.Visitor(
+        granted_studies=token.studies,
+        granted_series=frozenset(token.series_uids),
+        credential=token.public_id,
+    )
+
+
 def visitor() -> tuple[rules.Visitor, list[grants.Grant]]:
+    bearer = viewer_tokens.bearer_secret(request.headers.get("Authorization"))
+    if bearer is not None:
+        # Judged as the token alone: a cookie beside it must not widen what it reads.
+        with current_app.extensions["site"].engine.connect() as connection:
+            token, works = viewer_tokens.look_up(connection, bearer, g.settings, db.utcnow())
+        g.viewer_token = token
+        if token is None or not works:
+            return rules.Visitor(credential=token.public_id if token else ""), []
+        return token_visitor(token), []
     if current_user.is_authenticated:
         return rules.Visitor(signed_in=True, can_upload=current_user.can_upload), []
     held = valid_grants()
@@ -68,12 +89,13 @@ def _holders(study_uid: str) -> list[str]:
     return current_app.extensions["study_holders"](study_uid)
 
 
-def _denied(decision: rules.Decision, method: str, path: str) -> None:
+def _denied(decision: rules.Decision, method: str, path: str, asking: rules.Visitor) -> None:
     if decision.verdict is rules.Verdict.NOT_FOUND:
         return
     record_activity(
         Action.DICOMWEB_DENIED,
         Outcome.REFUSED,
+        token_id=asking.credential,
         study=decision.study_uid,
         method=method,
         path=path[:200],
@@ -122,8 +144,9 @@ def _verdict(method: str, uri: str) -> Response | None:
     asking, _held = visitor()
     decision = decision_for(method, uri, asking)
     if decision.verdict is rules.Verdict.ALLOW:
+        _token_used(asking, uri)
         return None
-    _denied(decision, method, rules.split_uri(uri)[0])
+    _denied(decision, method, rules.split_uri(uri)[0], asking)
     return _refusal(decision)
 
 
@@ -148,7 +171,7 @@ def retrieve_frame(**_uids: str):
         decision = rules.owned(allowed, asking, wanted.study, _holders(wanted.study))
     if decision.verdict is rules.Verdict.ALLOW:
         decision = rules.Decision(rules.Verdict.NOT_FOUND, "the study changed meanwhile", wanted.study)
-    _denied(decision, "GET", wanted.path)
+    _denied(decision, "GET", wanted.path, asking)
     return _refusal(decision)
 
 
@@ -162,7 +185,7 @@ def store_instances(study: str = ""):
     decision = rules.decide("POST", uri, asking, ruled_headers())
     if decision.verdict is not rules.Verdict.ALLOW:
         discard_small_body()
-        _denied(decision, "POST", rules.split_uri(uri)[0])
+        _denied(decision, "POST", rules.split_uri(uri)[0], asking)
         return _refusal(decision)
     return stow.receive(study)
 
@@ -188,6 +211,13 @@ def retrieve_instances(**_uids: str):
     )
 
 
+def _token_used(asking: rules.Visitor, uri: str) -> None:
+    """Record a viewer token's use in the activity log, when one is due (``viewer_tokens.use_due``)."""
+    token = g.get("viewer_token")
+    if asking.credential and token is not None:
+        viewer_tokens.record_use(token, request.remote_addr or "", rules.split_uri(uri)[0])
+
+
 def _passed_on(answer: relay.Answer) -> Response:
     return Response(answer.body, status=answer.status, headers=answer.headers, direct_passthrough=True)
 
@@ -199,10 +229,11 @@ def search():
     """QIDO-RS searches, paged (``rules.search_limit``): as asked for signed-in users, narrowed to
     the granted studies for patients. A search naming a UID two patients share is refused."""
     raw_query = request.query_string.decode("latin-1")
-    asking, held = visitor()
+    asking, _held = visitor()
     decision = rules.decide("GET", request.full_path.rstrip("?"), asking, ruled_headers())
-    if decision.verdict is not rules.Verdict.ALLOW and not (decision.verdict is rules.Verdict.DENY and held):
-        _denied(decision, "GET", request.path)
+    narrowed = decision.verdict is rules.Verdict.DENY and asking.granted_studies
+    if decision.verdict is not rules.Verdict.ALLOW and not narrowed:
+        _denied(decision, "GET", request.path, asking)
         return _refusal(decision)
     try:
         rest, limit = rules.search_limit(raw_query)
@@ -217,22 +248,32 @@ def search():
         for study_uid in asked:
             refused = rules.owned(decision, asking, study_uid, _holders(study_uid))
             if refused.verdict is not rules.Verdict.ALLOW:
-                _denied(refused, "GET", request.path)
+                _denied(refused, "GET", request.path, asking)
                 return _refusal(refused)
         if request.path == "/dicom-web/studies" and asked:
             # The viewer's first question when it opens a study: the one place that sees it open.
             record_activity(Action.VIEWER_OPENED, study=",".join(asked)[:100], via="dicomweb")
         return _paged_answer(request.path, rest, limit)
+    _token_used(asking, request.path)
+    # A token scoped to a series (it has one at most) finds that series and its instances alone.
+    series_uid = "" if request.path == "/dicom-web/studies" else next(iter(asking.granted_series), "")
     answers: list[Any] = []
     for study_uid, orthanc_study_id in asking.granted_studies.items():
         narrowed = rules.narrowed_query(rest, study_uid)
+        if narrowed is not None and series_uid:
+            narrowed = rules.narrowed_query(narrowed, series_uid, rules.SERIES_UID_KEYS, "SeriesInstanceUID")
         if narrowed is None:
             continue
         if _holders(study_uid) != [orthanc_study_id]:
             continue  # the patient's page says why: the study is held (control.tokens)
         _status, found, _more = _search_orthanc(request.path, narrowed, limit)
         # Whatever the query did, only the granted study's entries leave the portal.
-        answers.extend(item for item in found if item.get("0020000D", {}).get("Value") == [study_uid])
+        answers.extend(
+            item
+            for item in found
+            if item.get("0020000D", {}).get("Value") == [study_uid]
+            and (not series_uid or item.get("0020000E", {}).get("Value") == [series_uid])
+        )
     return Response(json.dumps(answers[:limit]), status=200, mimetype="application/dicom+json")
 
 

@@ -12,7 +12,9 @@ Anything else goes on to the full gate in ``control.dicomweb``, which decides ag
 refusals in the activity log and touches the session's last-seen time when it is due. The quick
 answer only ever says yes; "no" always comes from the full gate. Like the full gate, it asks
 Orthanc which studies hold the Study Instance UID of a request that names one (a single frame's
-study is checked by ``control.dicomweb.frames`` itself).
+study is checked by ``control.dicomweb.frames`` itself). A viewer token's request whose use is
+due for the activity log (``control.desktop.credentials.use_due``) goes on too, so that the full
+gate records it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from control import db
 from control.auth import sessions
 from control.cookies import SiteSessionInterface
 from control.cookies import session_id as session_id_in
-from control.dicomweb import rules
+from control.desktop import credentials as viewer_tokens
+from control.dicomweb import rules, token_visitor
 from control.dicomweb.frames import FrameRequest, FrameSource, NotTheGrantedStudy, StudyShared
 from control.dicomweb.relay import origin
 from control.orthanc import OrthancError, OrthancUnavailable
@@ -130,7 +133,11 @@ class QuickGate:
         return decision if decision.verdict is rules.Verdict.ALLOW else None
 
     def _visitor(self, environ: dict[str, Any]) -> rules.Visitor | None:
-        """Who asks, when the quick way can tell (a live session not due for a touch, or grants)."""
+        """Who asks, when the quick way can tell (a live session not due for a touch, grants, or a
+        viewer token whose use is not due for the activity log)."""
+        bearer = viewer_tokens.bearer_secret(environ.get("HTTP_AUTHORIZATION"))
+        if bearer is not None:
+            return self._token_visitor(bearer, environ)
         cookies = parse_cookie(environ.get("HTTP_COOKIE", ""))
         # The cookies' names follow the scheme the browser uses (control.cookies).
         secure = origin(environ).startswith("https:")
@@ -149,3 +156,15 @@ class QuickGate:
                 return rules.Visitor(signed_in=True, can_upload=row.can_upload)
             held = grants.still_valid(connection, presented, settings["token_days"], now.date())
         return rules.Visitor(granted_studies=grants.granted_studies(held))
+
+    def _token_visitor(self, bearer: str, environ: dict[str, Any]) -> rules.Visitor | None:
+        """A viewer token's visitor: the token alone counts (as in the full gate), cookies or not."""
+        now = db.utcnow()
+        with self.site.engine.connect() as connection:
+            settings = self.site.load_settings(connection)
+            token, works = viewer_tokens.look_up(connection, bearer, settings, now)
+        # Caddy is the one hop in front (as ProxyFix trusts it): the client is its last address.
+        client_address = environ.get("HTTP_X_FORWARDED_FOR", "").rpartition(",")[2].strip()
+        if token is None or not works or viewer_tokens.use_due(token, client_address, now):
+            return None
+        return token_visitor(token)

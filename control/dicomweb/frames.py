@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import urllib3
 
+from control.archive_version import ArchiveVersions
 from control.dicomweb.relay import Answer, Relayed, relay
 from control.dicomweb.rules import UID
 from control.orthanc import Orthanc, OrthancError, resource_id
@@ -79,13 +80,15 @@ def _quality(parameters: dict[str, str]) -> float:
         return 1.0
 
 
-def answered_syntax(accept: str, stored: str) -> str | None:
+def answered_syntax(accept: str, stored: str, *, native_named_as_stored: bool = False) -> str | None:
     """The transfer syntax an ``Accept`` header gets for a frame stored in ``stored``, when that
     takes no transcoding; None when it does (or asks for something else entirely).
 
     ``multipart/related`` of ``application/octet-stream`` with ``transfer-syntax=*`` gets the
-    stored syntax. Native pixels are the same bytes in explicit little endian, the default when no
-    syntax is named (nor any type: ``*/*``): asked for that way, they are named so.
+    stored syntax; native pixels are then named as the plugin names them: by the stored syntax
+    (``native_named_as_stored``, DICOMweb 1.7) or as explicit little endian (1.20; see
+    control.archive_version). Native pixels are the same bytes in explicit little endian, the default
+    when no syntax is named (nor any type: ``*/*``): asked for that way, they are named so.
     Compressed frames named by their syntax must be asked for with their own media type
     (``image/jpeg``...), which the plugin answers.
     """
@@ -100,7 +103,7 @@ def answered_syntax(accept: str, stored: str) -> str | None:
         else:
             continue
         if wanted == "*":
-            return stored
+            return EXPLICIT_LITTLE_ENDIAN if stored in NATIVE and not native_named_as_stored else stored
         if stored in NATIVE and wanted in (None, stored, EXPLICIT_LITTLE_ENDIAN):
             return wanted or EXPLICIT_LITTLE_ENDIAN
     return None
@@ -150,8 +153,9 @@ class Holder:
 class FrameSource:
     """Frames from Orthanc's core, answered as the DICOMweb plugin answers them."""
 
-    def __init__(self, orthanc: Orthanc) -> None:
+    def __init__(self, orthanc: Orthanc, versions: ArchiveVersions) -> None:
         self.orthanc = orthanc
+        self.versions = versions
         self._holders: OrderedDict[str, Holder] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -196,7 +200,10 @@ class FrameSource:
         except OrthancError:
             self._forget(wanted.study)  # the study may have been sent again under another patient
             return None
-        syntax = answered_syntax(accept, stored) if stored in SERVED else None
+        if stored not in SERVED:
+            return None
+        named_as_stored = self.versions.current().native_frames_named_as_stored
+        syntax = answered_syntax(accept, stored, native_named_as_stored=named_as_stored)
         if syntax is None:
             return None
         upstream = self.orthanc.open_raw(f"/instances/{instance_id}/frames/{wanted.frame - 1}/raw")

@@ -12,6 +12,8 @@ Who may do what:
 - a signed-in user reads everything; stores (STOW-RS) only with the upload right;
 - a patient's study grant reads its own study (metadata, frames, rendered images, bulk data) and
   searches that answer with that study alone; nothing else, and nothing but GET and HEAD;
+- a viewer token (``control.desktop``: the desktop viewer, or another DICOMweb viewer) reads its
+  studies the way a grant does; one scoped to a series reads inside that series only;
 - anyone else: 401.
 
 Whoever asks, a request that Orthanc would read as another method is refused: Orthanc 1.10.1
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -66,15 +68,18 @@ METHOD_OVERRIDE_KEY = "_method"
 
 @dataclass(frozen=True)
 class Visitor:
-    """Who is asking: a signed-in user (with or without the upload right), or study grants.
+    """Who is asking: a signed-in user (with or without the upload right), study grants, or a
+    viewer token (``credential``, its public id) with its studies and, if scoped to one, series.
 
-    ``granted_studies`` maps each granted Study Instance UID to the archive's id of the study its
-    link was made for.
+    ``granted_studies`` maps each granted Study Instance UID to the archive's id of the study the
+    link or token was made for.
     """
 
     signed_in: bool = False
     can_upload: bool = False
     granted_studies: Mapping[str, str] = field(default_factory=dict)
+    granted_series: Collection[str] = ()
+    credential: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,8 @@ def decide(method: str, uri: str, visitor: Visitor, headers: Mapping[str, str] |
     path, query = split_uri(uri)
     headers = headers or {}
     if not visitor.signed_in and not visitor.granted_studies:
+        if visitor.credential:
+            return Decision(Verdict.SIGN_IN, "the viewer token no longer works (expired, revoked or ended)")
         return Decision(Verdict.SIGN_IN, "no session and no study grant")
     if METHOD_OVERRIDE_HEADER in headers or _names_a_method(query):
         return Decision(Verdict.BAD_REQUEST, "the request names another method than its own")
@@ -127,9 +134,12 @@ def decide(method: str, uri: str, visitor: Visitor, headers: Mapping[str, str] |
         # Answered by the control plane itself, narrowed to the granted studies (see views).
         return Decision(Verdict.DENY, "searches by a study grant are narrowed by the portal")
     study = _study_of(path, query)
-    if study and study in visitor.granted_studies:
-        return Decision(Verdict.ALLOW, "read of a granted study", study)
-    return Decision(Verdict.DENY, "the study is not granted", study)
+    if not study or study not in visitor.granted_studies:
+        return Decision(Verdict.DENY, "the study is not granted", study)
+    if visitor.granted_series and _series_of(path, query) not in visitor.granted_series:
+        # The study itself, its metadata and its list of series are more than one series.
+        return Decision(Verdict.DENY, "the series is not granted", study)
+    return Decision(Verdict.ALLOW, "read of a granted study", study)
 
 
 def _names_a_method(query: str) -> bool:
@@ -188,29 +198,48 @@ def _study_of(path: str, query: str) -> str:
     return ""
 
 
+SERIES_RESOURCE = re.compile(rf"^/dicom-web/studies/{UID}/series/(?P<series>{UID})(?:/|$)")
+
+
+def _series_of(path: str, query: str) -> str:
+    match = SERIES_RESOURCE.match(path)
+    if match:
+        return match.group("series")
+    if path == WADO_URI:
+        series = dict(parse_qsl(query)).get("seriesUID", "")
+        return series if re.fullmatch(UID, series) else ""
+    return ""
+
+
 STUDY_UID_KEYS = frozenset({"studyinstanceuid", "0020000d"})
 
 
-def narrowed_query(raw_query: str, study_uid: str) -> str | None:
+def narrowed_query(
+    raw_query: str, study_uid: str, keys: frozenset[str] = STUDY_UID_KEYS, name: str = "StudyInstanceUID"
+) -> str | None:
     """A search's raw query string with its study fixed to ``study_uid``.
 
     Every other parameter is kept byte for byte (Orthanc 1.10's QIDO reads values raw, and a
     re-encoded ``includefield=a,b`` silently loses fields). Returns None when the search asked for
-    other studies only: the answer is then empty without asking Orthanc.
+    other studies only: the answer is then empty without asking Orthanc. With the ``keys`` and
+    ``name`` of another level (``SERIES_UID_KEYS``, ``SeriesInstanceUID``) it fixes that level.
     """
     kept, asked = [], []
     for part in raw_query.split("&") if raw_query else []:
         key, _, value = part.partition("=")
         if "%" in key:
             return None  # an escaped key could name the study in a way this check does not read
-        if key.lower() in STUDY_UID_KEYS:
+        if key.lower() in keys:
             asked.extend(item for item in re.split(r"[,\\]|%2[Cc]|%5[Cc]", value) if item)
         else:
             kept.append(part)
     if asked and study_uid not in asked:
         return None
-    kept.append(f"StudyInstanceUID={study_uid}")
+    kept.append(f"{name}={study_uid}")
     return "&".join(kept)
+
+
+SERIES_UID_KEYS = frozenset({"seriesinstanceuid", "0020000e"})
 
 
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")

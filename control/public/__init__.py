@@ -35,6 +35,14 @@ def healthz():
     nodes = {name: _node_health(orthanc) for name, orthanc in archive.each()}
     answering = [health for health in nodes.values() if health["ok"]]
     report["orthanc"] = answering[0] if answering else next(iter(nodes.values()))
+    if answering:
+        try:
+            # The versions of Orthanc and of its DICOMweb plugin, as the portal last asked (a minute at most).
+            versions = current_app.extensions["archive_version"].current().describe()
+            report["orthanc"] = {**report["orthanc"], **versions}
+        except (OrthancUnavailable, OrthancError) as error:
+            reason = "not reachable" if isinstance(error, OrthancUnavailable) else str(error)
+            report["orthanc"] = {"ok": False, "error": reason}
     if len(nodes) > 1:
         # Several archive nodes: the portal serves while one answers; the others are named.
         report["nodes"] = nodes

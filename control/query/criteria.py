@@ -12,7 +12,8 @@ the query string under the names of ``SearchForm``'s fields. Matching, in the us
 - ``*`` (any text) and ``?`` (one character) are wildcards; a value typed with one is matched as a
   whole, as typed ("SMI*" finds names that begin with SMI).
 - Everything is case-insensitive (Orthanc's default, for every script it can upper-case: Latin,
-  Greek, Cyrillic). There is no accent folding: "Jerome" does not find ``Jérôme``.
+  Greek, Cyrillic). The study catalog, which answers the pages, also folds accents ("Jerome"
+  finds ``Jérôme``, see ``control.catalog.names``); the archive asked directly does not.
 - The study date range applies only when "Search" is "With Study Date"; its open ends exclude
   studies without a date (Orthanc's ``-20240131`` alone would include them).
 
@@ -121,7 +122,8 @@ class SearchForm(FlaskForm):
         return values
 
     def to_search(self) -> finder.Search:
-        """The Orthanc query for these criteria (the form must have validated)."""
+        """The Orthanc query for these criteria (the form must have validated); the catalog
+        translates the same query into its own (``control.catalog.search``)."""
         query: dict[str, str] = {}
         if self.patient_name.data:
             query["PatientName"] = name_pattern(self.patient_name.data)

@@ -72,7 +72,7 @@ class Links:
         return self._patterns[key]
 
     def resource(self, level: str, orthanc_id: str) -> dict[str, str]:
-        """Zip page, zip file, downloader page and manifest of a patient, study or series.
+        """Zip page, zip file, downloader page, manifest and desktop viewer of a patient, study or series.
 
         The two pages remember the list the row is on, for their "Go back".
         """
@@ -85,6 +85,7 @@ class Links:
                 ("archive", "query.archive"),
                 ("downloader", "query.downloader_page"),
                 ("manifest", "query.manifest"),
+                ("desktop", "desktop.launch"),
             )
         }
         actions["zip"] += self.back
@@ -144,6 +145,8 @@ def study_row(
     uid = tags.get("StudyInstanceUID") or ""
     date, time = tags.get("StudyDate") or "", tags.get("StudyTime") or ""
     row = {} if number is None else {"number": number}
+    # The catalog knows a study's counts and size; the archive's study answers only its series.
+    size = study.get("Size")
     return row | {
         "id": study["ID"],
         "study_instance_uid": uid,
@@ -153,8 +156,13 @@ def study_row(
         "date_time": f"{dicom_date(date, date_format)} {dicom_time(time)}".strip(),
         "description": tags.get("StudyDescription") or "",
         "accession_number": tags.get("AccessionNumber") or "",
+        "institution": tags.get("InstitutionName") or "",
+        "referring_physician": tags.get("ReferringPhysicianName") or "",
         "modalities": modalities,
-        "series_count": len(study.get("Series", ())),
+        "series_count": study.get("SeriesCount", len(study.get("Series", ()))),
+        "instances_count": study.get("InstancesCount"),
+        "size": size,
+        "size_display": file_size(size) if size is not None else "",
         "patient": {"id": study.get("ParentPatient", "")}
         | patient_fields(study.get("PatientMainDicomTags", {}), date_format),
         "actions": links.resource("studies", study["ID"])

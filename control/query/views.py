@@ -1,9 +1,15 @@
 """The query pages: the search form, patients and studies found, a patient's studies, a study's series.
 
-Every page is a GET whose URL holds all it shows (criteria, page, the page to go back to), so
-results can be bookmarked and "Go back" returns to the same results. Every list answers JSON too
-(``?format=json`` or ``Accept: application/json``), with the same rows. Orthanc is asked everything
+Every page is a GET whose URL holds all it shows (criteria, order, page, the page to go back to),
+so results can be bookmarked and "Go back" returns to the same results. Every list answers JSON
+too (``?format=json`` or ``Accept: application/json``), with the same rows. Everything is read
 before a template starts, so a missing archive gives the 503 page, never half a table.
+
+The lists of patients and studies come from the study catalog (``control.catalog``): exact totals,
+any column's order, pages at any depth for the same cost. Where the catalog cannot answer now
+(being built, behind the archive, its feeder stopped) they come from the archive itself through
+``control.query.finder``, newest first, and say so; ``?source=archive`` asks the archive anyway,
+to compare. A study's series always come from the archive.
 """
 
 from __future__ import annotations
@@ -14,15 +20,19 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import sqlalchemy as sa
 from flask import abort, current_app, g, jsonify, redirect, render_template, request, url_for
 from flask_login import login_required
 
 from control.activity import Action, record_activity
+from control.catalog.freshness import freshness
+from control.catalog.rows import as_orthanc_study
+from control.catalog.search import PATIENT_SORTS, STUDY_SORTS, Catalog, CatalogPage, Sorting, supports
 from control.errors import wants_json
-from control.orthanc import Orthanc, OrthancError
+from control.orthanc import Orthanc, OrthancError, resource_id
 from control.query import bp, present
-from control.query.criteria import SearchForm
-from control.query.finder import Finder, ModalityCensus, Page, newest_first
+from control.query.criteria import SearchForm, has_wildcard
+from control.query.finder import Finder, ModalityCensus, Page, Search, newest_first
 
 PER_PAGE_CHOICES = (25, 50, 100, 200)
 DEFAULT_PER_PAGE = 50
@@ -80,10 +90,107 @@ class Paging:
         )
 
 
-def page_url(page: int) -> str:
-    """This URL at another page of the list."""
-    args = {name: value for name, value in request.args.items() if name != "page"}
-    return url_for(request.endpoint, **request.view_args, **args, page=page)
+# The arguments that say where a page starts, replaced by each link to another page.
+PLACE_ARGUMENTS = ("page", "after", "before", "last")
+
+
+def page_url(page: int, **place: str) -> str:
+    """This URL at another page of the list (``place``: a cursor of the catalog's, see its search)."""
+    args = {name: value for name, value in request.args.items() if name not in PLACE_ARGUMENTS}
+    return url_for(request.endpoint, **request.view_args, **args, page=page, **place)
+
+
+def sorting_from_request(sorts: dict[str, tuple]) -> Sorting:
+    """The order the URL asks for (``sort`` a column, ``order`` asc or desc), else newest first."""
+    column = request.args.get("sort", "date")
+    if column not in sorts:
+        column = "date"
+    order = request.args.get("order", "")
+    descending = order == "desc" if order in ("asc", "desc") else sorts[column][1] == "desc"
+    return Sorting(column, descending)
+
+
+def sort_links(sorts: dict[str, tuple], sorting: Sorting) -> dict[str, dict[str, Any]]:
+    """For each sortable column: the URL of the list in its order (the other way round when it is
+    the current one), and whether and how it is the current order."""
+    args = {
+        name: value for name, value in request.args.items() if name not in (*PLACE_ARGUMENTS, "sort", "order")
+    }
+    links = {}
+    for column, (_keys, first_direction) in sorts.items():
+        current = column == sorting.column
+        flipped = "asc" if sorting.descending else "desc"
+        order = flipped if current else first_direction
+        links[column] = {
+            "url": url_for(request.endpoint, **request.view_args, **args, sort=column, order=order),
+            "current": ("desc" if sorting.descending else "asc") if current else None,
+        }
+    return links
+
+
+def one_patient_id(search: Search) -> str | None:
+    """The archive's id of the patient a search names by an exact patient ID alone, if it does."""
+    typed = search.patient_query.get("PatientID")
+    if (
+        search.study_query
+        or search.dates
+        or set(search.patient_query) != {"PatientID"}
+        or has_wildcard(typed)
+    ):
+        return None
+    return resource_id(typed)
+
+
+def catalog_has_patient(connection: sa.Connection, orthanc_id: str) -> bool:
+    """Whether the catalog holds this patient's studies as the archive holds them now: the same
+    studies, each with as many series and the same last update (an archive that holds no such
+    patient: nothing to miss)."""
+    try:
+        held = {
+            study["ID"]: (len(study.get("Series", ())), study.get("LastUpdate") or "")
+            for study in orthanc().get_json(f"/patients/{orthanc_id}/studies")
+        }
+    except OrthancError as error:
+        if error.status == 404:
+            return True
+        raise
+    return held == Catalog(connection).study_versions_of_patient(orthanc_id)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a list comes from: the catalog, or the archive (with the reason to tell the user)."""
+
+    catalog: bool
+    notice: str | None = None
+
+    @property
+    def name(self) -> str:
+        return "catalog" if self.catalog else "archive"
+
+
+def choose_source(search: Search | None, sorting: Sorting, patient_id: str | None = None) -> Source:
+    """The catalog when it can answer now, else the archive, saying why (see control.catalog).
+
+    While changes wait for the feeder, one patient's studies (the list of a patient, given its
+    ``patient_id``, or a search for one patient ID typed exactly) are checked against the archive,
+    one GET: if the archive holds a study the catalog does not have yet, or has it otherwise (a
+    series added a moment ago, a PDF report say), the archive answers, so that what a user just
+    stored shows on the page that follows.
+    """
+    if request.args.get("source") == "archive" or (search is not None and not supports(search)):
+        return Source(False)
+    with current_app.extensions["site"].engine.connect() as connection:
+        fresh = freshness(connection, orthanc())
+        exact = patient_id or (one_patient_id(search) if search is not None else None)
+        if fresh.usable and fresh.behind and exact and not catalog_has_patient(connection, exact):
+            return Source(False)
+    if fresh.usable:
+        return Source(True)
+    notice = fresh.notice
+    if sorting.column != "date" or not sorting.descending:
+        notice += " The order you chose applies once the catalog answers again."
+    return Source(False, notice)
 
 
 def page_of(found: list[Any], paging: Paging) -> Page:
@@ -92,19 +199,34 @@ def page_of(found: list[Any], paging: Paging) -> Page:
     return Page(found[paging.offset : end], paging.offset, paging.per_page, len(found), end < len(found))
 
 
-def pager(page: Page, paging: Paging) -> dict[str, Any]:
-    """What the pages and the JSON say about where a page sits in its list."""
+def pager(page: Page | CatalogPage, paging: Paging, *, cursors: bool = False) -> dict[str, Any]:
+    """What the pages and the JSON say about where a page sits in its list.
+
+    With ``cursors`` (a list of studies from the catalog) the links carry where this page ends or
+    starts, and the last page is read from the end: each costs the same whatever its depth. A
+    catalog's list of patients carries where it ends only (see control.catalog.search).
+    """
     pages = math.ceil(page.total / paging.per_page) if page.total is not None else None
+    number = paging.page if not request.args.get("last") else pages or 1
+    after = getattr(page, "after", None)
+    before = getattr(page, "before", None) if cursors else None
+    previous = next_page = last_page = None
+    if number > 1:
+        previous = page_url(number - 1, before=before) if before else page_url(number - 1)
+    if page.has_next:
+        next_page = page_url(number + 1, after=after) if after else page_url(number + 1)
+    if pages and pages > number + 1:
+        last_page = page_url(pages, last="1") if cursors else page_url(pages)
     return {
-        "page": paging.page,
+        "page": number,
         "per_page": paging.per_page,
         "pages": pages,
         "total": page.total,
         "first": page.first_number if page.rows else 0,
         "last": page.last_number,
-        "previous": page_url(paging.page - 1) if paging.page > 1 else None,
-        "next": page_url(paging.page + 1) if page.has_next else None,
-        "last_page": page_url(pages) if pages and pages > paging.page + 1 else None,
+        "previous": previous,
+        "next": next_page,
+        "last_page": last_page,
     }
 
 
@@ -121,13 +243,19 @@ def this_page() -> str:
     return request.full_path.rstrip("?")
 
 
-def list_answer(kind: str, rows: list[dict[str, Any]], pages: dict[str, Any], **extra: Any):
+def list_answer(
+    kind: str, rows: list[dict[str, Any]], pages: dict[str, Any], source: Source | None = None, **extra: Any
+):
     """The JSON of a list: what it is, where the page sits, and its rows with absolute URLs."""
     base = request.host_url.rstrip("/")
-    links = {name: base + pages[name] if pages[name] else None for name in ("previous", "next")}
+    links = {
+        name: base + pages[key] if pages[key] else None
+        for name, key in (("previous", "previous"), ("next", "next"), ("last", "last_page"))
+    }
     body = {
         "list": kind,
         **extra,
+        **({"source": source.name, "notice": source.notice} if source else {}),
         **{name: pages[name] for name in ("total", "page", "per_page", "pages", "first", "last")},
         "links": links,
         "rows": present.absolute(rows, request.host_url),
@@ -163,7 +291,16 @@ def patients():
     if not form.validate():
         return invalid_search(form)
     paging = Paging.from_request()
-    page = Finder(orthanc()).patients(form.to_search(), paging.offset, paging.per_page)
+    search = form.to_search()
+    sorting = sorting_from_request(PATIENT_SORTS)
+    source = choose_source(search, sorting)
+    if source.catalog:
+        with current_app.extensions["site"].engine.connect() as connection:
+            page = Catalog(connection).patients(
+                search, sorting, paging.offset, paging.per_page, after=request.args.get("after")
+            )
+    else:
+        page = Finder(orthanc()).patients(search, paging.offset, paging.per_page)
     links = present.Links(back=this_page())
     date_format = g.settings["date_format"]
     rows = [
@@ -174,41 +311,55 @@ def patients():
     pages = pager(page, paging)
     record_activity(Action.SEARCH, level="patients", criteria=criteria, page=paging.page, total=page.total)
     if wants_json():
-        return list_answer("patients", rows, pages, criteria=criteria)
+        return list_answer("patients", rows, pages, source, criteria=criteria, sort=order_of(sorting, source))
     return render_template(
         "query/patients.html",
         rows=rows,
         pages=pages,
         criteria=criteria,
         form=form,
+        source=source,
+        sorts=sort_links(PATIENT_SORTS, sorting) if source.catalog else None,
         studies_url=url_for("query.studies", **criteria),
         back=url_for("query.search", **criteria),
     )
 
 
+def order_of(sorting: Sorting, source: Source) -> dict[str, str]:
+    """The order a list is in, as its JSON tells: the chosen one, or newest first from the archive."""
+    if not source.catalog:
+        return {"column": "date", "order": "desc"}
+    return {"column": sorting.column, "order": "desc" if sorting.descending else "asc"}
+
+
 @bp.get("/query/studies")
 @login_required
 def studies():
-    """Studies matching the criteria, newest first."""
+    """Studies matching the criteria, newest first unless another order is chosen."""
     form = SearchForm(request.args)
     if not form.validate():
         return invalid_search(form)
     paging = Paging.from_request()
     search = form.to_search()
-    finder = Finder(orthanc())
-    page = finder.studies(search, paging.offset, paging.per_page)
-    modalities = finder.modalities(search, page.rows)
+    sorting = sorting_from_request(STUDY_SORTS)
+    source = choose_source(search, sorting)
+    if source.catalog:
+        page, found, modalities = catalog_studies(search, sorting, paging)
+    else:
+        finder = Finder(orthanc())
+        page = finder.studies(search, paging.offset, paging.per_page)
+        found, modalities = page.rows, finder.modalities(search, page.rows)
     links = present.Links(back=this_page())
     date_format = g.settings["date_format"]
     rows = [
         present.study_row(number, study, modalities.get(study["ID"], []), links, date_format)
-        for number, study in enumerate(page.rows, page.first_number)
+        for number, study in enumerate(found, page.first_number)
     ]
     criteria = form.criteria()
-    pages = pager(page, paging)
+    pages = pager(page, paging, cursors=source.catalog)
     record_activity(Action.SEARCH, level="studies", criteria=criteria, page=paging.page, total=page.total)
     if wants_json():
-        return list_answer("studies", rows, pages, criteria=criteria)
+        return list_answer("studies", rows, pages, source, criteria=criteria, sort=order_of(sorting, source))
     return render_template(
         "query/studies.html",
         rows=rows,
@@ -216,33 +367,68 @@ def studies():
         criteria=criteria,
         form=form,
         patient=None,
+        source=source,
+        sorts=sort_links(STUDY_SORTS, sorting) if source.catalog else None,
         back=url_for("query.search", **criteria),
     )
+
+
+def catalog_studies(
+    search: Search, sorting: Sorting, paging: Paging, patient_key: str | None = None
+) -> tuple[CatalogPage, list[dict[str, Any]], dict[str, list[str]]]:
+    """A page of studies from the catalog (of one patient, given its id), its studies in the shape
+    of the archive's answers, and their modalities."""
+    with current_app.extensions["site"].engine.connect() as connection:
+        page = Catalog(connection).studies(
+            search,
+            sorting,
+            paging.offset,
+            paging.per_page,
+            after=request.args.get("after"),
+            before=request.args.get("before"),
+            last_page=bool(request.args.get("last")),
+            patient_key=patient_key,
+        )
+    found = [as_orthanc_study(row) for row in page.rows]
+    modalities = {row.study_id: row.modalities.split("\\") for row in page.rows if row.modalities}
+    return page, found, modalities
 
 
 @bp.get("/query/patients/<orthanc_id>/studies")
 @login_required
 def patient_studies(orthanc_id: str):
-    """All the studies of one patient, newest first."""
+    """All the studies of one patient, newest first unless another order is chosen."""
     check_id(orthanc_id)
-    found = newest_first(get_or_404(f"/patients/{orthanc_id}/studies"))
-    if not found:
-        abort(404)
-    modalities: dict[str, set[str]] = {}
-    for series in orthanc().get_json(f"/patients/{orthanc_id}/series"):
-        modality = series["MainDicomTags"].get("Modality")
-        if modality:
-            modalities.setdefault(series["ParentStudy"], set()).add(modality)
     paging = Paging.from_request()
-    page = page_of(found, paging)
+    sorting = sorting_from_request(STUDY_SORTS)
+    source = choose_source(None, sorting, patient_id=orthanc_id)
+    found: list[dict[str, Any]] = []
+    if source.catalog:
+        page, found, modalities = catalog_studies(Search(), sorting, paging, patient_key=orthanc_id)
+    heading = found[0] if found else None
+    if not found:
+        # Not in the catalog (stored a moment ago, a page past the end, or the catalog cannot
+        # answer now): the archive's answer.
+        source = Source(False, source.notice)
+        every = newest_first(get_or_404(f"/patients/{orthanc_id}/studies"))
+        if not every:
+            abort(404)
+        held: dict[str, set[str]] = {}
+        for series in orthanc().get_json(f"/patients/{orthanc_id}/series"):
+            modality = series["MainDicomTags"].get("Modality")
+            if modality:
+                held.setdefault(series["ParentStudy"], set()).add(modality)
+        modalities = {study_id: sorted(names) for study_id, names in held.items()}
+        page = page_of(every, paging)
+        found, heading = page.rows, every[0]
     date_format = g.settings["date_format"]
-    patient = present.patient_fields(found[0].get("PatientMainDicomTags", {}), date_format)
+    patient = present.patient_fields(heading.get("PatientMainDicomTags", {}), date_format)
     links = present.Links(back=this_page())
     rows = [
-        present.study_row(number, study, sorted(modalities.get(study["ID"], ())), links, date_format)
-        for number, study in enumerate(page.rows, page.first_number)
+        present.study_row(number, study, modalities.get(study["ID"], []), links, date_format)
+        for number, study in enumerate(found, page.first_number)
     ]
-    pages = pager(page, paging)
+    pages = pager(page, paging, cursors=source.catalog)
     record_activity(
         Action.LIST_OPENED,
         patient=present.patient_label(patient),
@@ -259,8 +445,10 @@ def patient_studies(orthanc_id: str):
             "studies",
             rows,
             pages,
+            source,
             patient={"id": orthanc_id, **patient},
             manifest=base + resource["manifest"],
+            sort=order_of(sorting, source),
         )
     return render_template(
         "query/studies.html",
@@ -268,6 +456,8 @@ def patient_studies(orthanc_id: str):
         pages=pages,
         patient=patient,
         patient_actions=resource,
+        source=source,
+        sorts=sort_links(STUDY_SORTS, sorting) if source.catalog else None,
         back=safe_back(url_for("query.search")),
     )
 

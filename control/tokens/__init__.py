@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any
@@ -26,6 +26,7 @@ import segno
 import sqlalchemy as sa
 from flask import (
     Blueprint,
+    Response,
     abort,
     current_app,
     g,
@@ -37,6 +38,7 @@ from flask import (
     session,
     url_for,
 )
+from flask_login import current_user
 from flask_wtf import FlaskForm
 from markupsafe import Markup
 from wtforms import StringField
@@ -47,6 +49,7 @@ from control.activity import Action, Outcome, record_activity
 from control.errors import error_response, wants_json
 from control.orthanc import Orthanc, OrthancError
 from control.tokens import grants, shared, store
+from control.tokens.periods import LinkPeriod
 
 bp = Blueprint("tokens", __name__)
 
@@ -66,6 +69,9 @@ class StudyView:
     modalities: list[str]
     study_uid: str
     orthanc_id: str
+    # The study's documents (modality DOC: attached PDF reports), as (instance id, title), offered
+    # on the patient's page on their own.
+    reports: tuple[tuple[str, str], ...] = ()
 
 
 def study_facts(orthanc: Orthanc, orthanc_id: str) -> tuple[store.StudyFacts, StudyView]:
@@ -91,6 +97,12 @@ def study_facts(orthanc: Orthanc, orthanc_id: str) -> tuple[store.StudyFacts, St
         modalities=modalities,
         study_uid=facts.study_uid,
         orthanc_id=orthanc_id,
+        reports=tuple(
+            (instance, item.get("MainDicomTags", {}).get("SeriesDescription") or "Report")
+            for item in series
+            if item.get("MainDicomTags", {}).get("Modality") == "DOC"
+            for instance in item.get("Instances", [])
+        ),
     )
     return facts, view
 
@@ -355,8 +367,11 @@ def patient_handout(token: store.StudyToken, study: StudyView):
 def study_link(orthanc_id: str):
     """The fully qualified link of a study's token, for a signed-in user to copy and send.
 
-    Answers JSON: ``{"link", "token_id", "accessible_until", "new"}``. The first request for a
-    study makes its token. A study whose UID another patient's study shares gets 409 and no link.
+    Answers JSON: ``{"link", "token_id", "accessible_until", "expired", "note", "extend_url",
+    "new"}``: ``note`` says until when the link works, or that it has expired and would not open
+    (the page shows that before anything is copied); ``extend_url`` is the admin's page of the
+    link, for admins only. The first request for a study makes its token, so that an expired one is
+    there to extend. A study whose UID another patient's study shares gets 409 and no link.
     """
     orthanc = current_app.extensions["orthanc"]
     try:
@@ -391,11 +406,14 @@ def study_link(orthanc_id: str):
             study=facts.study_uid,
             **({"identity_check": NO_BIRTH_DATE} if warning else {}),
         )
-    until = token.accessible_until(g.settings["token_days"])
+    period = LinkPeriod(token.accessible_until(g.settings["token_days"]), db.utcnow().date())
     answer = {
         "link": network.token_link(g.settings, token.token),
         "token_id": token.public_id,
-        "accessible_until": until.isoformat(),
+        "accessible_until": period.until.isoformat(),
+        "expired": period.expired,
+        "note": period.note(g.settings["date_format"]),
+        "extend_url": url_for("admin.token", token_id=token.id) if current_user.is_admin else None,
         "new": new,
     }
     if warning:
@@ -439,6 +457,36 @@ def patient_download(token: store.StudyToken, study: StudyView):
             "study": token.row.study_uid,
         },
     )
+
+
+@bp.route("/token/report/<instance_id>")
+@with_token
+def patient_report(token: store.StudyToken, study: StudyView, instance_id: str):
+    """A PDF report attached to the study, as the document itself (the browser shows it)."""
+    if instance_id not in {instance for instance, _title in study.reports}:
+        abort(404)  # the token opens its own study's reports only
+    upstream = current_app.extensions["orthanc"].open_raw(f"/instances/{instance_id}/pdf")
+    if upstream.status >= 400:
+        status = upstream.status
+        upstream.close()
+        upstream.release_conn()
+        if status in (400, 404):
+            abort(404)  # a document of the study that is not a PDF
+        raise OrthancError(status, "the archive did not hand out the report")
+    _used(token, Action.TOKEN_USED, page="report")
+
+    def body() -> Iterator[bytes]:
+        # A report that breaks off raises here, so the browser sees a cut answer, never a short PDF.
+        try:
+            yield from upstream.stream(256 * 1024, decode_content=False)
+        finally:
+            upstream.close()
+            upstream.release_conn()
+
+    response = Response(body(), mimetype="application/pdf", direct_passthrough=True)
+    response.headers["Content-Disposition"] = 'inline; filename="report.pdf"'
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.route("/token/manifest")
