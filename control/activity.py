@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from flask import current_app, has_request_context, request
 from flask_login import current_user
 
-from control import db, metrics
+from control import db, formatting, metrics
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -86,6 +86,168 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"
 
 
+# What the admin's pages and the CSV export call each action, outcome and detail: words, never
+# the stored names (tests/test_activity_words.py checks that every Action has its words).
+ACTION_LABELS: dict[Action, str] = {
+    Action.SIGN_IN: "Sign-in",
+    Action.SIGN_OUT: "Sign-out",
+    Action.LOCKED_OUT: "Sign-in locked",
+    Action.SIGN_IN_LOCK_LIFTED: "Sign-in lock lifted",
+    Action.SESSION_EXPIRED: "Session expired",
+    Action.ACCESS_DENIED: "Access denied",
+    Action.SEARCH: "Search",
+    Action.LIST_OPENED: "Opened a list of studies or series",
+    Action.DOWNLOAD: "Download",
+    Action.USER_CREATED: "Created an account",
+    Action.USER_CHANGED: "Changed an account",
+    Action.USER_DELETED: "Deleted an account",
+    Action.SETTINGS_CHANGED: "Changed settings",
+    Action.UPLOAD: "Upload",
+    Action.PDF_ATTACHED: "Attached a PDF report",
+    Action.WORKLIST_ORDER: "Worklist order received",
+    Action.WORKLIST_DELETED: "Deleted a worklist entry",
+    Action.TOKEN_MADE: "Made a patient's study link",
+    Action.TOKEN_COPIED: "Copied a patient's study link",
+    Action.TOKEN_USED: "Patient's study link opened",
+    Action.TOKEN_REFUSED: "Patient's study link refused",
+    Action.TOKEN_IDENTITY: "Birth date asked on a study link",
+    Action.TOKEN_IDENTITY_LOCKED: "Study link locked after wrong birth dates",
+    Action.TOKEN_IDENTITY_RELEASED: "Study link released",
+    Action.TOKEN_REVOKED: "Revoked a study link",
+    Action.TOKEN_EXTENDED: "Extended a study link",
+    Action.VIEWER_OPENED: "Opened the viewer",
+    Action.DICOMWEB_DENIED: "DICOMweb request refused",
+    Action.DICOM_REFUSED: "DICOM call refused by the archive",
+    Action.STUDY_UID_SHARED: "Two patients' studies share a UID",
+    Action.ARCHIVE_ORPHANS: "Swept the archive's orphan files",
+    Action.DESKTOP_VIEWER_OPENED: "Opened the desktop viewer",
+    Action.VIEWER_TOKEN_MADE: "Made a viewer token",
+    Action.VIEWER_TOKEN_USED: "Viewer token used",
+    Action.VIEWER_TOKEN_REVOKED: "Revoked a viewer token",
+}
+OUTCOME_LABELS: dict[str, str] = {"ok": "done", "refused": "refused", "failed": "failed"}
+DETAIL_LABELS: dict[str, str] = {
+    "accession": "Accession number",
+    "account": "Account",
+    "address": "Client address",
+    "aet": "AE title",
+    "bytes": "Bytes",
+    "bytes_sent": "Bytes sent",
+    "can_upload": "Can upload",
+    "cancelled": "Cancelled",
+    "change": "Change",
+    "changed": "Changed",
+    "completed": "Completed",
+    "compressed": "Compressed",
+    "content": "Content",
+    "criteria": "Criteria",
+    "dicomdir": "With DICOMDIR",
+    "duplicate": "Already in the archive",
+    "expires": "Expires",
+    "failures": "Failed attempts",
+    "file": "File",
+    "files": "Files",
+    "found_by": "Found by",
+    "is_admin": "Admin",
+    "issued_by": "Issued by",
+    "kind": "Kind",
+    "level": "Level",
+    "limit_mb": "Limit (MB)",
+    "lock": "Lock",
+    "locks": "Locks",
+    "method": "Method",
+    "megabytes": "Size (MB)",
+    "modality": "Modality",
+    "new": "New",
+    "new_username": "New username",
+    "node": "Archive node",
+    "note": "Note",
+    "old": "Old",
+    "old_username": "Old username",
+    "orphans": "Orphan files",
+    "orthanc_id": "Archive id",
+    "page": "Page",
+    "pages": "Pages",
+    "path": "Path",
+    "patient": "Patient",
+    "patient_id": "Patient ID",
+    "patient_orthanc_id": "Archive id of the patient",
+    "range": "Byte range",
+    "reason": "Reason",
+    "recent": "Too recent to remove",
+    "refused": "Refused",
+    "removed": "Removed",
+    "replaced": "Replaced",
+    "request": "Request",
+    "revoked": "Revoked",
+    "scheduled": "Scheduled",
+    "series": "Series",
+    "skipped": "Skipped",
+    "state": "State",
+    "station": "Station",
+    "stopped_by": "Stopped by",
+    "stored": "Stored",
+    "studies": "Studies",
+    "study": "Study",
+    "study_orthanc_id": "Archive id of the study",
+    "title": "Title",
+    "token_id": "Link",
+    "total": "Found",
+    "until": "Until",
+    "via": "Via",
+    "viewer_token": "Viewer token",
+}
+# Ids of the archive's own: on the event's page, not in the list (the patient and study say it).
+DETAILS_NOT_LISTED = frozenset({"orthanc_id", "patient_orthanc_id", "study_orthanc_id", "series"})
+# Stored values of some details, in words.
+DETAIL_VALUE_LABELS: dict[str, dict[str, str]] = {
+    "level": {"patients": "patient", "studies": "study", "series": "series"},
+}
+
+
+def action_label(action: str) -> str:
+    """An action in words ("list-opened": "Opened a list of studies or series")."""
+    try:
+        return ACTION_LABELS[Action(action)]
+    except ValueError:
+        return action.replace("-", " ").capitalize()  # an action of a newer version, say
+
+
+def outcome_label(outcome: str) -> str:
+    return OUTCOME_LABELS.get(outcome, outcome)
+
+
+def detail_label(key: str) -> str:
+    """A detail's key in words ("study_orthanc_id": "Archive id of the study")."""
+    return DETAIL_LABELS.get(key, key.replace("_", " ").capitalize())
+
+
+def detail_in_words(key: str, value: Any) -> Any:
+    """A detail's value as the pages show it: a level in words, a patient's name formatted."""
+    if isinstance(value, str):
+        if key in DETAIL_VALUE_LABELS:
+            return DETAIL_VALUE_LABELS[key].get(value, value)
+        if key == "patient":
+            return formatting.person_name(value)
+    return value
+
+
+def details(detail: str, *, listed: bool = False) -> list[tuple[str, str]]:
+    """An event's stored details (JSON) as (label, value in words) pairs; ``listed``: those the
+    activity list shows (not the archive's own ids)."""
+    try:
+        loaded = json.loads(detail or "{}")
+    except ValueError:
+        return [("Detail", detail)]
+    if not isinstance(loaded, dict):
+        return [("Detail", formatting.detail_value(loaded))]
+    return [
+        (detail_label(key), formatting.detail_value(detail_in_words(key, value)))
+        for key, value in loaded.items()
+        if not (listed and key in DETAILS_NOT_LISTED)
+    ]
+
+
 _INSERT = db.activity.insert()  # one statement, compiled once, for every event
 
 
@@ -97,6 +259,7 @@ def record_activity(
     username: str | None = None,
     token_id: str = "",
     patient: str = "",
+    patient_id: str = "",
     study: str = "",
     connection: sa.Connection | None = None,
     client_address: str = "",
@@ -104,6 +267,9 @@ def record_activity(
     **detail: Any,
 ) -> int:
     """Record one event; its row's id. Request details (client, browser, signed-in user) are filled in.
+
+    ``patient`` names the patient as pages show it (``formatting.patient_label``), ``patient_id``
+    is their ID for the admin's patient filter, ``study`` the Study Instance UID.
 
     Events seen outside a request (a modality's refused call, read from the archive's log) give
     their ``client_address`` and the time ``at`` which they happened (naive UTC) themselves.
@@ -125,6 +291,7 @@ def record_activity(
         "client_address": client_address,
         "user_agent": user_agent,
         "patient": patient[:200],
+        "patient_id": patient_id[:64],
         "study": study[:100],
         "detail": json.dumps(detail, ensure_ascii=False, default=str),
     }
@@ -167,18 +334,32 @@ class ActivityFilter:
     action: str = ""
     address: str = ""
     user_id: int | None = None
+    # A patient (name or ID) and a study (UID or accession number) as typed, and what they stand
+    # for in the study catalog (``control.admin.lookup``): the patient IDs and Study Instance UIDs
+    # of the patients whose name or ID matches, and the UIDs of the studies with that accession.
+    patient: str = ""
+    study: str = ""
+    patient_ids: tuple[str, ...] = ()
+    patient_studies: tuple[str, ...] = ()
+    study_uids: tuple[str, ...] = ()
 
     def conditions(self, time_zone: str) -> list[sa.ColumnElement[bool]]:
         table = db.activity
+        token_id, outcome = table.c.token_id, table.c.outcome
+        if self.patient or self.study:
+            # A patient or a study is a few rows found by its own index (0009) and then sorted;
+            # SQLite would rather walk the list's index in time order (no sort) and test every
+            # row. Its terms made expressions (``|| ''``, the same values) keep it from that.
+            token_id, outcome = token_id.concat(""), outcome.concat("")
         if self.user_id is not None:
             conditions = [table.c.user_id == self.user_id]
         elif self.listing is ActivityList.USERS:
-            conditions = [table.c.token_id == "", table.c.outcome == str(Outcome.OK)]
+            conditions = [token_id == "", outcome == str(Outcome.OK)]
         elif self.listing is ActivityList.TOKENS:
-            conditions = [table.c.token_id != ""]
+            conditions = [token_id != ""]
         else:
             # As a literal, so that SQLite can use the partial index of refused rows (0004).
-            conditions = [table.c.outcome != sa.literal_column("'ok'")]
+            conditions = [outcome != sa.literal_column("'ok'")]
         zone = zoneinfo.ZoneInfo(time_zone)
         if self.date_from:
             conditions.append(table.c.at >= _utc(dt.datetime.combine(self.date_from, dt.time(), zone)))
@@ -191,6 +372,14 @@ class ActivityFilter:
             conditions.append(table.c.action == self.action)
         if self.address:
             conditions.append(table.c.client_address == self.address.strip())
+        if self.patient:
+            # The ID as typed too: a patient whose studies have left the archive keeps their events.
+            of_patient = [table.c.patient_id.in_({self.patient.strip(), *self.patient_ids})]
+            if self.patient_studies:
+                of_patient.append(table.c.study.in_(self.patient_studies))
+            conditions.append(sa.or_(*of_patient))
+        if self.study:
+            conditions.append(table.c.study.in_({self.study.strip(), *self.study_uids}))
         return conditions
 
 

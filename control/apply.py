@@ -14,8 +14,9 @@ changed setting declares it needs (``Setting.effect``):
   request in flight through Caddy). It is sent only when its text changed: Caddy 2.6.2 ends every
   response in progress when it loads a changed configuration, grace period or not, and even an
   unchanged one the first time after it started.
-- ``ARCHIVE_API``: Orthanc is told through its REST API (the registered modalities), and its
-  configuration file carries the same for its next start. Nothing is restarted.
+- ``ARCHIVE_API``: Orthanc is told through its REST API (``TOLD_TO_THE_ARCHIVE``: the registered
+  modalities, the character set of files that name none), and its configuration file carries the
+  same for its next start. Nothing is restarted.
 - ``ARCHIVE_RESTART``: Orthanc's configuration file is rewritten and Orthanc restarts in place with
   it (``POST /tools/reset``), which ends what it was sending and receiving.
 - ``NEXT_START``: stored only. The files in ``run/`` keep the value the processes run with
@@ -267,7 +268,8 @@ class _Plan:
             configs.write_orthanc_configurations(site, self.live, topology)
         configs.write_unavailable(site, self.live)
         configs.write_running_settings(site, self.live)
-        # Each archive node is told itself: registrations live in each Orthanc's memory.
+        # Each archive node is told itself: registrations and the default encoding live in each
+        # Orthanc's memory.
         archive = nodes.connect(site, self.live, topology).each()
         if self.restart_archive:
             restarted = [name for name, orthanc in archive if restart_archive(orthanc)]
@@ -286,9 +288,11 @@ class _Plan:
             told = []
             for name, orthanc in archive:
                 try:
-                    register_modalities(orthanc, parse_modalities(self.live["dicom_modalities"]))
+                    for setting, tell in TOLD_TO_THE_ARCHIVE.items():
+                        if setting in changed:
+                            tell(orthanc, self.live[setting])
                 except (OrthancUnavailable, OrthancError) as error:
-                    log.warning("Modalities saved but not registered now on %s: %s", name, error)
+                    log.warning("Settings saved but not told to the archive now on %s: %s", name, error)
                 else:
                     told.append(name)
             applied.archive_told = len(told) == len(archive)
@@ -297,11 +301,11 @@ class _Plan:
             elif told:
                 applied.notes.append(
                     f"The archive took it at once ({', '.join(told)}); the nodes that do not answer "
-                    "take the list when they next start."
+                    "take the change when they next start."
                 )
             else:
                 applied.notes.append(
-                    "The archive does not answer right now; it takes the list when it next starts."
+                    "The archive does not answer right now; it takes the change when it next starts."
                 )
         if self.caddyfile is not None:
             if from_page:
@@ -430,6 +434,20 @@ def register_modalities(orthanc: Orthanc, modalities: list[Modality]) -> None:
             orthanc.delete_modality(name)
     for modality in modalities:
         orthanc.put_modality(modality.aet, modality.as_orthanc())
+
+
+def set_default_encoding(orthanc: Orthanc, encoding: str) -> None:
+    """Have Orthanc read files that name no character set in ``encoding`` (one of its names, such
+    as ``Latin1``), at once. Orthanc 1.10.1 keeps it in memory (``PUT /tools/default-encoding``);
+    its configuration file's ``DefaultEncoding`` holds the same for its next start."""
+    orthanc.request("PUT", "/tools/default-encoding", data=encoding.encode())
+
+
+# How each ARCHIVE_API setting is told to the running archive.
+TOLD_TO_THE_ARCHIVE: dict[str, Callable[[Orthanc, Any], None]] = {
+    "dicom_modalities": lambda orthanc, text: register_modalities(orthanc, parse_modalities(text)),
+    "default_encoding": set_default_encoding,
+}
 
 
 def _in_request() -> bool:

@@ -256,6 +256,7 @@ def render_orthanc(
         "storage": str(site.orthanc_storage),
         "worklists": str(site.worklists),
         "dicom_modalities": orthanc_modalities(settings),
+        "default_encoding": settings["default_encoding"],
         # Registered modalities store under their own registration (AE title and address, as
         # DicomCheckModalityHost checks them); this opens storing to any caller besides.
         "always_allow_store": settings["dicom_store_from"] == "any",

@@ -87,12 +87,17 @@ activity = sa.Table(
     sa.Column("patient", sa.String(200), nullable=False, server_default=""),
     sa.Column("study", sa.String(100), nullable=False, server_default=""),
     sa.Column("detail", sa.Text, nullable=False, server_default="{}"),
-    # The indexes (and why) are those of migration 0004.
+    # The patient's ID when the event is about one patient (migration 0009); ``patient`` is the
+    # name as shown, with the ID.
+    sa.Column("patient_id", sa.String(64), nullable=False, server_default=""),
+    # The indexes (and why) are those of migrations 0004, 0006 and 0009.
     sa.Index("ix_activity_at", "at"),
     sa.Index("ix_activity_user_id_at", "user_id", "at"),
     sa.Index("ix_activity_list_at", "token_id", "outcome", "at"),
     sa.Index("ix_activity_client_address_list_at", "client_address", "token_id", "outcome", "at"),
     sa.Index("ix_activity_action_list_at", "action", "token_id", "outcome", "at"),
+    sa.Index("ix_activity_patient_id_list_at", "patient_id", "token_id", "outcome", "at"),
+    sa.Index("ix_activity_study_list_at", "study", "token_id", "outcome", "at"),
 )
 
 sign_in_failures = sa.Table(

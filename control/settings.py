@@ -489,6 +489,38 @@ SETTINGS: tuple[Setting, ...] = (
         effect=Effect.ARCHIVE_API,
     ),
     Setting(
+        "default_encoding",
+        str,
+        "Utf8",
+        "Character set of files that name none",
+        "How the archive reads the text of DICOM files that do not say their character set "
+        "(no Specific Character Set), as older modalities send them: with the wrong one, letters "
+        "such as ü or é are lost from names. Most European sites with older modalities need "
+        "Latin-1. Applies to files stored from now on; those stored before keep their names.",
+        # Orthanc's own names for them (its DefaultEncoding, and PUT /tools/default-encoding).
+        choices=(
+            ("Utf8", "Unicode (UTF-8)"),
+            ("Ascii", "ASCII only"),
+            ("Latin1", "Western European (Latin-1, ISO 8859-1)"),
+            ("Latin2", "Central European (Latin-2, ISO 8859-2)"),
+            ("Latin3", "South European (Latin-3, ISO 8859-3)"),
+            ("Latin4", "North European (Latin-4, ISO 8859-4)"),
+            ("Latin5", "Turkish (Latin-5, ISO 8859-9)"),
+            ("Cyrillic", "Cyrillic (ISO 8859-5)"),
+            ("Windows1251", "Cyrillic (Windows-1251)"),
+            ("Greek", "Greek (ISO 8859-7)"),
+            ("Arabic", "Arabic (ISO 8859-6)"),
+            ("Hebrew", "Hebrew (ISO 8859-8)"),
+            ("Thai", "Thai (TIS 620-2533)"),
+            ("Japanese", "Japanese (JIS X 0201)"),
+            ("JapaneseKanji", "Japanese (JIS X 0208, Kanji)"),
+            ("Korean", "Korean (KS X 1001)"),
+            ("Chinese", "Chinese (GB18030)"),
+            ("SimplifiedChinese", "Simplified Chinese (GB2312)"),
+        ),
+        effect=Effect.ARCHIVE_API,
+    ),
+    Setting(
         "dicom_store_from",
         str,
         "any",

@@ -126,11 +126,13 @@ def test_upload_with_the_progress_bar(browser: Browser, tls_stack: TLSStack, tmp
     upload = tmp_path / "image.dcm"
     dataset.save_as(upload)
     page = signed_in(browser, tls_stack, account(tls_stack, "https.uploader", can_upload=True))
-    page.goto(f"{tls_stack.browser_url}/query")
-    page.click(".upload-section a:has-text('Upload files')")
-    page.set_input_files("#upload-files", str(upload))
-    page.wait_for_selector("tr.upload-stored")
-    assert page.eval_on_selector("#upload-batches progress", "bar => bar.value") == 100
+    page.goto(f"{tls_stack.browser_url}/query")  # the manual's place: a section of the query page
+    page.set_input_files(".upload-section #upload-files", str(upload))
+    assert "1 file" in page.inner_text("#upload-chosen")  # chosen, not sent before Upload
+    page.click("#upload-submit")
+    page.wait_for_selector("tr.upload-stored", state="attached")
+    assert page.eval_on_selector("#upload-bar", "bar => bar.value") == 100
+    page.click("details.upload-files summary")
     assert "image.dcm" in page.inner_text("#upload-batches")
     page.goto(f"{tls_stack.browser_url}/query/studies?patient_id={dataset.PatientID}")
     assert page.locator("table.results tbody tr").count() == 1
@@ -240,7 +242,8 @@ def test_the_admins_worklist_page(browser: Browser, tls_stack: TLSStack, tmp_pat
     page = signed_in(browser, tls_stack, admin)
     page.goto(f"{tls_stack.browser_url}/upload")
     page.set_input_files("#upload-files", str(hl7))
-    page.wait_for_selector("tr.upload-scheduled")
+    page.click("#upload-submit")
+    page.wait_for_selector("tr.upload-scheduled", state="attached")
     page.goto(f"{tls_stack.browser_url}/upload/worklist")
     assert page.locator("tr", has_text="HTTPS-WL-1").count() == 1
     submit(page, "tr:has-text('HTTPS-WL-1') button:has-text('Delete')")

@@ -317,6 +317,7 @@ def test_a_zip_with_too_many_members_is_refused_before_reading(uploader: Uploade
             "outcome": "refused",
             "detail": "holds 20001 files; at most 20000 are taken from one zip",
             "study": "",
+            "study_id": "",
             "patient": "",
         }
     ]

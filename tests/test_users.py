@@ -186,8 +186,8 @@ def test_user_activity_report_lists_each_action_once_newest_first(stack: Stack, 
     reporter.session.post(f"{stack.url}/logout", data={"csrf_token": csrf_token(reporter.get("/").text)})
 
     report = admin.get(f"/admin/users/{uid}").text
-    actions = re.findall(r"<td>(sign-in|sign-out)</td>", report)
-    assert actions == ["sign-out", "sign-in"]
+    actions = re.findall(r"<td>(Sign-in|Sign-out)</td>", report)
+    assert actions == ["Sign-out", "Sign-in"]
 
 
 def test_the_last_admin_and_oneself_are_protected(stack: Stack, admin: Browser) -> None:
@@ -314,14 +314,14 @@ def test_repeated_failures_lock_the_account_then_release(fresh_stack: Stack) -> 
     refused = admin.get("/admin/activity", params={"list": "refused"}).text
     assert "127.0.0.1" in refused
     detail = admin.get("/admin/activity", params={"list": "refused", "address": "127.0.0.1"}).text
-    assert detail.count("<td>locked-out</td>") == 1
-    assert detail.count("<td>sign-in</td>") == 5
+    assert detail.count("<td>Sign-in locked</td>") == 1
+    assert detail.count("<td>Sign-in</td>") == 5
 
 
 def test_activity_filters_and_csv_export(stack: Stack, admin: Browser) -> None:
     page = admin.get("/admin/activity", params={"list": "users", "user": "admin", "action": "sign-in"})
     rows = re.findall(r'<tr class="outcome-ok">(.*?)</tr>', page.text, re.S)
-    assert rows and all("<td>sign-in</td>" in row and "<td>admin</td>" in row for row in rows)
+    assert rows and all("<td>Sign-in</td>" in row and "<td>admin</td>" in row for row in rows)
     bad = admin.get("/admin/activity", params={"date_from": "31/31/2024"})
     assert "Not a valid date value" in bad.text
 

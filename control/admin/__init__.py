@@ -12,10 +12,10 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import json
 import math
 from collections.abc import Iterator
 
+import sqlalchemy as sa
 from flask import (
     Blueprint,
     Response,
@@ -34,20 +34,26 @@ from flask_login import current_user
 from control import accounts, db
 from control.accounts import AccountError
 from control.activity import (
+    ACTION_LABELS,
     COUNT_LIMIT,
     Action,
     ActivityFilter,
     ActivityList,
+    action_label,
     count_activity,
+    details,
     get_event,
     list_activity,
+    outcome_label,
     record_activity,
     refused_by_address,
 )
+from control.admin import lookup
 from control.admin.forms import ActivityFilterForm, ContactForm, CredentialsForm, NewUserForm, TokenForm
 from control.auth import throttle
+from control.catalog import tables as catalog_tables
 from control.desktop import credentials as viewer_tokens
-from control.formatting import local_time
+from control.formatting import local_time, person_name
 from control.orthanc import OrthancUnavailable
 from control.tokens import shared, store
 
@@ -271,6 +277,21 @@ def _filters_from_request() -> tuple[ActivityFilterForm, ActivityFilter]:
         return form, ActivityFilter(user_id=int(user_id))
     if not form.validate():
         return form, ActivityFilter(listing=ActivityList(listing))
+    patient, study = (form.patient.data or "").strip(), (form.study.data or "").strip()
+    patient_ids: tuple[str, ...] = ()
+    patient_studies: tuple[str, ...] = ()
+    study_uids: tuple[str, ...] = ()
+    if patient or study:
+        with _engine().connect() as connection:
+            if patient:
+                patient_ids, patient_studies, too_many = lookup.patient(connection, patient)
+                if too_many:
+                    form.patient.errors = [
+                        f"More than {lookup.MOST_MATCHES} studies match: the first are shown; "
+                        "type more of the name, or the patient ID."
+                    ]
+            if study:
+                study_uids = lookup.study(connection, study)
     return form, ActivityFilter(
         listing=ActivityList(listing),
         date_from=form.date_from.data,
@@ -278,6 +299,11 @@ def _filters_from_request() -> tuple[ActivityFilterForm, ActivityFilter]:
         user=form.user.data or "",
         action=form.action.data or "",
         address=form.address.data or "",
+        patient=patient,
+        study=study,
+        patient_ids=patient_ids,
+        patient_studies=patient_studies,
+        study_uids=study_uids,
     )
 
 
@@ -299,8 +325,9 @@ def _activity_page(
 ):
     page = _page_number()
     time_zone = g.settings["time_zone"]
+    grouped = not (filters.address or filters.patient or filters.study)
     with _engine().connect() as connection:
-        if filters.listing is ActivityList.REFUSED and filters.user_id is None and not filters.address:
+        if filters.listing is ActivityList.REFUSED and filters.user_id is None and grouped:
             total, groups = refused_by_address(
                 connection, filters, time_zone, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
             )
@@ -315,6 +342,8 @@ def _activity_page(
     more = total > COUNT_LIMIT
     pages = max(1, math.ceil(min(total, COUNT_LIMIT) / PAGE_SIZE))
     arguments = {key: value for key, value in request.args.items() if key != "page"}
+    # The other lists with the same filters: "and by token?" is one click.
+    filtered = {key: value for key, value in arguments.items() if key not in ("list", "user_id") and value}
     return render_template(
         "admin/activity.html",
         form=form,
@@ -330,8 +359,11 @@ def _activity_page(
         title=title,
         user=user,
         lists=ActivityList,
-        actions=[action.value for action in Action],
-        json=json,
+        filtered=filtered,
+        actions=sorted(ACTION_LABELS.items(), key=lambda item: item[1]),
+        details=details,
+        action_label=action_label,
+        outcome_label=outcome_label,
     )
 
 
@@ -344,8 +376,10 @@ CSV_COLUMNS = (
     "client_address",
     "user_agent",
     "patient",
+    "patient_id",
     "study",
     "detail",
+    "action_code",
 )
 
 
@@ -370,17 +404,20 @@ def activity_csv():
         writer.writerow(CSV_COLUMNS)
         with _engine().connect() as connection:
             for row in list_activity(connection, filters, time_zone, limit=None):
+                # In words, as the page shows them; ``action_code`` for whoever filters by it.
                 cells = [
                     local_time(row.at, time_zone, "%Y-%m-%d %H:%M:%S"),
-                    row.action,
-                    row.outcome,
+                    action_label(row.action),
+                    outcome_label(row.outcome),
                     row.username,
                     row.token_id,
                     row.client_address,
                     row.user_agent,
-                    row.patient,
+                    person_name(row.patient),
+                    row.patient_id,
                     row.study,
-                    row.detail,
+                    "; ".join(f"{label}: {value}" for label, value in details(row.detail)),
+                    row.action,
                 ]
                 writer.writerow([spreadsheet_safe(cell) for cell in cells])
                 yield buffer.getvalue()
@@ -401,7 +438,13 @@ def event(event_id: int):
         row = get_event(connection, event_id)
     if row is None:
         abort(404)
-    return render_template("admin/event.html", row=row, detail=json.loads(row.detail or "{}"))
+    return render_template(
+        "admin/event.html",
+        row=row,
+        details=details(row.detail),
+        action_label=action_label,
+        outcome_label=outcome_label,
+    )
 
 
 @bp.route("/tokens")
@@ -420,6 +463,13 @@ def tokens():
         except OrthancUnavailable:
             shared_uids = None
         held_count = store.count_held(connection)
+        # What the study catalog knows of the listed links' studies (their descriptions).
+        catalog_rows = connection.execute(
+            sa.select(catalog_tables.studies.c.study_id, catalog_tables.studies.c.description).where(
+                catalog_tables.studies.c.study_id.in_({token.row.orthanc_study_id for token in listed})
+            )
+        ).all()
+        descriptions = {row.study_id: row.description for row in catalog_rows}
         # Tokens of the desktop viewer and of other viewers, newest first, to revoke from here.
         viewer_listed = viewer_tokens.listing(connection, g.settings, patient_id=patient_id)
     today = dt.date.today()
@@ -441,6 +491,7 @@ def tokens():
         held_count=held_count,
         arguments=arguments,
         viewer_listed=viewer_listed,
+        descriptions=descriptions,
     )
 
 

@@ -45,8 +45,10 @@ class CredentialsForm(FlaskForm):
 class ActivityFilterForm(FlaskForm):
     date_from = DateField("From", validators=[Optional()])
     date_to = DateField("To", validators=[Optional()])
+    patient = StringField("Patient name or ID", validators=[Optional(), Length(max=64)])
+    study = StringField("Study UID or accession", validators=[Optional(), Length(max=64)])
     user = StringField("User", validators=[Optional(), Length(max=64)])
-    action = StringField("Action", validators=[Optional(), Length(max=40)])
+    action = StringField("Kind of event", validators=[Optional(), Length(max=40)])
     address = StringField("Client address", validators=[Optional(), Length(max=64)])
 
 

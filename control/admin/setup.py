@@ -49,7 +49,17 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("Sign-in", ("session_idle_minutes", "session_lifetime_hours")),
     ("Uploads", ("upload_max_mb", "upload_max_unpacked_mb", "disk_reserve_mb")),
-    ("DICOM", ("dicom_aet", "dicom_port", "dicom_modalities", "dicom_store_from", "orthanc_http_port")),
+    (
+        "DICOM",
+        (
+            "dicom_aet",
+            "dicom_port",
+            "dicom_modalities",
+            "dicom_store_from",
+            "default_encoding",
+            "orthanc_http_port",
+        ),
+    ),
 )
 
 

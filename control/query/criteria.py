@@ -15,7 +15,10 @@ the query string under the names of ``SearchForm``'s fields. Matching, in the us
   Greek, Cyrillic). The study catalog, which answers the pages, also folds accents ("Jerome"
   finds ``Jérôme``, see ``control.catalog.names``); the archive asked directly does not.
 - The study date range applies only when "Search" is "With Study Date"; its open ends exclude
-  studies without a date (Orthanc's ``-20240131`` alone would include them).
+  studies without a date (Orthanc's ``-20240131`` alone would include them). The shortcuts beside
+  it (``period``: today, yesterday, the last 7 or 30 days, counted in the site's time zone) are
+  buttons of the form, so they keep the other criteria typed and work without a script; the
+  results' URL keeps the shortcut, so a bookmark of "today" means today.
 
 A backslash separates values in DICOM, so no criterion may contain one.
 """
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import zoneinfo
 
+from flask import g
 from flask_wtf import FlaskForm
 from wtforms import SelectField, StringField
 from wtforms.validators import Length, Optional, Regexp, ValidationError
@@ -36,6 +41,20 @@ SEARCH_CHOICES = [("all", "All"), ("date", "With Study Date")]
 MODALITY = re.compile(r"[A-Z0-9_]{1,16}")
 # Oldest date a range's open start stands for: any real date, never an empty one.
 DAWN = dt.date(1, 1, 1)
+# The date shortcuts: (first day, last day) as days before today.
+PERIODS = {"today": (0, 0), "yesterday": (1, 1), "last7": (6, 0), "last30": (29, 0)}
+PERIOD_CHOICES = [
+    ("", "Any"),
+    ("today", "Today"),
+    ("yesterday", "Yesterday"),
+    ("last7", "Last 7 days"),
+    ("last30", "Last 30 days"),
+]
+
+
+def site_today() -> dt.date:
+    """Today where the site is (the ``time_zone`` setting), which is what "today" means to its users."""
+    return dt.datetime.now(zoneinfo.ZoneInfo(g.settings["time_zone"])).date()
 
 
 def no_backslash(_form: FlaskForm, field: StringField) -> None:
@@ -85,6 +104,7 @@ class SearchForm(FlaskForm):
     birth_date = DicomDateField("Date of birth")
     date_from = DicomDateField("Study date from")
     date_to = DicomDateField("Study date to")
+    period = SelectField("Study date", choices=PERIOD_CHOICES, default="")
     accession = _text("Accession number", 16)
     institution = _text("Institution")
     referring = _text("Referring physician")
@@ -103,8 +123,20 @@ class SearchForm(FlaskForm):
         if first and last and first > last:
             raise ValidationError("This date is before the start of the range.")
 
+    def apply_period(self) -> None:
+        """A date shortcut chosen: the study date range it stands for, searched by date."""
+        days = PERIODS.get(self.period.data or "")
+        if days is None:
+            return
+        today = site_today()
+        first, last = (today - dt.timedelta(days=back) for back in days)
+        self.search.data = "date"
+        self.date_from.data, self.date_from.date = first.isoformat(), first
+        self.date_to.data, self.date_to.date = last.isoformat(), last
+
     def validate(self, extra_validators=None) -> bool:
         # With "Search: All" the dates are ignored, so a malformed one there is no error.
+        self.apply_period()
         valid = super().validate(extra_validators)
         if self.search.data != "date":
             self.date_from.errors = []
@@ -115,6 +147,7 @@ class SearchForm(FlaskForm):
     def criteria(self) -> dict[str, str]:
         """The criteria as given (for the URL, the activity log and the JSON), empty ones left out."""
         values = {name: field.data for name, field in self._fields.items() if field.data}
+        values.pop("period", None)  # it stands for the dates it gave
         if values.get("search") == "all":
             values.pop("search")
             values.pop("date_from", None)

@@ -35,7 +35,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 
-from control import spooling
+from control import formatting, spooling
 from control.activity import Action, Outcome, record_activity, update_activity
 from control.errors import error_response, wants_json
 from control.orthanc import OrthancUnavailable
@@ -90,7 +90,7 @@ def iso_date(value: str | None) -> str:
 
 def first_name_group(value: str | None) -> str:
     """The first written form of a person name (``Yamada^Tarou=山田^太郎`` gives ``Yamada Tarou``)."""
-    return next((group for group in present.format_name(value).split(" = ") if group), "")
+    return next(iter(formatting.name_groups(value)), "")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ class Resource:
                 if self.patient["patient_id"]
                 else words
             )
-        words += f", study of {iso_date(self.study.get('StudyDate')) or 'unknown date'}"
+        shown_date = formatting.dicom_date(self.study.get("StudyDate"), g.settings["date_format"])
+        words += f", study of {shown_date or 'unknown date'}"
         if self.study.get("StudyDescription"):
             words += f": {self.study['StudyDescription']}"
         if self.level == "series":
@@ -144,6 +145,7 @@ class Resource:
         """The activity event of a download of this resource; ``who`` overrides its columns."""
         columns = {
             "patient": present.patient_label(self.patient),
+            "patient_id": self.patient["patient_id"],
             "study": self.study.get("StudyInstanceUID") or "",
         }
         return record_activity(

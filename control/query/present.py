@@ -18,24 +18,12 @@ from urllib.parse import quote
 
 from flask import url_for
 
-from control.formatting import dicom_date, dicom_time
+from control import formatting
+from control.formatting import dicom_date, when
 from control.query.finder import PatientMatch
 
 PLACEHOLDER = "ORTHANC-ID"
 VIEWER = "/viewer"
-
-
-def format_name(value: str | None) -> str:
-    """A person name with every written form: ``Yamada^Tarou=山田^太郎`` becomes ``Yamada Tarou = 山田 太郎``.
-
-    Unlike ``formatting.person_name`` (the first form, for the admin's logs), results show the
-    ideographic and phonetic forms too: they are what a user may recognise and search by. What is
-    shown can be typed back: a space in a search matches ``^`` (see ``criteria``).
-    """
-    if not value:
-        return ""
-    groups = (" ".join(part for part in group.split("^") if part.strip()) for group in value.split("="))
-    return " = ".join(group for group in groups if group)
 
 
 def file_size(size: int) -> str:
@@ -112,8 +100,9 @@ def patient_fields(tags: dict[str, str], date_format: str) -> dict[str, str]:
     return {
         "patient_id": tags.get("PatientID") or "",
         "name": tags.get("PatientName") or "",
-        "name_display": format_name(tags.get("PatientName")),
+        "name_display": formatting.person_name(tags.get("PatientName")),
         "sex": tags.get("PatientSex") or "",
+        "sex_display": formatting.sex(tags.get("PatientSex")),
         "birth_date": tags.get("PatientBirthDate") or "",
         "birth_date_display": dicom_date(tags.get("PatientBirthDate"), date_format),
     }
@@ -121,9 +110,7 @@ def patient_fields(tags: dict[str, str], date_format: str) -> dict[str, str]:
 
 def patient_label(patient: dict[str, str]) -> str:
     """How the activity log names a patient: the name as shown, and the ID."""
-    if patient["patient_id"]:
-        return f"{patient['name_display']} ({patient['patient_id']})"
-    return patient["name_display"]
+    return formatting.patient_label(patient["name"], patient["patient_id"])
 
 
 def patient_row(number: int, match: PatientMatch, links: Links, date_format: str) -> dict[str, Any]:
@@ -153,12 +140,13 @@ def study_row(
         "study_id": tags.get("StudyID") or "",
         "date": date,
         "time": time,
-        "date_time": f"{dicom_date(date, date_format)} {dicom_time(time)}".strip(),
+        "date_time": when(date, time, date_format),
         "description": tags.get("StudyDescription") or "",
         "accession_number": tags.get("AccessionNumber") or "",
         "institution": tags.get("InstitutionName") or "",
         "referring_physician": tags.get("ReferringPhysicianName") or "",
-        "modalities": modalities,
+        "modalities": formatting.modality_list(modalities),
+        "modalities_display": formatting.modalities_text(modalities),
         "series_count": study.get("SeriesCount", len(study.get("Series", ()))),
         "instances_count": study.get("InstancesCount"),
         "size": size,
@@ -189,9 +177,10 @@ def series_row(
             "description": study_tags.get("StudyDescription") or "",
         },
         "modality": tags.get("Modality") or "",
+        "modality_display": formatting.modalities_text(tags.get("Modality")),
         "date": date,
         "time": time,
-        "date_time": f"{dicom_date(date, date_format)} {dicom_time(time)}".strip(),
+        "date_time": when(date, time, date_format),
         "description": tags.get("SeriesDescription") or "",
         "instances": len(series.get("Instances", ())),
         "actions": links.resource("series", series["ID"])

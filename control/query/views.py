@@ -100,11 +100,12 @@ def page_url(page: int, **place: str) -> str:
     return url_for(request.endpoint, **request.view_args, **args, page=page, **place)
 
 
-def sorting_from_request(sorts: dict[str, tuple]) -> Sorting:
-    """The order the URL asks for (``sort`` a column, ``order`` asc or desc), else newest first."""
-    column = request.args.get("sort", "date")
+def sorting_from_request(sorts: dict[str, tuple], default: str = "date") -> Sorting:
+    """The order the URL asks for (``sort`` a column, ``order`` asc or desc), else ``default``
+    (the date: newest first)."""
+    column = request.args.get("sort", default)
     if column not in sorts:
-        column = "date"
+        column = default
     order = request.args.get("order", "")
     descending = order == "desc" if order in ("asc", "desc") else sorts[column][1] == "desc"
     return Sorting(column, descending)
@@ -432,6 +433,7 @@ def patient_studies(orthanc_id: str):
     record_activity(
         Action.LIST_OPENED,
         patient=present.patient_label(patient),
+        patient_id=patient["patient_id"],
         level="studies",
         patient_orthanc_id=orthanc_id,
         page=paging.page,
@@ -462,13 +464,45 @@ def patient_studies(orthanc_id: str):
     )
 
 
+# A study's series, sorted here (a study has few): each column's key and its first direction.
+SERIES_SORTS: dict[str, tuple[Any, str]] = {
+    "number": (present.series_sort_key, "asc"),
+    "modality": (lambda series: (_series_tag(series, "Modality"), *present.series_sort_key(series)), "asc"),
+    "date": (
+        lambda series: (
+            _series_tag(series, "SeriesDate"),
+            _series_tag(series, "SeriesTime"),
+            *present.series_sort_key(series),
+        ),
+        "desc",
+    ),
+    "description": (
+        lambda series: (
+            _series_tag(series, "SeriesDescription").casefold(),
+            *present.series_sort_key(series),
+        ),
+        "asc",
+    ),
+    "files": (lambda series: (len(series.get("Instances", ())), *present.series_sort_key(series)), "desc"),
+}
+
+
+def _series_tag(series: dict[str, Any], name: str) -> str:
+    return series["MainDicomTags"].get(name) or ""
+
+
 @bp.get("/query/studies/<orthanc_id>/series")
 @login_required
 def study_series(orthanc_id: str):
-    """The series of one study, in acquisition order."""
+    """The series of one study, in acquisition order unless another order is chosen."""
     check_id(orthanc_id)
     study = get_or_404(f"/studies/{orthanc_id}")
-    found = sorted(orthanc().get_json(f"/studies/{orthanc_id}/series"), key=present.series_sort_key)
+    sorting = sorting_from_request(SERIES_SORTS, default="number")
+    found = sorted(
+        orthanc().get_json(f"/studies/{orthanc_id}/series"),
+        key=SERIES_SORTS[sorting.column][0],
+        reverse=sorting.descending,
+    )
     paging = Paging.from_request()
     page = page_of(found, paging)
     date_format = g.settings["date_format"]
@@ -484,6 +518,7 @@ def study_series(orthanc_id: str):
     record_activity(
         Action.LIST_OPENED,
         patient=present.patient_label(patient),
+        patient_id=patient["patient_id"],
         study=study_fields["study_instance_uid"],
         level="series",
         study_orthanc_id=orthanc_id,
@@ -492,7 +527,12 @@ def study_series(orthanc_id: str):
     if wants_json():
         study_json = present.absolute([study_fields], request.host_url)[0]
         return list_answer(
-            "series", rows, pages, study=study_json, manifest=study_json["actions"]["manifest"]
+            "series",
+            rows,
+            pages,
+            study=study_json,
+            manifest=study_json["actions"]["manifest"],
+            sort={"column": sorting.column, "order": "desc" if sorting.descending else "asc"},
         )
     return render_template(
         "query/series.html",
@@ -500,6 +540,7 @@ def study_series(orthanc_id: str):
         pages=pages,
         patient=patient,
         study=study_fields,
+        sorts=sort_links(SERIES_SORTS, sorting),
         back=safe_back(url_for("query.search")),
     )
 

@@ -41,7 +41,7 @@ from flask_login import current_user
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from control import apply
+from control import apply, formatting
 from control.activity import Action, Outcome, record_activity, update_activity
 from control.auth import safe_next
 from control.errors import error_response, wants_json
@@ -254,7 +254,7 @@ def _back() -> str | None:
 @bp.route("")
 def page():
     """The upload page: files (DICOM, zip, HL7) and the PDF report form."""
-    return render_template("uploads/upload.html", results=None, counts=None)
+    return render_template("uploads/upload.html", results=None, counts=None, studies=None)
 
 
 @bp.route("/files", methods=["POST"])
@@ -286,6 +286,7 @@ def upload_files():
         zip_limits=archive.ZipLimits(max_unpacked=g.settings["upload_max_unpacked_mb"] * store.MB),
         disk=_disk(),
         on_progress=progress,
+        date_format=g.settings["date_format"],
     )
     try:
         for file in files:
@@ -296,7 +297,8 @@ def upload_files():
     for order, change in upload.orders:
         record_activity(
             Action.WORKLIST_ORDER,
-            patient=f"{order.patient_name} ({order.patient_id})",
+            patient=formatting.patient_label(order.patient_name, order.patient_id),
+            patient_id=order.patient_id,
             accession=order.accession_number,
             change=str(change),
             modality=order.modality,
@@ -315,9 +317,66 @@ def upload_files():
         studies=touched["studies"],
         **_shown(counts),
     )
+    studies = study_summaries(results)
     if wants_json():
-        return jsonify({"results": [result.as_json() for result in results], "counts": counts})
-    return render_template("uploads/upload.html", results=results, counts=counts)
+        return jsonify(
+            {"results": [result.as_json() for result in results], "counts": counts, "studies": studies}
+        )
+    return render_template(
+        "uploads/upload.html",
+        results=results,
+        counts=counts,
+        studies=studies,
+        outcome_words={outcome.name.lower(): str(outcome) for outcome in store.Outcome},
+    )
+
+
+# An upload's summary names at most this many studies as the archive holds them (one GET each);
+# the others as their files said.
+SUMMARY_LOOKUPS = 50
+
+
+def study_summaries(results: list[store.FileResult]) -> list[dict[str, Any]]:
+    """One summary per study an upload touched: the patient and the study as the archive now holds
+    them (as the files said, for a study none of whose files was stored), how many of its files
+    were stored, already there or refused, and the link to its series. Files of no study (HL7
+    orders, files refused before their study was known) have none."""
+    date_format = g.settings["date_format"]
+    by_study: dict[str, dict[str, Any]] = {}
+    for result in results:
+        if not result.study:
+            continue
+        summary = by_study.setdefault(
+            result.study,
+            {
+                "study_instance_uid": result.study,
+                "study_id": "",
+                "patient": result.patient,
+                "stored": 0,
+                "duplicate": 0,
+                "refused": 0,
+            },
+        )
+        summary["study_id"] = summary["study_id"] or result.study_id
+        counted = {store.Outcome.STORED: "stored", store.Outcome.DUPLICATE: "duplicate"}
+        summary[counted.get(result.outcome, "refused")] += 1
+    for number, summary in enumerate(by_study.values()):
+        summary.update(date="", description="", accession_number="", url="")
+        if not summary["study_id"]:
+            continue
+        summary["url"] = url_for("query.study_series", orthanc_id=summary["study_id"])
+        if number >= SUMMARY_LOOKUPS:
+            continue
+        try:
+            study = _orthanc().get_json(f"/studies/{summary['study_id']}")
+        except (OrthancError, OrthancUnavailable):
+            continue  # the files' own words stand
+        tags, patient = study.get("MainDicomTags", {}), study.get("PatientMainDicomTags", {})
+        summary["patient"] = formatting.patient_label(patient.get("PatientName"), patient.get("PatientID"))
+        summary["date"] = formatting.when(tags.get("StudyDate"), tags.get("StudyTime"), date_format)
+        summary["description"] = tags.get("StudyDescription") or ""
+        summary["accession_number"] = tags.get("AccessionNumber") or ""
+    return list(by_study.values())
 
 
 @bp.route("/studies/<study_id>/pdf", methods=["POST"])
@@ -379,7 +438,8 @@ def _attach(study_id: str):
         raise
     study_uid = study["MainDicomTags"].get("StudyInstanceUID", "")
     patient_tags = study.get("PatientMainDicomTags", {})
-    patient = f"{patient_tags.get('PatientName', '')} ({patient_tags.get('PatientID', '')})"
+    patient_id = patient_tags.get("PatientID", "")
+    patient = formatting.patient_label(patient_tags.get("PatientName"), patient_id)
     name = archive.display_name(file.filename)
     stream = file.stream
     stream.seek(0, 2)
@@ -391,6 +451,7 @@ def _attach(study_id: str):
             Action.PDF_ATTACHED,
             Outcome.REFUSED,
             patient=patient,
+            patient_id=patient_id,
             study=study_uid,
             file=name,
             reason=str(error),
@@ -406,6 +467,7 @@ def _attach(study_id: str):
     record_activity(
         Action.PDF_ATTACHED,
         patient=patient,
+        patient_id=patient_id,
         study=study_uid,
         file=name,
         title=title,
@@ -455,7 +517,8 @@ def worklist_delete(entry_id: str):
     else:
         record_activity(
             Action.WORKLIST_DELETED,
-            patient=f"{deleted.patient_name} ({deleted.patient_id})",
+            patient=formatting.patient_label(deleted.patient_name, deleted.patient_id),
+            patient_id=deleted.patient_id,
             accession=deleted.accession_number,
             modality=deleted.modality,
         )

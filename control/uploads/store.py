@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from control import formatting
 from control.orthanc import Orthanc, OrthancRefused, OrthancUnavailable
 from control.uploads import archive, hl7orders, worklist
 from control.uploads.dicom import HEAD_SIZE, Kind, NotForTheArchive, check_dicom, sniff
@@ -65,6 +66,8 @@ class FileResult:
     detail: str = ""
     study: str = ""
     patient: str = ""
+    # The archive's id of the study the file went into (Orthanc's ``ParentStudy``), once stored.
+    study_id: str = ""
     # For DICOMweb's answer to a store (control.uploads.stow): which instance this was.
     series: str = ""
     sop_class_uid: str = ""
@@ -77,6 +80,7 @@ class FileResult:
             "outcome": self.outcome.name.lower(),
             "detail": self.detail,
             "study": self.study,
+            "study_id": self.study_id,
             "patient": self.patient,
         }
 
@@ -112,6 +116,8 @@ class Upload:
     # Called with the counts so far (``counts``, files whose outcome is known) at most every
     # PROGRESS_SECONDS while the upload goes on, from the request's own thread.
     on_progress: Callable[[dict[str, int]], None] | None = None
+    # How the results name scheduled dates (the ``date_format`` setting).
+    date_format: str = "%Y-%m-%d"
     results: list[FileResult | Future] = field(default_factory=list)
     orders: list[tuple[hl7orders.Order, worklist.Change]] = field(default_factory=list)
 
@@ -226,12 +232,12 @@ class Upload:
             if owned:
                 body.close()
         outcome = Outcome.DUPLICATE if answer.get("Status") == "AlreadyStored" else Outcome.STORED
-        patient = f"{header.patient_name} ({header.patient_id})" if header.patient_id else header.patient_name
         return FileResult(
             name,
             outcome,
             study=header.study_instance_uid,
-            patient=patient,
+            study_id=str(answer.get("ParentStudy") or ""),
+            patient=formatting.patient_label(header.patient_name, header.patient_id),
             series=header.series_instance_uid,
             sop_class_uid=header.sop_class_uid,
             sop_instance_uid=header.sop_instance_uid,
@@ -250,16 +256,20 @@ class Upload:
         self.results.extend(row for _message, row in sorted(rows, key=lambda row: row[0]))
 
     def _apply_order(self, name: str, order: hl7orders.Order) -> FileResult:
-        patient = f"{order.patient_name} ({order.patient_id})" if order.patient_id else ""
+        patient = formatting.patient_label(order.patient_name, order.patient_id) if order.patient_id else ""
         try:
             change = worklist.apply(self.worklists, order)
         except worklist.NothingToCancel as error:
             return FileResult(name, Outcome.REFUSED, str(error), patient=patient)
         self.orders.append((order, change))
-        when = " ".join(part for part in (order.scheduled_date, order.scheduled_time) if part)
+        when = formatting.when(order.scheduled_date, order.scheduled_time, self.date_format)
         detail = f"message {order.message}: accession {order.accession_number}"
         if change is not worklist.Change.CANCELLED:
-            detail += f", {order.modality} {order.procedure_text}".rstrip()
+            # "CT Head" says its modality already: "CT CT Head" would say it twice.
+            procedure = order.procedure_text
+            if order.modality and order.modality not in procedure.split():
+                procedure = " ".join(part for part in (procedure, f"({order.modality})") if part)
+            detail += f", {procedure}" if procedure else ""
             detail += f", {when}" if when else ""
             detail += f" at {order.station_aet}" if order.station_aet else ""
         return FileResult(name, Outcome(change.value), detail, patient=patient)

@@ -126,11 +126,19 @@ class Entry:
     accession_number: str
     modality: str
     station_aet: str
-    scheduled: str
+    scheduled: str  # DICOM's date and time, "YYYYMMDD HHMMSS": the list's order
     procedure: str
     referring_physician: str
     written_at: dt.datetime
     problem: str = ""
+
+    @property
+    def scheduled_date(self) -> str:
+        return self.scheduled.partition(" ")[0]
+
+    @property
+    def scheduled_time(self) -> str:
+        return self.scheduled.partition(" ")[2]
 
 
 def list_entries(folder: Path) -> list[Entry]:
