@@ -14,7 +14,9 @@ byte. So:
    every instance's MD5 as each Orthanc recorded it.
 4. Then ``orthanc/`` becomes ``orthanc-sqlite-<time>/`` (the way back; remove it once sure),
    ``orthanc-moving/`` becomes ``orthanc/``, and the control plane's database records that the
-   archive's index is on PostgreSQL: every later start uses it.
+   archive's index is on PostgreSQL: every later start uses it. The new index's change log starts
+   over, so what follows the old one starts over too: the archive watcher from the new log's end,
+   the study catalog with a build from the new archive.
 
 A move that stops midway (Ctrl-C, a full disk) leaves the installation as it was; run it again:
 instances moved already are answered ``AlreadyStored``. It needs free space for a second copy of
@@ -39,7 +41,8 @@ from typing import Any
 
 import psycopg
 
-from control import archive_index, configs, stack
+from control import archive_index, configs, db, stack
+from control.catalog import store as catalog_store
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.site import Site
 
@@ -103,10 +106,24 @@ def move_to_postgresql(site: Site, say: Callable[[str], None] = print) -> Moved:
     site.orthanc_storage.rename(kept)
     moving.rename(site.orthanc_storage)
     archive_index.record(site, archive_index.POSTGRESQL)
+    _follow_the_new_change_log(site)
     recorded = configs.running_topology(site)
     recorded["archive_index"] = archive_index.POSTGRESQL
     configs.write_private(site.run / configs.RUNNING_TOPOLOGY, json.dumps(recorded, indent=2) + "\n")
     return Moved(len(moved), int(statistics["CountStudies"]), float(statistics["TotalDiskSizeMB"]), kept)
+
+
+def _follow_the_new_change_log(site: Site) -> None:
+    """Forget the positions in the old index's change log, which the new one's numbers do not follow.
+
+    The watcher takes the new log's end at its next round (control.watch); the catalog's feeder
+    builds the catalog again, the pages asking the archive meanwhile (control.catalog.feeder).
+    """
+    with site.engine.begin() as connection:
+        state = json.loads(db.get_archive_state(connection, "watch") or "{}")
+        state.pop("changes", None)
+        db.put_archive_state(connection, "watch", json.dumps(state))
+        catalog_store.update_state(connection, build_requested_at=db.utcnow())
 
 
 def _instances_in(url: str) -> int:

@@ -591,10 +591,14 @@ def single(postgres: PostgresServer, tmp_path: Path) -> Iterator[Stack]:
 
 def test_a_single_node_archive_moves_to_postgresql_without_losing_a_study(single: Stack) -> None:
     single.start()
+    # A study deleted before the move leaves the old change log longer than the new one will be.
+    deleted = store_study(single, make_study("Moving^Deleted", series=(("CT", 3),)))
     studies = [
         store_study(single, make_study(f"Moving^M{number}", series=(("CT", 4), ("MR", 2))))
         for number in (1, 2)
     ]
+    (found,) = single.orthanc().post(f"{single.orthanc_url}/tools/lookup", data=deleted.uid).json()
+    assert single.orthanc().delete(f"{single.orthanc_url}/studies/{found['ID']}").status_code == 200
     session = single.sign_in()
     row = session.get(
         f"{single.url}/query/studies", params={"patient_id": studies[0].patient_id, "format": "json"}
@@ -646,3 +650,32 @@ def test_a_single_node_archive_moves_to_postgresql_without_losing_a_study(single
     counted = single.pacs("archive", "orphans")
     assert counted.returncode == 0, counted.stderr
     assert ", 0 not in the archive's index" in counted.stdout
+
+    # The new index's change log starts over, and what follows it starts over with it: a study
+    # stored now that shares the first one's UID is flagged, and the catalog matches the archive.
+    clash = make_study("Moving^Clash", series=(("CT", 1),))
+    for dataset in clash:
+        dataset.StudyInstanceUID = studies[0].uid
+    store_study(single, clash)
+    engine = sa.create_engine(single.env["PACS_DATABASE_URL"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with engine.connect() as connection:
+                flagged = connection.execute(
+                    sa.select(db.activity.c.id).where(
+                        db.activity.c.action == "study-uid-shared", db.activity.c.study == studies[0].uid
+                    )
+                ).all()
+            if flagged:
+                break
+            assert time.monotonic() < deadline, (
+                "the study sharing a UID, stored after the move, was not flagged"
+            )
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
+    deadline = time.monotonic() + 60
+    while (checked := single.pacs("catalog", "check")).returncode != 0:
+        assert time.monotonic() < deadline, checked.stdout + checked.stderr
+        time.sleep(1)
