@@ -19,8 +19,9 @@ from typing import BinaryIO
 import pydicom
 import requests
 
+from control.identifiers import ORTHANC_ID
+
 CHUNK = 1024 * 1024
-ORTHANC_ID = r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}"
 _STUDY_LINK = re.compile(rf"/query/studies/({ORTHANC_ID})/series")
 _CSRF = (
     re.compile(r'name="csrf_token"[^>]*value="([^"]+)"'),

@@ -29,8 +29,7 @@ from typing import Any, Self
 
 import requests
 
-from control import configs
-from control.site import REPOSITORY
+from control.site import REPOSITORY, write_private
 
 ADMIN_PASSWORD = "the bench keeper's long passphrase"  # noqa: S105 - a throwaway stack's
 START_TIMEOUT = 240
@@ -330,7 +329,7 @@ def proxy_alone(stack: Stack, folder: Path, timeout: float = 20) -> Iterator[tup
     port = free_port()
     basic = base64.b64encode(":".join(stack.orthanc_auth).encode()).decode()
     config = folder / "Caddyfile"
-    configs.write_private(
+    write_private(
         config,
         "{\n\tadmin off\n\tauto_https off\n}\n"
         f"http://127.0.0.1:{port} {{\n"

@@ -1,9 +1,10 @@
 """Who may reach what: the access rules of every page, kept as data, enforced in one place.
 
 Every endpoint of the app is listed below with its audience, either by name or by its blueprint
-(``"admin.*"``). ``enforce`` runs before every request and denies by default: an endpoint nobody
-listed is refused, so a new page is closed until someone decides who may see it. A test walks the
-URL map and checks each rule from each audience's side.
+(``"admin.*"``), never both: each blueprint serves one audience. ``enforce`` runs before every
+request and denies by default: an endpoint nobody listed is refused, so a new page is closed until
+someone decides who may see it. This is the only place that grants access: no view carries a
+sign-in check of its own. Tests walk the URL map and check each rule from each audience's side.
 """
 
 from __future__ import annotations
@@ -31,34 +32,21 @@ RULES: dict[str, Audience] = {
     "auth.logout": Audience.SIGNED_IN,
     "auth.own_password": Audience.SIGNED_IN,
     "query.*": Audience.SIGNED_IN,
-    # The downloader program itself is offered on the landing page, to anyone.
-    "query.downloader_script": Audience.PUBLIC,
-    "query.downloader_package": Audience.PUBLIC,
     # Patients' pages: the token in the link is the key (control.tokens checks it).
-    "tokens.patient_page": Audience.PUBLIC,
-    "tokens.patient_viewer": Audience.PUBLIC,
-    "tokens.patient_download": Audience.PUBLIC,
-    "tokens.patient_handout": Audience.PUBLIC,
-    "tokens.patient_report": Audience.PUBLIC,
-    "tokens.patient_manifest": Audience.PUBLIC,
-    "tokens.patient_series_download": Audience.PUBLIC,
-    "tokens.study_link": Audience.SIGNED_IN,
-    # The desktop viewer and tokens for other viewers (control.desktop): users' own, and a
-    # patient's from their page, where the link is the key.
+    "tokens.*": Audience.PUBLIC,
+    # The desktop viewer and tokens for other viewers (control.desktop); a patient's own button
+    # is one of the patients' pages.
     "desktop.*": Audience.SIGNED_IN,
-    "desktop.patient_launch": Audience.PUBLIC,
-    # The DICOMweb gate decides itself: a signed-in user or a study grant (control.dicomweb.rules).
+    # The DICOMweb gate decides itself: a signed-in user, a study grant or a viewer token
+    # (control.dicomweb.rules).
     "dicomweb.*": Audience.PUBLIC,
     # The viewer's configuration and a bare /viewer: what they say depends on who asks (control.viewer).
     "viewer.*": Audience.PUBLIC,
     "admin.*": Audience.ADMIN,
     # Monitoring decides itself: admins, or clients on this machine (control.metrics).
     "metrics.metrics": Audience.PUBLIC,
-    # Uploads need the account's "can upload files" right; the worklist page is the admin's.
+    # Uploads need the account's "can upload files" right.
     "uploads.*": Audience.UPLOADER,
-    "uploads.worklist_page": Audience.ADMIN,
-    "uploads.worklist_delete": Audience.ADMIN,
-    "uploads.worklist_modalities": Audience.ADMIN,
     # Caddy's question before an upload's body comes: it refuses by size and disk alone, and
     # leaves who may upload to the rules above, on the request itself.
     "upload_gate.*": Audience.PUBLIC,

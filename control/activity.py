@@ -21,7 +21,6 @@ import enum
 import gzip
 import json
 import logging
-import os
 import threading
 import zoneinfo
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from flask import current_app, has_request_context, request
 from flask_login import current_user
 
 from control import db, formatting, metrics
+from control.site import replacing
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -520,10 +520,8 @@ def prune_activity(
 
 
 def _export(engine: sa.Engine, path: Path, condition: sa.ColumnElement[bool]) -> int:
-    temporary = path.with_name(path.name + ".part")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     count = 0
-    with os.fdopen(fd, "wb") as raw, gzip.open(raw, "wt", newline="", encoding="utf-8") as text:
+    with replacing(path) as raw, gzip.open(raw, "wt", newline="", encoding="utf-8") as text:
         writer = csv.writer(text)
         writer.writerow(EXPORT_COLUMNS)
         with engine.connect() as connection:
@@ -540,10 +538,6 @@ def _export(engine: sa.Engine, path: Path, condition: sa.ColumnElement[bool]) ->
                     ]
                 )
                 count += 1
-        text.flush()
-        raw.flush()
-        os.fsync(raw.fileno())
-    temporary.replace(path)
     return count
 
 

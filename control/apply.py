@@ -43,7 +43,7 @@ from control import configs, db, nodes, tls, unixhttp
 from control.activity import Action, Outcome, record_activity
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.settings import BY_NAME, Effect, Modality, parse_modalities
-from control.site import Site
+from control.site import Site, write_private
 
 log = logging.getLogger(__name__)
 
@@ -336,20 +336,7 @@ def transfers_in_progress(site: Site) -> int:
 def check_web_front(site: Site, text: str) -> None:
     """Have the running Caddy check a configuration without applying it; ApplyError if it would
     refuse it. Does nothing when no Caddy runs."""
-    try:
-        status, body = unixhttp.request(
-            caddy_socket(site),
-            "POST",
-            "/adapt",
-            body=text.encode(),
-            headers={"Content-Type": "text/caddyfile"},
-        )
-    except (FileNotFoundError, ConnectionRefusedError):
-        return
-    except OSError as error:
-        raise ApplyError(f"the web front did not answer: {error}") from None
-    if status != 200:
-        raise ApplyError(_caddy_reason(body))
+    _post_to_web_front(site, "/adapt", text)
 
 
 def load_web_front(site: Site, text: str, *, force: bool = False) -> bool:
@@ -359,23 +346,31 @@ def load_web_front(site: Site, text: str, *, force: bool = False) -> bool:
     Raises ApplyError when Caddy refuses it; the running configuration and the file then stay as
     they were. ``force`` makes Caddy load it even if its text is the same (a new certificate).
     """
+    loaded = _post_to_web_front(site, "/load", text, force=force, timeout=30)
+    write_private(site.run / "Caddyfile", text)
+    return loaded
+
+
+def _post_to_web_front(
+    site: Site, endpoint: str, text: str, *, force: bool = False, timeout: float = 3
+) -> bool:
+    """Send a Caddyfile to an endpoint of the running Caddy's admin API; True when it took it,
+    False when no Caddy runs (a socket left behind by one that is gone counts as none). Raises
+    ApplyError when Caddy refuses it or does not answer."""
     headers = {"Content-Type": "text/caddyfile"}
     if force:
         headers["Cache-Control"] = "must-revalidate"
-    loaded = False
     try:
         status, body = unixhttp.request(
-            caddy_socket(site), "POST", "/load", body=text.encode(), headers=headers, timeout=30
+            caddy_socket(site), "POST", endpoint, body=text.encode(), headers=headers, timeout=timeout
         )
     except (FileNotFoundError, ConnectionRefusedError):
-        status = None  # a socket left behind by a Caddy that is gone: nothing runs to apply to
+        return False
     except OSError as error:
         raise ApplyError(f"the web front did not answer: {error}") from None
-    if status is not None and status != 200:
+    if status != 200:
         raise ApplyError(_caddy_reason(body))
-    loaded = status == 200
-    configs.write_private(site.run / "Caddyfile", text)
-    return loaded
+    return True
 
 
 def _load_later(site: Site, text: str, force: bool, changed: dict[str, tuple[Any, Any]]) -> None:
@@ -440,7 +435,7 @@ def set_default_encoding(orthanc: Orthanc, encoding: str) -> None:
     """Have Orthanc read files that name no character set in ``encoding`` (one of its names, such
     as ``Latin1``), at once. Orthanc 1.10.1 keeps it in memory (``PUT /tools/default-encoding``);
     its configuration file's ``DefaultEncoding`` holds the same for its next start."""
-    orthanc.request("PUT", "/tools/default-encoding", data=encoding.encode())
+    orthanc.request("PUT", "/tools/default-encoding", encoding.encode(), content_type="text/plain")
 
 
 # How each ARCHIVE_API setting is told to the running archive.

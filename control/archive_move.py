@@ -44,7 +44,7 @@ import psycopg
 from control import archive_index, configs, db, stack
 from control.catalog import store as catalog_store
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
-from control.site import Site
+from control.site import Site, write_private
 
 MOVING = "orthanc-moving"
 SENDERS = 4
@@ -109,7 +109,7 @@ def move_to_postgresql(site: Site, say: Callable[[str], None] = print) -> Moved:
     _follow_the_new_change_log(site)
     recorded = configs.running_topology(site)
     recorded["archive_index"] = archive_index.POSTGRESQL
-    configs.write_private(site.run / configs.RUNNING_TOPOLOGY, json.dumps(recorded, indent=2) + "\n")
+    write_private(site.run / configs.RUNNING_TOPOLOGY, json.dumps(recorded, indent=2) + "\n")
     return Moved(len(moved), int(statistics["CountStudies"]), float(statistics["TotalDiskSizeMB"]), kept)
 
 
@@ -160,7 +160,7 @@ def _orthanc(site: Site, settings: dict[str, Any], index: str, storage: Path) ->
     )
     name = "move-sqlite" if index == "sqlite" else "move-postgresql"
     path = site.run / f"{name}.json"
-    configs.write_private(path, json.dumps(configuration, indent=2) + "\n")
+    write_private(path, json.dumps(configuration, indent=2) + "\n")
     with (site.logs / f"{name}.log").open("ab") as log:
         process = subprocess.Popen(
             ["Orthanc", str(path)],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from control import accounts, configs, db, logs, stack
+from control import accounts, configs, db, logs, stack, unixhttp
 from control import settings as site_settings
 from control.activity import Action, record_activity
 from control.network import local_address
@@ -159,9 +159,13 @@ def status(site: Site) -> None:
     for name in names:
         click.echo(f"  {name:8} " + (f"running, pid {parts[name]}" if name in parts else "not running"))
     click.echo(f"  {logs.describe(site.logs)}")
+    from control import service
+
+    if service.installed():
+        click.echo("  installed as systemd services: systemctl status 'pacs-*'")
     if parts.get("control"):
         try:
-            code, body = stack.get_over_unix_socket(site.run / "control.sock", "/healthz")
+            code, body = unixhttp.request(site.run / "control.sock", "GET", "/healthz")
             click.echo(f"  health   {json.loads(body).get('status', code)}")
         except OSError as error:
             click.echo(f"  health   unknown ({error})")
@@ -771,3 +775,102 @@ def bench(bench_args: tuple[str, ...]) -> None:
     """
     code = subprocess.call([sys.executable, "-m", "bench", *bench_args], cwd=REPOSITORY)
     sys.exit(code)
+
+
+# ---- the portal as a system service (control/service.py) ------------------------------------------
+
+
+@main.group("service")
+def service_group() -> None:
+    """Run the portal as systemd services: started at boot, restarted by systemd, logs in the journal."""
+
+
+@service_group.command("install")
+@click.option("--user", "user", help="The user the portal runs as (default: the data directory's owner).")
+@click.option("--print", "show", is_flag=True, help="Print the units instead; change nothing.")
+@click.option(
+    "--directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the units (and pacs.env) into this folder instead, and nothing else.",
+)
+@click.pass_obj
+def service_install(site: Site, user: str | None, show: bool, directory: Path | None) -> None:
+    """Write the portal's systemd units (as root), prepare the installation as its user."""
+    from control import service
+
+    environment_file = directory / "pacs.env" if directory else service.ENVIRONMENT_FILE
+    if not (show or directory) and os.geteuid() != 0:
+        _fail("installing systemd units needs root: sudo ./pacs service install (--print shows them)")
+    try:
+        account = service.Account.named(user) if user else service.default_account(site)
+    except service.ServiceError as error:
+        _fail(str(error))
+    kept = service.kept_environment(os.environ, environment_file)
+    os.environ.update(kept)  # the commands are made in the environment the units give them
+    units = service.units(site, account, environment_file)
+    if show:
+        for name, text in units.items():
+            click.echo(f"# {service.UNIT_DIRECTORY / name}\n{text}")
+        click.echo(f"# {environment_file} (readable by root only): {', '.join(sorted(kept)) or 'empty'}")
+        return
+    if not directory and service.prepare_as(site, account, kept) != 0:
+        _fail(f"the installation could not be prepared as {account.user}; no unit was installed")
+    service.write(directory or service.UNIT_DIRECTORY, units, kept, environment_file)
+    click.echo(f"pacs: wrote {', '.join(units)} into {directory or service.UNIT_DIRECTORY}")
+    click.echo(f"pacs: the portal runs as {account.user}; its environment is in {environment_file}")
+    if directory:
+        return
+    if not service.systemd_runs():
+        click.echo("pacs: systemd does not run on this machine: the units start once it does")
+        return
+    subprocess.run(["systemctl", "daemon-reload"], check=True)
+    click.echo("Start it now and at every boot:  systemctl enable --now pacs.target")
+    click.echo("See what runs:                   systemctl status 'pacs-*'")
+    click.echo("Read the logs:                   journalctl -u 'pacs-*'")
+
+
+@service_group.command("uninstall")
+@click.option("--directory", type=click.Path(file_okay=False, path_type=Path), hidden=True)
+def service_uninstall(directory: Path | None) -> None:
+    """Stop the portal's systemd units and remove them (the data directory stays)."""
+    from control import service
+
+    if not directory and os.geteuid() != 0:
+        _fail("removing systemd units needs root: sudo ./pacs service uninstall")
+    folder = directory or service.UNIT_DIRECTORY
+    environment_file = directory / "pacs.env" if directory else service.ENVIRONMENT_FILE
+    found = service.installed(folder)
+    if not found:
+        click.echo(f"pacs: no unit of the portal in {folder}")
+        return
+    running = not directory and service.systemd_runs()
+    if running:
+        subprocess.run(["systemctl", "disable", "--now", service.TARGET], check=False)
+    for path in [*found, environment_file]:
+        path.unlink(missing_ok=True)
+    if running:
+        subprocess.run(["systemctl", "daemon-reload"], check=True)
+    click.echo(f"pacs: removed {', '.join(path.name for path in found)} and {environment_file}")
+
+
+@service_group.command("relay", hidden=True, context_settings={"ignore_unknown_options": True})
+@click.option("--name", required=True)
+@click.option("--log", "log", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def service_relay(name: str, log: Path, argv: tuple[str, ...]) -> None:
+    """Run a program, its output to the journal and to its log file (a unit's command)."""
+    from control import service
+
+    sys.exit(service.relay(name, log, list(argv)))
+
+
+@service_group.command("wait", hidden=True)
+@click.argument("name")
+@click.pass_obj
+def service_wait(site: Site, name: str) -> None:
+    """Wait until a process of the stack answers (a unit's ExecStartPost)."""
+    from control import service
+
+    sys.exit(
+        0 if service.wait_ready(site, name, say=lambda text: click.echo(f"pacs: {text}", err=True)) else 1
+    )

@@ -31,9 +31,9 @@ from typing import Any
 import jinja2
 import sqlalchemy as sa
 
-from control import logs
+from control import dicomweb_routes, logs
 from control.settings import SETTINGS, parse_modalities
-from control.site import REPOSITORY, Site
+from control.site import REPOSITORY, Site, write_private
 
 ORTHANC_TEMPLATE = REPOSITORY / "orthanc" / "orthanc.json"
 CADDY_TEMPLATE = REPOSITORY / "proxy" / "Caddyfile"
@@ -328,19 +328,10 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         control_upstreams=" ".join(topology.control_upstreams),
         balanced=len(topology.control_upstreams) > 1 or topology.nodes > 1,
         health_interval=HEALTH_INTERVAL,
+        dicomweb_routes=dicomweb_routes.TO_CONTROL_PLANE,
+        dicomweb_gate=dicomweb_routes.GATE,
+        dicomweb_bulk=dicomweb_routes.BULK_DATA,
     )
-
-
-def write_private(path: Path, text: str) -> bool:
-    """Write ``text`` readable by the service only; True when the content changed."""
-    if path.exists() and path.read_text() == text:
-        return False
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
-    temporary.replace(path)
-    return True
 
 
 def render_unavailable(settings: dict[str, Any]) -> tuple[str, str]:

@@ -11,9 +11,10 @@ Every program's output ends in ``logs/`` of the data directory, each file rotate
 - ``caddy.log``: Caddy's own log file, rolled by Caddy itself (``roll_size``, ``roll_keep``).
 - ``pacs.log``: the output of a runner started with ``./pacs up --detach``, the same way.
 
-Run as a systemd service (``JOURNAL_STREAM`` is set), or with ``PACS_LOGS=journal``, nothing is
-written to files: every line goes to the runner's output, named by its program, for the journal
-to keep and rotate.
+Run as a systemd service (``JOURNAL_STREAM`` is set), or with ``PACS_LOGS=journal``, every line
+goes to the runner's output instead, named by its program, for the journal to keep and rotate;
+only a log the portal itself reads is written to its file as well: ``orthanc.log``, where the
+archive watcher (``control.watch``) finds the DICOM calls Orthanc refused.
 """
 
 from __future__ import annotations
@@ -53,22 +54,31 @@ def describe(folder: Path) -> str:
 _lock = threading.Lock()
 
 
-def _writer(path: Path, program: str) -> logging.Handler:
-    if to_journal():
-        handler: logging.Handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter(f"{program}: %(message)s"))
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(
-            path, maxBytes=max_bytes(), backupCount=keep(), encoding="utf-8", errors="replace"
-        )
-        handler.setFormatter(logging.Formatter("%(message)s"))
+def _file_writer(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=max_bytes(), backupCount=keep(), encoding="utf-8", errors="replace"
+    )
+    handler.setFormatter(logging.Formatter("%(message)s"))
     return handler
 
 
-def relay(stream: IO[bytes], path: Path, program: str) -> threading.Thread:
-    """Copy ``stream`` line by line into the rotating log ``path`` (or the journal) until it ends."""
-    handler = _writer(path, program)
+def _journal_writer(program: str) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"{program}: %(message)s"))
+    return handler
+
+
+def relay(stream: IO[bytes], path: Path, program: str, *, read_back: bool = False) -> threading.Thread:
+    """Copy ``stream`` line by line into the rotating log ``path`` (or the journal) until it ends.
+
+    ``read_back``: the portal reads this log, so it is written to ``path`` even when the lines go
+    to the journal.
+    """
+    journal = to_journal()
+    handlers = [_journal_writer(program)] if journal else []
+    if read_back or not journal:
+        handlers.append(_file_writer(path))
 
     def copy() -> None:
         try:
@@ -77,10 +87,12 @@ def relay(stream: IO[bytes], path: Path, program: str) -> threading.Thread:
                     program, logging.INFO, "", 0, line.decode(errors="replace").rstrip("\r\n"), None, None
                 )
                 with _lock:
-                    handler.handle(record)
+                    for handler in handlers:
+                        handler.handle(record)
         finally:
             stream.close()
-            handler.close()
+            for handler in handlers:
+                handler.close()
 
     thread = threading.Thread(target=copy, name=f"log-{program}", daemon=True)
     thread.start()

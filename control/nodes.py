@@ -177,13 +177,17 @@ class Archive:
 
     # The methods of Orthanc's client that the control plane uses.
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """A call through requests: a GET is a read; anything else goes to the writer."""
+    def request(
+        self, method: str, path: str, body: bytes | None = None, **options: Any
+    ) -> urllib3.BaseHTTPResponse:
+        """A call answered whole: a GET is a read; anything else goes to the writer."""
+
+        def call(orthanc: Orthanc) -> urllib3.BaseHTTPResponse:
+            return orthanc.request(method, path, body, **options)
+
         if method == "GET":
-            return self._read(lambda orthanc: orthanc.request(method, path, **kwargs))
-        return self._write(
-            lambda orthanc: orthanc.request(method, path, **kwargs), rewind=lambda: None, idempotent=False
-        )
+            return self._read(call)
+        return self._write(call, rewind=lambda: None, idempotent=False)
 
     def get_json(
         self, path: str, *, params: dict[str, str] | None = None, timeout: float | None = None

@@ -19,7 +19,7 @@ from typing import Any
 from gunicorn.glogging import Logger
 
 from control.dicomweb.fast import GATE_PATH
-from control.dicomweb.frames import FRAME_REQUEST
+from control.dicomweb.frames import FrameRequest
 from control.site import data_group
 
 
@@ -34,6 +34,6 @@ class AccessLogger(Logger):
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
         path = environ.get("PATH_INFO", "")
-        if resp.status_code == 200 and (path == GATE_PATH or FRAME_REQUEST.fullmatch(path)):
+        if resp.status_code == 200 and (path == GATE_PATH or FrameRequest.of(path)):
             return
         super().access(resp, req, environ, request_time)

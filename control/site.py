@@ -24,15 +24,18 @@ before, or under another choice, has its files put right at the next start, once
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
 import secrets
 import stat
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import sqlalchemy as sa
 
@@ -206,11 +209,7 @@ class Site:
             stored.update(missing)
             self.secrets_dir.mkdir(parents=True, exist_ok=True)
             self.secrets_dir.chmod(0o700)
-            temporary = path.with_suffix(".tmp")
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as file:
-                json.dump(stored, file, indent=2)
-            temporary.replace(path)
+            write_private(path, json.dumps(stored, indent=2))
         values = {name: os.environ.get(f"PACS_SECRET_{name.upper()}") or stored[name] for name in wanted}
         return Secrets(**values)
 
@@ -239,3 +238,34 @@ class Site:
         down); the declared defaults when they were never read."""
         cached = self._settings
         return dict(cached[1]) if cached else settings.with_defaults({})
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[BinaryIO]:
+    """A new file, readable by the service only, that takes ``path``'s place once it is written
+    whole and on disk: readers see the old file or the new one, never a part. If writing fails,
+    ``path`` stays as it was and the new file goes. (Its temporary name ends in ``.tmp``, which
+    backups pass over.)"""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def write_private(path: Path, content: str | bytes) -> bool:
+    """Write ``content`` into ``path`` (``replacing`` it) unless it holds that already; True when
+    it changed."""
+    data = content.encode() if isinstance(content, str) else content
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_bytes() == data:
+            return False
+    with replacing(path) as file:
+        file.write(data)
+    return True

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from control import accounts, archive_index, configs, db, logs, unixhttp
 from control import settings as site_settings
+from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.site import REPOSITORY, Site, SiteError
 from control.viewer import ensure_viewer
 
@@ -120,11 +119,6 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def get_over_unix_socket(path: Path, url: str) -> tuple[int, bytes]:
-    """A GET to an HTTP server on a unix socket (gunicorn's), for readiness and status checks."""
-    return unixhttp.request(path, "GET", url)
-
-
 def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -179,6 +173,12 @@ class Process:
     restarts: list[float] = field(default_factory=list)
     # Where standard output goes when it is not ``log`` (gunicorn's access log); stderr stays in ``log``.
     output_log: Path | None = None
+    # The portal reads ``log`` back (the archive watcher reads Orthanc's): it is written even when
+    # the logs go to the journal.
+    read_back: bool = False
+    # It listens on ports the admin chooses, perhaps below 1024 (DICOM's 104, https' 443): as a
+    # system service it may bind them (control.service).
+    listens: bool = False
 
     def start(self, pid_dir: Path) -> None:
         # Output goes through pipes to rotating log files (control.logs), never straight to a file.
@@ -197,7 +197,7 @@ class Process:
             logs.relay(self.popen.stdout, self.output_log, f"{self.name}-access")
             logs.relay(self.popen.stderr, self.log, self.name)
         else:
-            logs.relay(self.popen.stdout, self.log, self.name)
+            logs.relay(self.popen.stdout, self.log, self.name, read_back=self.read_back)
         (pid_dir / f"{self.name}.pid").write_text(str(self.popen.pid))
 
     def wait_ready(self, timeout: float) -> None:
@@ -208,7 +208,7 @@ class Process:
                     f"{self.name} stopped while starting (exit code {self.popen.returncode}); "
                     f"its log {self.log} ends with:\n{tail(self.log)}"
                 )
-            with contextlib.suppress(OSError, requests.RequestException):
+            with contextlib.suppress(OSError):
                 if self.ready():
                     return
             time.sleep(0.1)
@@ -240,14 +240,22 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
     """The stack's programs in the order they start: every archive node, every control plane, the
     catalog's feeder, Caddy."""
     values, topology = prepared.settings, prepared.topology
-    orthanc_auth = (site.secrets.orthanc_user, site.secrets.orthanc_password)
     admin_socket = site.run / "caddy-admin.sock"
 
     def orthanc_ready(node: configs.ArchiveNode) -> Callable[[], bool]:
-        return lambda: requests.get(f"{node.url}/system", auth=orthanc_auth, timeout=2).ok
+        orthanc = Orthanc(node.url, site.secrets.orthanc_user, site.secrets.orthanc_password)
+
+        def ready() -> bool:
+            try:
+                orthanc.system()
+            except (OrthancUnavailable, OrthancError):
+                return False
+            return True
+
+        return ready
 
     def control_ready(socket_path: Path) -> Callable[[], bool]:
-        return lambda: get_over_unix_socket(socket_path, "/healthz")[0] in (200, 503)
+        return lambda: unixhttp.request(socket_path, "GET", "/healthz")[0] in (200, 503)
 
     def caddy_ready() -> bool:
         if values["web_port"]:
@@ -262,6 +270,8 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
             site.logs / f"{node.name}.log",
             orthanc_ready(node),
             umask=site.umask,
+            read_back=True,
+            listens=True,
         )
         for node in configs.archive_nodes(values, topology)
     ]
@@ -304,6 +314,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
         caddy_ready,
         env={"XDG_CONFIG_HOME": str(caddy_home / "config"), "XDG_DATA_HOME": str(caddy_home / "data")},
         umask=site.umask,
+        listens=True,
     )
     return [*archive, *planes, catalog, caddy]
 
@@ -315,10 +326,8 @@ def gunicorn_argv(site: Site, topology: configs.Topology, listen: str | None = N
     long zip download and the browser is left with a truncated file. The access log records the path
     without its query string: token links carry the token there.
     """
+    # A socket left by a gunicorn that died is replaced by gunicorn itself.
     listen = listen or topology.control_listen
-    if listen.startswith("unix:"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(listen[5:]).unlink()
     return [
         sys.executable,
         "-m",

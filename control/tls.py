@@ -9,7 +9,6 @@ data directory's ``secrets/tls/`` readable by the service only, and are never lo
 from __future__ import annotations
 
 import datetime as dt
-import os
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
+
+from control.site import write_private
 
 MAX_PEM_BYTES = 256 * 1024
 
@@ -120,11 +121,7 @@ def store_pair(folder: Path, certificate_pem: bytes, key_pem: bytes) -> tuple[Pa
     folder.chmod(0o700)
     paths = folder / "site.crt", folder / "site.key"
     for path, content in zip(paths, (certificate_pem, key_pem), strict=True):
-        temporary = path.with_name(path.name + ".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(content)
-        temporary.replace(path)
+        write_private(path, content)
     return paths
 
 

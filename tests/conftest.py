@@ -21,7 +21,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,15 @@ os.environ.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
 
 ADMIN_PASSWORD = "correct horse battery staple"
 SITE_NAME = "pacs.test"
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 90) -> None:
+    """Wait for something a test caused to be seen (a line in a log, a row...), however loaded the
+    machine; fail naming ``what`` when it never is."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
+        time.sleep(0.05)
 
 
 class Stack(PortalStack):

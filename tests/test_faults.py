@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,7 +41,16 @@ from control.site import Site
 from control.uploads import store
 
 from browser import chromium
-from conftest import ADMIN_PASSWORD, Stack, c_store, free_port, fresh_study, make_stack, orthanc_id
+from conftest import (
+    ADMIN_PASSWORD,
+    Stack,
+    c_store,
+    free_port,
+    fresh_study,
+    make_stack,
+    orthanc_id,
+    wait_until,
+)
 from postgres import PostgresServer, binaries
 from samples import make_study, store_study
 
@@ -66,13 +75,6 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture
 def uploader(faulty: Stack) -> Uploader:
     return Uploader(faulty, *UPLOADER)
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
-        time.sleep(0.05)
 
 
 def md5(data: bytes) -> str:

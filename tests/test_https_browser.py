@@ -74,7 +74,7 @@ def test_search_open_the_results_and_download_a_zip(browser: Browser, tls_stack:
     page = signed_in(browser, tls_stack, account(tls_stack, "https.reader"))
     page.click("text=Query")
     page.fill("#patient_id", dataset.PatientID)
-    submit(page, "button:has-text('Search')")
+    submit(page, "button.button:has-text('Search')")
     row = page.locator("table.results tbody tr")
     assert row.count() == 1 and dataset.PatientID in row.inner_text()
     submit(page, "table.results a:has-text('Studies')")

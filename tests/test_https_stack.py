@@ -66,7 +66,8 @@ def sample_path(rule: Rule) -> str:
         converter, options = match.group(1), match.group(2)
         if converter == "any":
             return options.split(",")[0].strip()
-        return "1" if converter == "int" else "abc"
+        # DICOMweb's UIDs and frame numbers are the route table's converters (control.dicomweb_routes).
+        return {"int": "1", "number": "1", "uid": "1.2"}.get(converter, "abc")
 
     return re.sub(r"<(?:(\w+)(?:\(([^)]*)\))?:)?\w+>", value, rule.rule)
 

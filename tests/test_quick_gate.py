@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import socket
+from collections.abc import Iterator
 
 import pytest
 from werkzeug.test import Client, EnvironBuilder
@@ -48,7 +50,7 @@ REQUESTS = [
     ("GET", f"/dicom-web/studies/{OWN}/metadata?_method=DELETE"),
     ("GET", f"/dicom-web/studies/{OWN}/metadata?%5Fmethod=DELETE"),
 ]
-# Which archive studies hold each UID: the gate asks Orthanc; this app has no Orthanc running.
+# Which archive studies hold each UID: the gate asks Orthanc; this app's Orthanc is not there.
 HOLDERS = {
     OWN: ["o-" + OWN],
     OTHER: ["o-" + OTHER],
@@ -64,10 +66,21 @@ def facts(study_uid: str, study_date: str) -> store.StudyFacts:
 
 
 @pytest.fixture(scope="module")
-def portal(tmp_path_factory):
+def archive_port() -> Iterator[int]:
+    """A port where no archive answers, whatever else runs on this machine: bound here, never
+    listened on, so that connecting is refused at once for as long as the tests run."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield bound.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory, archive_port: int):
     """The app on a fresh database, and the cookies of every kind of visitor."""
     data = tmp_path_factory.mktemp("quick-gate")
     db.migrate(Site(data).engine)
+    with Site(data).engine.begin() as connection:
+        db.put_settings(connection, {"orthanc_http_port": archive_port})
     app = create_app({"DATA_DIR": data})
     app.extensions["study_holders"] = lambda study_uid: HOLDERS.get(study_uid, [])
     site = app.extensions["site"]

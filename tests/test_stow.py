@@ -26,7 +26,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
 from control import accounts, configs, db
-from control.site import Site
+from control.site import Site, write_private
 
 from conftest import Stack, csrf_token, fresh_study
 
@@ -97,7 +97,7 @@ def upload_limit(stack: Stack, megabytes: int) -> Iterator[None]:
 def reload_caddy(stack: Stack) -> None:
     site = Site(stack.data)
     topology = configs.Topology.from_environment(site)
-    configs.write_private(site.run / "Caddyfile", configs.render_caddy(site, site.load_settings(), topology))
+    write_private(site.run / "Caddyfile", configs.render_caddy(site, site.load_settings(), topology))
     subprocess.run(
         [
             *("caddy", "reload", "--config", str(site.run / "Caddyfile"), "--adapter", "caddyfile"),

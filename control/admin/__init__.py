@@ -1,4 +1,5 @@
-"""The admin's pages: web users and their sign-in locks, study links, the server activity log.
+"""The admin's pages: web users and their sign-in locks, study links, the server activity log, the
+modality worklist.
 
 Only admins reach this blueprint (``control.access`` says so). Every change to an account is one
 activity event naming the account and what changed, never a password. Forms that change state are
@@ -557,5 +558,6 @@ def revoke_patient():
     return redirect(url_for("admin.tokens", patient_id=patient_id))
 
 
-# The setup page's routes live in their own module; importing it registers them on this blueprint.
-from control.admin import setup  # noqa: E402, F401
+# The setup page's and the worklist's routes live in their own modules; importing them registers
+# them on this blueprint.
+from control.admin import setup, worklist  # noqa: E402, F401

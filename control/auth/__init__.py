@@ -11,7 +11,7 @@ import math
 from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, flash, g, redirect, render_template, request, session, url_for
-from flask_login import current_user, login_required, login_user, logout_user
+from flask_login import current_user, login_user, logout_user
 from flask_wtf import FlaskForm
 from wtforms import HiddenField, PasswordField, StringField
 from wtforms.validators import DataRequired, Length
@@ -157,7 +157,6 @@ def own_password():
 
 
 @bp.route("/logout", methods=["POST"])
-@login_required
 def logout():
     # CSRFProtect has already refused a POST without the page's token.
     user: SignedInUser = current_user._get_current_object()

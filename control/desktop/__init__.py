@@ -47,6 +47,7 @@ from control.errors import wants_json
 from control.query.finder import newest_first
 from control.query.views import check_id, get_or_404
 from control.tokens import StudyView, with_token
+from control.tokens import bp as patients_pages
 from control.tokens import store as study_links
 
 bp = Blueprint("desktop", __name__)
@@ -162,12 +163,13 @@ def launch(level: str, orthanc_id: str):
     return _launched(token, secret, opened, "base.html")
 
 
-@bp.route("/token/desktop-viewer", methods=["POST"])
+@patients_pages.route("/token/desktop-viewer", methods=["POST"])
 @with_token
 def patient_launch(token: study_links.StudyToken, study: StudyView):
     """A patient opens their study in Weasis: a token for that study, within their link's validity.
 
-    ``with_token`` has checked the link (and the birth date, when the site asks for it).
+    A page of the patients' blueprint, whose audience is anyone holding a link: ``with_token`` has
+    checked the link (and the birth date, when the site asks for it).
     """
     now = db.utcnow()
     client_address = request.remote_addr or ""

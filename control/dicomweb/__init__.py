@@ -26,6 +26,7 @@ from flask import Blueprint, Response, current_app, g, request
 from flask_login import current_user
 
 from control import db, spooling
+from control import dicomweb_routes as routes
 from control.activity import Action, Outcome, record_activity
 from control.desktop import credentials as viewer_tokens
 from control.dicomweb import relay, rules
@@ -36,6 +37,8 @@ from control.tokens import grants, shared
 from control.uploads import discard_small_body, stow
 
 bp = Blueprint("dicomweb", __name__)
+# The route table's rules name their variable parts with its converters (uid, number).
+bp.record_once(lambda state: state.app.url_map.converters.update(routes.CONVERTERS))
 
 # Request headers the rules read (control.dicomweb.rules); Caddy's forward_auth passes the
 # client's headers to the gate as they came.
@@ -107,12 +110,23 @@ def _denied(decision: rules.Decision, method: str, path: str, asking: rules.Visi
             shared.flag(connection, _orthanc(), decision.study_uid, _holders(decision.study_uid), "dicomweb")
 
 
+def _answers(route: routes.Route):
+    """Register the decorated view as the answer to ``route``, at each of its rules."""
+
+    def register(view):
+        for rule in route.rules:
+            bp.add_url_rule(rule, route.endpoint, view, methods=list(route.methods))
+        return view
+
+    return register
+
+
 def _refusal(decision: rules.Decision) -> Response:
     answer = relay.refusal(decision.verdict.value)
     return _passed_on(answer)
 
 
-@bp.route("/internal/gate/dicom-web")
+@bp.route(routes.GATE)
 def gate():
     """Caddy's ``forward_auth`` question: may this DICOMweb request through? (2xx = yes)"""
     method = request.headers.get("X-Forwarded-Method", "GET").upper()
@@ -150,7 +164,7 @@ def _verdict(method: str, uri: str) -> Response | None:
     return _refusal(decision)
 
 
-@bp.route("/dicom-web/studies/<study>/series/<series>/instances/<instance>/frames/<frame>", methods=["GET"])
+@_answers(routes.FRAME)
 def retrieve_frame(**_uids: str):
     """A frame the viewer asks for (WADO-RS), which Caddy hands here rather than to Orthanc."""
     uri = rules.request_uri(request.environ)
@@ -175,8 +189,7 @@ def retrieve_frame(**_uids: str):
     return _refusal(decision)
 
 
-@bp.route("/dicom-web/studies", methods=["POST"])
-@bp.route("/dicom-web/studies/<study>", methods=["POST"])
+@_answers(routes.STORE)
 @csrf.exempt  # a cross-site page cannot send multipart/related without a preflight: see stow
 def store_instances(study: str = ""):
     """STOW-RS: instances into the archive, through the upload page's checks (control.uploads.stow)."""
@@ -190,8 +203,7 @@ def store_instances(study: str = ""):
     return stow.receive(study)
 
 
-@bp.route("/dicom-web/studies/<study>", methods=["GET"])
-@bp.route("/dicom-web/studies/<study>/series/<series>", methods=["GET"])
+@_answers(routes.RETRIEVE)
 def retrieve_instances(**_uids: str):
     """A whole study or series (WADO-RS), which Caddy hands here rather than to Orthanc: Orthanc
     streams it with no length, so only a relay that checks its end can tell a cut one from a
@@ -222,9 +234,7 @@ def _passed_on(answer: relay.Answer) -> Response:
     return Response(answer.body, status=answer.status, headers=answer.headers, direct_passthrough=True)
 
 
-@bp.route("/dicom-web/studies", methods=["GET"])
-@bp.route("/dicom-web/series", methods=["GET"])
-@bp.route("/dicom-web/instances", methods=["GET"])
+@_answers(routes.SEARCH)
 def search():
     """QIDO-RS searches, paged (``rules.search_limit``): as asked for signed-in users, narrowed to
     the granted studies for patients. A search naming a UID two patients share is refused."""

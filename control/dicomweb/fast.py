@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.http import parse_cookie
 
 from control import db
+from control import dicomweb_routes as routes
 from control.auth import sessions
 from control.cookies import SiteSessionInterface
 from control.cookies import session_id as session_id_in
@@ -43,7 +44,7 @@ _RULED_HEADERS = {
     "HTTP_CONTENT_ENCODING": "content-encoding",
 }
 
-GATE_PATH = "/internal/gate/dicom-web"
+GATE_PATH = routes.GATE
 _ALLOWED = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "0")]
 
 StartResponse = Callable[..., Any]
@@ -101,8 +102,10 @@ class QuickGate:
         return self._allows(method, environ.get("HTTP_X_FORWARDED_URI", ""), environ)
 
     def allows_frame(self, environ: dict[str, Any]) -> bool:
-        """True when a frame the viewer asks for itself may plainly be sent; False means "ask the app"."""
-        return self._frame_visitor(environ) is not None
+        """True when the quick way sends this frame itself: one frame (``FrameRequest``), plainly
+        allowed; False means "ask the app"."""
+        wanted = FrameRequest.of(rules.request_uri(environ))
+        return wanted is not None and self._frame_visitor(environ) is not None
 
     def _frame_visitor(self, environ: dict[str, Any]) -> rules.Visitor | None:
         """The visitor a frame may plainly be sent to, or None: ask the app."""

@@ -33,16 +33,14 @@ from dataclasses import dataclass
 
 import urllib3
 
+from control import dicomweb_routes as routes
 from control.archive_version import ArchiveVersions
 from control.dicomweb.relay import Answer, Relayed, relay
-from control.dicomweb.rules import UID
 from control.orthanc import Orthanc, OrthancError, resource_id
 
-# Frames of a single instance, one frame number: what viewers ask (lists go to the plugin).
-FRAME_REQUEST = re.compile(
-    rf"/dicom-web/studies/(?P<study>{UID})/series/(?P<series>{UID})"
-    rf"/instances/(?P<instance>{UID})/frames/(?P<frame>[1-9][0-9]{{0,8}})"
-)
+# One frame number, as a frame of the route table names it: 1 to 999,999,999, no leading zero
+# (lists, and any other spelling, go to the plugin).
+FRAME_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
 NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
 # The syntaxes whose raw frames Orthanc 1.10's core gives exactly as DICOMweb 1.7 does (each checked
 # on pydicom's sample files), with the media type the plugin names them by. Left to the plugin: big
@@ -121,10 +119,10 @@ class FrameRequest:
     @classmethod
     def of(cls, uri: str) -> FrameRequest | None:
         """The frame a request target names, or None for anything else (a query string included)."""
-        match = FRAME_REQUEST.fullmatch(uri)
-        if match is None:
+        parts = routes.FRAME.match(uri)
+        if parts is None or not FRAME_NUMBER.fullmatch(parts["frame"]):
             return None
-        return cls(match["study"], match["series"], match["instance"], int(match["frame"]))
+        return cls(parts["study"], parts["series"], parts["instance"], int(parts["frame"]))
 
     @property
     def path(self) -> str:

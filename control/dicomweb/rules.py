@@ -5,7 +5,8 @@ The gate sees the request line exactly as the browser sent it (Caddy passes it i
 then reach Orthanc, so it decides on the raw text and does not try to repair it: a path that is
 not in canonical form (percent-escapes, ``..``, ``//``, a trailing slash, other letter case) is
 refused rather than normalised, because Orthanc's reading of a repaired path could differ from
-the gate's. UIDs are digits and dots, nothing else.
+the gate's. The paths it knows are those of the route table (``control.dicomweb_routes``); UIDs
+are digits and dots, nothing else.
 
 Who may do what:
 
@@ -37,18 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-UID = r"[0-9]+(?:\.[0-9]+)*"
-_PARTS = r"(?:/metadata|/rendered|/thumbnail)"
-_FRAMES = r"/frames/[0-9]+(?:,[0-9]+)*(?:/rendered|/thumbnail)?"
-_BULK = r"/bulk/[0-9A-Fa-f]{8}(?:/[0-9]+/[0-9A-Fa-f]{8})*"
-_INSTANCE = rf"/instances/{UID}(?:{_PARTS}|{_FRAMES}|{_BULK})?"
-_SERIES = rf"/series/{UID}(?:{_PARTS}|/instances|{_INSTANCE})?"
+from control import dicomweb_routes as routes
+from control.identifiers import is_uid
 
-STUDY_RESOURCE = re.compile(rf"^/dicom-web/studies/(?P<study>{UID})(?:{_PARTS}|/series|{_SERIES})?$")
-SEARCHES = frozenset({"/dicom-web/studies", "/dicom-web/series", "/dicom-web/instances"})
-STORE = re.compile(rf"^/dicom-web/studies(?:/{UID})?$")
-WADO_URI = "/wado"
-READ_METHODS = frozenset({"GET", "HEAD"})
+READ_METHODS = frozenset(routes.READ)
 
 
 class Verdict(enum.Enum):
@@ -116,11 +109,11 @@ def decide(method: str, uri: str, visitor: Visitor, headers: Mapping[str, str] |
         return Decision(Verdict.BAD_REQUEST, "the request names another method than its own")
     if headers.get("content-encoding", "identity").strip().lower() != "identity":
         return Decision(Verdict.UNSUPPORTED, "a request body with a content encoding")
-    if not (path == WADO_URI or path in SEARCHES or STUDY_RESOURCE.match(path) or STORE.match(path)):
+    if not routes.known(path):
         return Decision(Verdict.NOT_FOUND, "not a DICOMweb resource in canonical form")
 
     if method == "POST":
-        if not STORE.match(path):
+        if not routes.STORE.matches(path):
             return Decision(Verdict.DENY, "POST is only for storing studies")
         if visitor.signed_in and visitor.can_upload:
             return Decision(Verdict.ALLOW, "store by an uploader")
@@ -130,7 +123,7 @@ def decide(method: str, uri: str, visitor: Visitor, headers: Mapping[str, str] |
 
     if visitor.signed_in:
         return Decision(Verdict.ALLOW, "read by a signed-in user")
-    if path in SEARCHES:
+    if routes.SEARCH.matches(path):
         # Answered by the control plane itself, narrowed to the granted studies (see views).
         return Decision(Verdict.DENY, "searches by a study grant are narrowed by the portal")
     study = _study_of(path, query)
@@ -188,26 +181,22 @@ def owned(decision: Decision, visitor: Visitor, study_uid: str, holders: Sequenc
 
 
 def _study_of(path: str, query: str) -> str:
-    match = STUDY_RESOURCE.match(path)
-    if match:
-        return match.group("study")
-    if path == WADO_URI:
-        values = dict(parse_qsl(query))
-        study = values.get("studyUID", "")
-        return study if re.fullmatch(UID, study) else ""
+    resource = routes.STUDY_RESOURCE.match(path)
+    if resource is not None:
+        return resource["study"]
+    if routes.WADO_URI.matches(path):
+        study = dict(parse_qsl(query)).get("studyUID", "")
+        return study if is_uid(study) else ""
     return ""
 
 
-SERIES_RESOURCE = re.compile(rf"^/dicom-web/studies/{UID}/series/(?P<series>{UID})(?:/|$)")
-
-
 def _series_of(path: str, query: str) -> str:
-    match = SERIES_RESOURCE.match(path)
-    if match:
-        return match.group("series")
-    if path == WADO_URI:
+    resource = routes.STUDY_RESOURCE.match(path)
+    if resource is not None:
+        return resource["series"] or ""
+    if routes.WADO_URI.matches(path):
         series = dict(parse_qsl(query)).get("seriesUID", "")
-        return series if re.fullmatch(UID, series) else ""
+        return series if is_uid(series) else ""
     return ""
 
 

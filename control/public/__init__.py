@@ -1,15 +1,19 @@
-"""Pages anyone may open: the branded landing page and the health check."""
+"""Pages anyone may open: the branded landing page, the downloader (one file, or a package for pip:
+``installer``) and the health check."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from flask import Blueprint, current_app, jsonify, render_template
+from flask import Blueprint, current_app, jsonify, render_template, send_file
 from flask_login import current_user
 
 from control import __version__
 from control.orthanc import OrthancError, OrthancUnavailable
+from control.site import REPOSITORY
 
 bp = Blueprint("public", __name__)
+
+DOWNLOADER_SCRIPT = REPOSITORY / "downloader" / "pacs_download.py"
 
 
 @bp.route("/")
@@ -19,6 +23,15 @@ def index():
         # What a signed-in user first wants to know: is the archive there, and what does it hold.
         archive = current_app.extensions["orthanc"].get_json("/statistics")
     return render_template("public/index.html", archive=archive)
+
+
+@bp.get("/downloader/pacs_download.py")
+def downloader_script():
+    """The downloader as one file, for anyone (it needs only Python 3.9 or later); the query pages
+    show the command line that runs it."""
+    return send_file(
+        DOWNLOADER_SCRIPT, mimetype="text/x-python", as_attachment=True, download_name="pacs_download.py"
+    )
 
 
 @bp.route("/healthz")
@@ -59,3 +72,6 @@ def _node_health(orthanc) -> dict:
     except OrthancError as error:
         return {"ok": False, "error": str(error)}
     return {"ok": True, "version": system.get("Version"), "aet": system.get("DicomAet")}
+
+
+from control.public import installer  # noqa: E402, F401 - the module registers bp's routes

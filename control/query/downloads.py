@@ -28,12 +28,11 @@ from flask import (
     jsonify,
     render_template,
     request,
-    send_file,
     stream_with_context,
     url_for,
 )
 from flask.typing import ResponseReturnValue
-from flask_login import current_user, login_required
+from flask_login import current_user
 
 from control import formatting, spooling
 from control.activity import Action, Outcome, record_activity, update_activity
@@ -41,9 +40,7 @@ from control.errors import error_response, wants_json
 from control.orthanc import OrthancUnavailable
 from control.query import bp, present, zips
 from control.query.views import check_id, get_or_404, orthanc, safe_back
-from control.site import REPOSITORY
 
-DOWNLOADER_SCRIPT = REPOSITORY / "downloader" / "pacs_download.py"
 MANIFEST_FORMAT = "pacs-download-manifest/1"
 LEVEL = "<any(patients, studies, series):level>/<orthanc_id>"
 NOUNS = {"patients": "patient", "studies": "study", "series": "series"}
@@ -195,7 +192,6 @@ def statistics(level: str, orthanc_id: str) -> dict[str, int]:
 
 
 @bp.get(f"/query/{LEVEL}/zip")
-@login_required
 def zip_page(level: str, orthanc_id: str):
     """What a zip will hold and how large it is, before it starts (the page then starts it).
 
@@ -255,7 +251,6 @@ def zip_page(level: str, orthanc_id: str):
 
 
 @bp.get(f"/query/{LEVEL}/archive")
-@login_required
 def archive(level: str, orthanc_id: str):
     """The zip itself, made as it is sent (see ``archive_response``)."""
     return archive_response(level, orthanc_id)
@@ -483,7 +478,6 @@ def _modified_at(last_update: str) -> dt.datetime:
 
 
 @bp.get(f"/query/{LEVEL}/manifest")
-@login_required
 def manifest(level: str, orthanc_id: str):
     """What the downloader fetches: every series of the resource, with its zip URL, count and size."""
     pattern = url_for("query.archive", level="series", orthanc_id=present.PLACEHOLDER, _external=True)
@@ -545,12 +539,11 @@ def manifest_response(level: str, orthanc_id: str, series_archive: Callable[[str
 
 
 @bp.get(f"/query/{LEVEL}/downloader")
-@login_required
 def downloader_page(level: str, orthanc_id: str):
     """How to fetch this patient, study or series with the downloader: the exact command line."""
     resource = describe(level, orthanc_id)
     manifest_url = url_for("query.manifest", level=level, orthanc_id=orthanc_id, _external=True)
-    script_url = url_for("query.downloader_script", _external=True)
+    script_url = url_for("public.downloader_script", _external=True)
     command = shlex.join(["python3", "pacs_download.py", "--user", current_user.username, manifest_url])
     if wants_json():
         return jsonify(
@@ -563,12 +556,4 @@ def downloader_page(level: str, orthanc_id: str):
         script_url=script_url,
         zip_url=url_for("query.zip_page", level=level, orthanc_id=orthanc_id),
         back=safe_back(""),
-    )
-
-
-@bp.get("/downloader/pacs_download.py")
-def downloader_script():
-    """The downloader as one file, for anyone (it needs only Python 3.9 or later)."""
-    return send_file(
-        DOWNLOADER_SCRIPT, mimetype="text/x-python", as_attachment=True, download_name="pacs_download.py"
     )

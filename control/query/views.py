@@ -15,20 +15,19 @@ to compare. A study's series always come from the archive.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from flask import abort, current_app, g, jsonify, redirect, render_template, request, url_for
-from flask_login import login_required
 
 from control.activity import Action, record_activity
 from control.catalog.freshness import freshness
 from control.catalog.rows import as_orthanc_study
 from control.catalog.search import PATIENT_SORTS, STUDY_SORTS, Catalog, CatalogPage, Sorting, supports
 from control.errors import wants_json
+from control.identifiers import is_orthanc_id
 from control.orthanc import Orthanc, OrthancError, resource_id
 from control.query import bp, present
 from control.query.criteria import SearchForm, has_wildcard
@@ -36,7 +35,6 @@ from control.query.finder import Finder, ModalityCensus, Page, Search, newest_fi
 
 PER_PAGE_CHOICES = (25, 50, 100, 200)
 DEFAULT_PER_PAGE = 50
-ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 
 
 bp.add_app_template_filter(present.file_size, "file_size")
@@ -58,7 +56,7 @@ def get_or_404(path: str) -> Any:
 
 def check_id(orthanc_id: str) -> None:
     # Ids go into Orthanc paths: anything but an Orthanc id is simply not found.
-    if not ORTHANC_ID.fullmatch(orthanc_id):
+    if not is_orthanc_id(orthanc_id):
         abort(404)
 
 
@@ -277,7 +275,6 @@ def invalid_search(form: SearchForm):
 
 
 @bp.get("/query")
-@login_required
 def search():
     """The query form, filled in from the URL (the results pages' "Change search" comes here)."""
     form = SearchForm(request.args)
@@ -285,7 +282,6 @@ def search():
 
 
 @bp.get("/query/patients")
-@login_required
 def patients():
     """Patients with studies matching the criteria, the newest study first: where results open."""
     form = SearchForm(request.args)
@@ -334,7 +330,6 @@ def order_of(sorting: Sorting, source: Source) -> dict[str, str]:
 
 
 @bp.get("/query/studies")
-@login_required
 def studies():
     """Studies matching the criteria, newest first unless another order is chosen."""
     form = SearchForm(request.args)
@@ -396,7 +391,6 @@ def catalog_studies(
 
 
 @bp.get("/query/patients/<orthanc_id>/studies")
-@login_required
 def patient_studies(orthanc_id: str):
     """All the studies of one patient, newest first unless another order is chosen."""
     check_id(orthanc_id)
@@ -492,7 +486,6 @@ def _series_tag(series: dict[str, Any], name: str) -> str:
 
 
 @bp.get("/query/studies/<orthanc_id>/series")
-@login_required
 def study_series(orthanc_id: str):
     """The series of one study, in acquisition order unless another order is chosen."""
     check_id(orthanc_id)
@@ -546,7 +539,6 @@ def study_series(orthanc_id: str):
 
 
 @bp.get("/query/patients/<orthanc_id>/viewer")
-@login_required
 def patient_viewer(orthanc_id: str):
     """The viewer on all the studies of a patient (the list does not know them all)."""
     check_id(orthanc_id)

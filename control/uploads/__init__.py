@@ -1,15 +1,16 @@
 """Uploads: DICOM files, zips of DICOM, HL7 orders into the worklist, PDF reports into studies.
 
 Only users whose account may upload reach these pages (``control.access``: ``Audience.UPLOADER``);
-the worklist page and its changes are the admin's. Before Caddy passes an upload's body on, it asks
-``upload_gate`` (``forward_auth``), which refuses one whose declared size is over ``upload_max_mb``
-(from anyone) or that the archive's disk cannot take (``disk_reserve_mb``): that body is never
-sent. Every POST that does come then passes ``guard``, in this order: access control (already done
-by then), the same size limit and disk reserve again (for a body of no declared length, and for
-a control plane reached another way), and only then the CSRF check, whose reading of the form is
-what makes Werkzeug spool the body. So a refused upload is never spooled or stored (a small one is
-read and dropped, so that the refusal reaches the browser), and the limits are in force before a
-byte is stored. The limits live here only: changing them never touches Caddy's configuration.
+the worklist the HL7 orders fill is the admin's to see and change (``control.admin.worklist``).
+Before Caddy passes an upload's body on, it asks ``upload_gate`` (``forward_auth``), which refuses
+one whose declared size is over ``upload_max_mb`` (from anyone) or that the archive's disk cannot
+take (``disk_reserve_mb``): that body is never sent. Every POST that does come then passes
+``guard``, in this order: access control (already done by then), the same size limit and disk
+reserve again (for a body of no declared length, and for a control plane reached another way), and
+only then the CSRF check, whose reading of the form is what makes Werkzeug spool the body. So a
+refused upload is never spooled or stored (a small one is read and dropped, so that the refusal
+reaches the browser), and the limits are in force before a byte is stored. The limits live here
+only: changing them never touches Caddy's configuration.
 
 Answers are JSON for ``Accept: application/json`` (the page's script) and pages or redirects with a
 message for browsers. Every upload is one activity event with its counts, recorded as "not
@@ -41,14 +42,14 @@ from flask_login import current_user
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from control import apply, formatting
+from control import formatting
 from control.activity import Action, Outcome, record_activity, update_activity
 from control.auth import safe_next
 from control.errors import error_response, wants_json
 from control.extensions import csrf
+from control.identifiers import is_orthanc_id, is_uid
 from control.orthanc import OrthancError, OrthancUnavailable
-from control.settings import Modality, parse_modalities, registrable
-from control.uploads import archive, pdf, store, worklist
+from control.uploads import archive, pdf, store
 
 bp = Blueprint("uploads", __name__, url_prefix="/upload")
 # Caddy's question before an upload's body comes (its own blueprint: its path is not under /upload).
@@ -60,9 +61,7 @@ csrf.exempt(bp)
 UPLOADS = {"uploads.upload_files", "uploads.attach_pdf", "uploads.attach_pdf_to_study"}
 FORM_BUFFER_BYTES = 1024 * 1024
 DISCARD_LIMIT = 16 * 1024 * 1024  # a refused body up to this size is read before the refusal
-_ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 _WILDCARDS = re.compile(r"[*?\\]")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 # The studies a PDF report's study reference may name: more than one is already an ambiguity.
 ATTACH_CANDIDATES = 20
 # What an upload's activity row says until its files are all dealt with (see the module).
@@ -391,7 +390,7 @@ def attach_pdf_to_study(study_id: str):
     study, 413 too large, 507 disk full) with ``{"error", "message"}``. Browsers are sent back to
     ``next`` (default: the upload page) with a message.
     """
-    if not _ORTHANC_ID.match(study_id):
+    if not is_orthanc_id(study_id):
         return _refusal(404, "There is no such study in the archive.", back=_back())
     return _attach(study_id)
 
@@ -408,7 +407,7 @@ def attach_pdf():
             400, "Give the study's Study Instance UID or accession number (no wildcards).", back=_back()
         )
     found: list[str] = []
-    if _UID.match(wanted):
+    if is_uid(wanted):
         found = _orthanc().find_studies({"StudyInstanceUID": wanted}, limit=ATTACH_CANDIDATES)
     if not found:
         found = _orthanc().find_studies({"AccessionNumber": wanted}, limit=ATTACH_CANDIDATES)
@@ -487,78 +486,3 @@ def _attach(study_id: str):
         return jsonify(answer), 201
     flash(f"Attached {title} ({pages} page{'s' if pages > 1 else ''}) to the study of {patient}.", "info")
     return redirect(safe_next(_back() or url_for("uploads.page")), 303)
-
-
-@bp.route("/worklist")
-def worklist_page():
-    """The admin's view of the modality worklist and of the modalities that may query it."""
-    return render_template(
-        "uploads/worklist.html",
-        entries=worklist.list_entries(_site().worklists),
-        modalities=parse_modalities(g.settings["dicom_modalities"]),
-        registered=_registered_now(),
-    )
-
-
-def _registered_now() -> set[str] | None:
-    """The AE titles Orthanc knows right now, or None when it does not answer."""
-    try:
-        return {entry.get("AET", name) for name, entry in _orthanc().modalities().items()}
-    except (OrthancUnavailable, OrthancError):
-        return None
-
-
-@bp.route("/worklist/<entry_id>/delete", methods=["POST"])
-def worklist_delete(entry_id: str):
-    """Delete one worklist entry (a modality no longer finds it)."""
-    deleted = worklist.delete_entry(_site().worklists, entry_id)
-    if deleted is None:
-        flash("That worklist entry is no longer there.", "error")
-    else:
-        record_activity(
-            Action.WORKLIST_DELETED,
-            patient=formatting.patient_label(deleted.patient_name, deleted.patient_id),
-            patient_id=deleted.patient_id,
-            accession=deleted.accession_number,
-            modality=deleted.modality,
-        )
-        flash(f"Deleted the worklist entry of accession number {deleted.accession_number}.", "info")
-    return redirect(url_for("uploads.worklist_page"), 303)
-
-
-@bp.route("/worklist/modalities", methods=["POST"])
-def worklist_modalities():
-    """Add (``aet``, ``host``, ``port``) or remove (``remove``: an AE title) a registered modality."""
-    current = parse_modalities(g.settings["dicom_modalities"])
-    removing = request.form.get("remove", "").strip()
-    if removing:
-        return _save_modalities([modality for modality in current if modality.aet != removing])
-    aet, host, port = (request.form.get(name, "").strip() for name in ("aet", "host", "port"))
-    try:
-        parsed = registrable(f"{aet}@{host}:{port}") if aet and host and port else []
-        if len(parsed) != 1:
-            raise ValueError("give one AE title, its host and its port")
-    except ValueError as error:
-        flash(f"Not registered: {error}.", "error")
-        return redirect(url_for("uploads.worklist_page"), 303)
-    added = parsed[0]
-    wanted = [*(modality for modality in current if modality.aet.upper() != added.aet.upper()), added]
-    return _save_modalities(wanted)
-
-
-def _save_modalities(wanted: list[Modality]) -> Any:
-    """Change ``dicom_modalities`` as any setting changes (``control.apply``): the archive is told
-    through its REST API at once, nothing is restarted."""
-    try:
-        applied = apply.change_settings(_site(), {"dicom_modalities": " ".join(map(str, wanted))})
-    except apply.SettingsRefused as error:
-        flash(f"Not registered: {error}", "error")
-    else:
-        if applied.archive_told is False:
-            flash(
-                "Saved. The archive does not answer right now; it takes the list when it next starts.",
-                "error",
-            )
-        else:
-            flash("Saved: the registered modalities may now query the worklist.", "info")
-    return redirect(url_for("uploads.worklist_page"), 303)

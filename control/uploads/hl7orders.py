@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import hl7
 
+from control.identifiers import is_uid
+
 ORDER_MESSAGES = {("ORM", "O01"), ("OMG", "O19"), ("OMI", "O23")}
 SCHEDULING_CONTROLS = {"NW", "XO", "SC", "RP"}
 CANCELLING_CONTROLS = {"CA", "DC", "OC", "OD"}
@@ -50,7 +52,6 @@ WRAPPER_SEGMENTS = ("FHS", "FTS", "BHS", "BTS")
 # rather than silently cut, since a cut accession number would match another order.
 _SHORT_STRING = 16
 _LONG_STRING = 64
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CODE_STRING = re.compile(r"^[A-Z0-9_ ]{1,16}$")
 _AE_TITLE = re.compile(r"^[^\\\x00-\x1f]{1,16}$")
 _HL7_TIMESTAMP = re.compile(r"^(\d{8})(\d{2}(?:\d{2}(?:\d{2})?)?)?(\.\d+)?([+-]\d{4})?$")
@@ -314,7 +315,7 @@ def _check_lengths(order: Order) -> None:
     if order.station_aet and not _AE_TITLE.match(order.station_aet):
         problems.append("OBR-21 (scheduled station AE title) is not an AE title of up to 16 characters")
     if order.study_instance_uid and not (
-        len(order.study_instance_uid) <= _LONG_STRING and _UID.match(order.study_instance_uid)
+        len(order.study_instance_uid) <= _LONG_STRING and is_uid(order.study_instance_uid)
     ):
         problems.append("IPC-3/ZDS-1 (study instance UID) is not a UID")
     if problems:

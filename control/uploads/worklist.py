@@ -10,12 +10,9 @@ written under a temporary name and renamed, so the plugin never reads half an en
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import enum
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from control.site import replacing
 from control.uploads.hl7orders import Order
 
 WORKLIST_SOP_CLASS = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
@@ -102,15 +100,8 @@ def apply(folder: Path, order: Order) -> Change:
         return Change.CANCELLED
     existed = path.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".entry-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            dataset_of(order).save_as(file, enforce_file_format=True)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    with replacing(path) as file:
+        dataset_of(order).save_as(file, enforce_file_format=True)
     return Change.REPLACED if existed else Change.SCHEDULED
 
 

@@ -19,7 +19,7 @@ import zipfile
 
 from flask import Response, abort, url_for
 
-from control.query import bp
+from control.public import bp
 from control.site import REPOSITORY
 
 FOLDER = REPOSITORY / "downloader"
@@ -79,7 +79,7 @@ def build_wheel(name: str) -> bytes:
 @bp.app_template_global()
 def downloader_package_url() -> str:
     """The wheel's full address, for the command the downloader page shows."""
-    return url_for("query.downloader_package", name=wheel_name(), _external=True)
+    return url_for("public.downloader_package", name=wheel_name(), _external=True)
 
 
 @bp.get("/downloader/<name>")
