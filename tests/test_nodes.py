@@ -532,7 +532,8 @@ def test_postgresql_restarted_gives_clear_503s_then_everything_comes_back(cluste
     session = stack.sign_in()
     (waiting,) = make_study("Restart^Rita")
     before = cluster.last_event()
-    restart = threading.Thread(target=cluster.postgres.restart, kwargs={"down_for": 8}, daemon=True)
+    checked = threading.Event()  # PostgreSQL stays down until every check below is made
+    restart = threading.Thread(target=cluster.postgres.restart, kwargs={"until": checked}, daemon=True)
     restart.start()
     deadline = time.monotonic() + 30
     while True:
@@ -558,6 +559,7 @@ def test_postgresql_restarted_gives_clear_503s_then_everything_comes_back(cluste
         assert "Status" not in status or status.Status != 0
     # A call refused meanwhile is in the archive's log: it is recorded once the database is back.
     find_refused_by("WHILEDOWN", cluster.dicom_port(2))
+    checked.set()
     restart.join(60)
 
     deadline = time.monotonic() + 120
