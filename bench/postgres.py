@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -84,15 +85,20 @@ class PostgresServer:
                 time.sleep(0.2)
         raise RuntimeError("PostgreSQL did not start:\n" + self.log.read_text(errors="replace"))
 
-    def restart(self, down_for: float = 0) -> None:
+    def restart(self, down_for: float = 0, until: threading.Event | None = None) -> None:
         """Stop the server as an admin's restart does (fast shutdown: sessions are ended, nothing
-        committed is lost), stay down ``down_for`` seconds, then start it again on the same data."""
+        committed is lost), stay down ``down_for`` seconds (or until ``until`` is set, so that a
+        test's checks all happen while it is down however slow the machine), then start it again
+        on the same data."""
         assert self.process is not None
         # The postmaster itself (the process started may be runuser, standing in between).
         postmaster = int((self.folder / "cluster" / "postmaster.pid").read_text().split()[0])
         os.kill(postmaster, signal.SIGINT)
         self.process.wait(60)
-        time.sleep(down_for)
+        if until is not None:
+            until.wait(300)
+        else:
+            time.sleep(down_for)
         self._run()
 
     def url(self, database: str, driver: bool = True) -> str:

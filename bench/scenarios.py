@@ -25,6 +25,9 @@ path). Each scenario adds rows (times, ratios, targets) and content checks to th
 - ``activity``: the admin's activity pages, filters and CSV export over an activity log of years
   (10 million rows written straight into the table, ``bench.activity``), each against a time
   budget: there is no direct way to compare with.
+- ``nodes``: two archive nodes and two control planes on one PostgreSQL (``bench.nodes``): stores
+  by C-STORE with one writer against two, and PostgreSQL's conflicts; uploads through one control
+  plane against two; a zip and the viewer through the balancer against the single-node stack.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import urllib3
 from bench import catalog, clients, data
 from bench.clients import Refused, digest_of, expect
 from bench.measure import DIRECT, PORTAL, Action, Answer, Comparison, MemorySampler, interleave, percentile
+from bench.nodes import run_nodes
 from bench.report import Report, Row, Target, format_seconds
 from bench.stack import ADMIN_PASSWORD, Processes, Stack, proxy_alone
 
@@ -653,8 +657,12 @@ def viewer_action(browser: Browser, study: LargeStudy, origin: str):
         frames = list(browser.pool.map(lambda uid: frame(uid, started), uids))
 
         def digest() -> str:
-            # Bulk-data URLs name the host each way was reached at; everything else must match.
-            return digest_of(metadata.replace(origin, "ORIGIN"), *(pixels(answer) for answer, _at in frames))
+            # Bulk-data URLs name the host each way was reached at; everything else must match,
+            # in any order (an index on PostgreSQL lists a series' instances in another).
+            items = sorted(
+                json.loads(metadata.replace(origin, "ORIGIN")), key=lambda item: item["00080018"]["Value"][0]
+            )
+            return digest_of(json.dumps(items, sort_keys=True), *(pixels(answer) for answer, _at in frames))
 
         return Answer(digest, min(at for _answer, at in frames), {"frames": len(frames)})
 
@@ -1144,6 +1152,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "growth": run_growth,
     "catalog": catalog.run_catalog,
     "activity": run_activity,
+    "nodes": run_nodes,
 }
 
 

@@ -51,6 +51,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` free ports in a row: the archive nodes of one machine take the ports
+    after the first node's (``./pacs up --nodes N``)."""
+    from control.stack import port_is_free
+
+    while True:
+        first = free_port()
+        if all(port_is_free(first + offset) for offset in range(1, count)):
+            return first
+
+
 def logs_tail(data: Path, lines: int = 30) -> str:
     parts = []
     for log in sorted((data / "logs").glob("*.log")):

@@ -73,6 +73,7 @@ class Action(enum.StrEnum):
     DICOMWEB_DENIED = "dicomweb-denied"
     DICOM_REFUSED = "dicom-refused"  # a modality's request the archive refused (from its log)
     STUDY_UID_SHARED = "study-uid-shared"  # two patients' studies arrived with one Study Instance UID
+    ARCHIVE_ORPHANS = "archive-orphans"  # stored files no index row names, counted and removed
     DESKTOP_VIEWER_OPENED = "desktop-viewer-opened"
     VIEWER_TOKEN_MADE = "viewer-token-made"
     VIEWER_TOKEN_USED = "viewer-token-used"
@@ -118,6 +119,7 @@ ACTION_LABELS: dict[Action, str] = {
     Action.DICOMWEB_DENIED: "DICOMweb request refused",
     Action.DICOM_REFUSED: "DICOM call refused by the archive",
     Action.STUDY_UID_SHARED: "Two patients' studies share a UID",
+    Action.ARCHIVE_ORPHANS: "Swept the archive's orphan files",
     Action.DESKTOP_VIEWER_OPENED: "Opened the desktop viewer",
     Action.VIEWER_TOKEN_MADE: "Made a viewer token",
     Action.VIEWER_TOKEN_USED: "Viewer token used",
@@ -154,12 +156,15 @@ DETAIL_LABELS: dict[str, str] = {
     "lock": "Lock",
     "locks": "Locks",
     "method": "Method",
+    "megabytes": "Size (MB)",
     "modality": "Modality",
     "new": "New",
     "new_username": "New username",
+    "node": "Archive node",
     "note": "Note",
     "old": "Old",
     "old_username": "Old username",
+    "orphans": "Orphan files",
     "orthanc_id": "Archive id",
     "page": "Page",
     "pages": "Pages",
@@ -169,7 +174,9 @@ DETAIL_LABELS: dict[str, str] = {
     "patient_orthanc_id": "Archive id of the patient",
     "range": "Byte range",
     "reason": "Reason",
+    "recent": "Too recent to remove",
     "refused": "Refused",
+    "removed": "Removed",
     "replaced": "Replaced",
     "request": "Request",
     "revoked": "Revoked",

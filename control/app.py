@@ -15,13 +15,12 @@ from typing import Any
 from flask import Flask, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from control import __version__, access, configs, errors, formatting
+from control import __version__, access, configs, errors, formatting, nodes
 from control.archive_version import ArchiveVersions
 from control.cookies import SiteSessionInterface
 from control.dicomweb.fast import QuickGate
 from control.dicomweb.frames import FrameSource
 from control.extensions import csrf, login_manager
-from control.orthanc import Orthanc
 from control.site import Site
 from control.tokens import shared
 from control.watch import ArchiveWatch
@@ -50,11 +49,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     settings = site.load_settings()
     topology = configs.Topology.from_environment(site)
-    app.extensions["orthanc"] = Orthanc(
-        configs.orthanc_url(settings, topology),
-        site.secrets.orthanc_user,
-        site.secrets.orthanc_password,
-    )
+    # Every node of the archive behind one client: reads in turn, writes to the writer (control.nodes).
+    app.extensions["orthanc"] = nodes.connect(site, settings, topology)
     app.extensions["archive_version"] = ArchiveVersions(app.extensions["orthanc"])
     app.extensions["frames"] = FrameSource(app.extensions["orthanc"], app.extensions["archive_version"])
     # Which archive studies hold a Study Instance UID now, for the DICOMweb gate (both its ways).

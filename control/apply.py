@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from control import configs, db, tls, unixhttp
+from control import configs, db, nodes, tls, unixhttp
 from control.activity import Action, Outcome, record_activity
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.settings import BY_NAME, Effect, Modality, parse_modalities
@@ -265,33 +265,48 @@ class _Plan:
         topology = configs.Topology.from_environment(site)
         archive_effects = {Effect.ARCHIVE_API, Effect.ARCHIVE_RESTART} & self.effects
         if archive_effects:
-            write_private(site.run / "orthanc.json", configs.render_orthanc(site, self.live, topology))
+            configs.write_orthanc_configurations(site, self.live, topology)
         configs.write_unavailable(site, self.live)
         configs.write_running_settings(site, self.live)
-        orthanc = Orthanc(
-            configs.orthanc_url(self.live, topology), site.secrets.orthanc_user, site.secrets.orthanc_password
-        )
+        # Each archive node is told itself: registrations and the default encoding live in each
+        # Orthanc's memory.
+        archive = nodes.connect(site, self.live, topology).each()
         if self.restart_archive:
-            if restart_archive(orthanc):
+            restarted = [name for name, orthanc in archive if restart_archive(orthanc)]
+            if len(restarted) == len(archive):
                 applied.notes.append("The archive restarts with the new DICOM settings.")
+            elif restarted:
+                applied.notes.append(
+                    f"The archive restarts with the new DICOM settings ({', '.join(restarted)}); the "
+                    "nodes that do not answer take them when they start."
+                )
             else:
                 applied.notes.append(
                     "The archive does not answer; it takes the new DICOM settings when it starts."
                 )
         elif Effect.ARCHIVE_API in self.effects:
-            try:
-                for name, tell in TOLD_TO_THE_ARCHIVE.items():
-                    if name in changed:
-                        tell(orthanc, self.live[name])
-            except (OrthancUnavailable, OrthancError) as error:
-                log.warning("Settings saved but not told to the archive now: %s", error)
-                applied.archive_told = False
+            told = []
+            for name, orthanc in archive:
+                try:
+                    for setting, tell in TOLD_TO_THE_ARCHIVE.items():
+                        if setting in changed:
+                            tell(orthanc, self.live[setting])
+                except (OrthancUnavailable, OrthancError) as error:
+                    log.warning("Settings saved but not told to the archive now on %s: %s", name, error)
+                else:
+                    told.append(name)
+            applied.archive_told = len(told) == len(archive)
+            if applied.archive_told:
+                applied.notes.append("The archive took it at once; nothing was restarted.")
+            elif told:
+                applied.notes.append(
+                    f"The archive took it at once ({', '.join(told)}); the nodes that do not answer "
+                    "take the change when they next start."
+                )
+            else:
                 applied.notes.append(
                     "The archive does not answer right now; it takes the change when it next starts."
                 )
-            else:
-                applied.archive_told = True
-                applied.notes.append("The archive took it at once; nothing was restarted.")
         if self.caddyfile is not None:
             if from_page:
                 _after_response(lambda: _load_later(site, self.caddyfile, self.force_load, changed))

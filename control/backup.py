@@ -301,6 +301,14 @@ def backup(site: Site, destination: Path, *, keep: int = 7, say: Callable[[str],
     destination = destination.resolve()
     if destination == site.data or site.data in destination.parents:
         raise BackupError("the backup must go outside the data directory (best: onto another disk)")
+    from control import archive_index
+
+    if archive_index.recorded(site) == archive_index.POSTGRESQL:
+        raise BackupError(
+            "this archive's index is on PostgreSQL, which ./pacs backup does not copy yet: back up "
+            "the archive's database with pg_dump first, then the data directory's orthanc/ folder "
+            "(README: Several nodes, Backups)"
+        )
     _private_directory(destination)
     with _locked(destination):
         return _backup(site, destination, keep, say)

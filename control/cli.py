@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from control import accounts, db, logs, stack, unixhttp
+from control import accounts, configs, db, logs, stack, unixhttp
 from control import settings as site_settings
 from control.activity import Action, record_activity
 from control.network import local_address
@@ -60,7 +60,21 @@ def banner(site: Site, prepared: stack.Prepared) -> str:
             )
     else:
         lines.append("  Web:    off (web port 0)")
-    lines.append(f"  DICOM:  AE title {values['dicom_aet']}, port {values['dicom_port']}")
+    topology = prepared.topology
+    archive = configs.archive_nodes(values, topology)
+    if len(archive) > 1:
+        ports = ", ".join(str(node.dicom_port) for node in archive)
+        lines.append(
+            f"  DICOM:  AE title {values['dicom_aet']}, port {values['dicom_port']} (every node: {ports})"
+        )
+        lines.append(
+            f"  Nodes:  {len(archive)} archive nodes on one PostgreSQL index, "
+            f"{len(topology.control_upstreams)} control planes; the first node takes the writes"
+        )
+    else:
+        lines.append(f"  DICOM:  AE title {values['dicom_aet']}, port {values['dicom_port']}")
+        if topology.archive_index == "postgresql":
+            lines.append("  Index:  the archive's index is on PostgreSQL")
     if prepared.admin_password:
         lines.append(
             f"  Admin:  user {stack.ADMIN_USERNAME!r}, password {prepared.admin_password}  "
@@ -73,10 +87,18 @@ def banner(site: Site, prepared: stack.Prepared) -> str:
 
 @main.command()
 @click.option("--detach", is_flag=True, help="Run in the background; stop with ./pacs down.")
+@click.option(
+    "--nodes",
+    type=click.IntRange(1, 16),
+    help="Run this many archive nodes and control planes on one PostgreSQL (kept for later starts).",
+)
 @click.option("--quiet", is_flag=True, hidden=True)
 @click.pass_obj
-def up(site: Site, detach: bool, quiet: bool) -> None:
+def up(site: Site, detach: bool, nodes: int | None, quiet: bool) -> None:
     """Set up what is missing and run the portal (Ctrl-C stops it)."""
+    if nodes:
+        # Read by prepare (and by the background runner of --detach), recorded in run/topology.json.
+        os.environ["PACS_NODES"] = str(nodes)
     if quiet:
         # The runner started by --detach: its own messages go to a rotating pacs.log too.
         logs.capture_own_output(site.logs / "pacs.log")
@@ -86,7 +108,7 @@ def up(site: Site, detach: bool, quiet: bool) -> None:
             running = stack.running_supervisor(site)
             if running:
                 _fail(f"the portal of {site.data} already runs (pid {running}); ./pacs down stops it")
-            stack.check_ports(prepared.settings)
+            stack.check_ports(prepared.settings, prepared.topology)
             pid = stack.start_detached(site)
             click.echo(banner(site, prepared))
             click.echo(f"  Runs in the background (pid {pid}); ./pacs down stops it.")
@@ -126,7 +148,15 @@ def status(site: Site) -> None:
     supervisor = stack.running_supervisor(site)
     parts = dict(stack.leftover_processes(site))
     click.echo(f"portal ({site.data}): " + (f"running, pid {supervisor}" if supervisor else "not running"))
-    for name in ("orthanc", "control", "catalog", "caddy"):
+    roles = ("orthanc", "control", "catalog", "caddy")
+
+    # Every archive node and control plane that runs (orthanc-2...), each after the first of its role.
+    def order(name: str) -> tuple[int, str]:
+        role = name.split("-")[0]
+        return (roles.index(role) if role in roles else len(roles), name)
+
+    names = sorted({*roles, *parts}, key=order)
+    for name in names:
         click.echo(f"  {name:8} " + (f"running, pid {parts[name]}" if name in parts else "not running"))
     click.echo(f"  {logs.describe(site.logs)}")
     from control import service
@@ -370,17 +400,14 @@ def token_command(site: Site, study: str) -> None:
 
     The portal must be running: the study is looked up in the archive.
     """
-    from control import configs, network
-    from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
+    from control import network, nodes
+    from control.orthanc import OrthancError, OrthancUnavailable
     from control.tokens import NO_BIRTH_DATE, SHARED_UID, shared, store, study_facts, unchecked_link_warning
     from control.tokens.periods import LinkPeriod
 
     db.migrate(site.engine)
     values = site.load_settings()
-    topology = configs.Topology.from_environment(site)
-    orthanc = Orthanc(
-        configs.orthanc_url(values, topology), site.secrets.orthanc_user, site.secrets.orthanc_password
-    )
+    orthanc = nodes.connect(site, values, configs.Topology.from_environment(site))
     try:
         found = orthanc.lookup(study.strip())
         orthanc_id = next((item["ID"] for item in found if item["Type"] == "Study"), study)
@@ -495,6 +522,67 @@ def activity_prune(site: Site) -> None:
     )
 
 
+# ---- the archive's index and stored files ----
+
+
+@main.group("archive")
+def archive_group() -> None:
+    """The archive's index (SQLite or PostgreSQL) and its stored files."""
+
+
+@archive_group.command("move-to-postgresql")
+@click.pass_obj
+def archive_move(site: Site) -> None:
+    """Move the archive's index from Orthanc's SQLite file to PostgreSQL (the portal stopped).
+
+    Every instance is copied through Orthanc's own REST API into a new index on PostgreSQL and
+    checked (counts and every file's MD5) before anything changes; the SQLite index and its files
+    are kept beside, renamed. See control/archive_move.py.
+    """
+    from control import archive_move
+
+    db.migrate(site.engine)
+    try:
+        moved = archive_move.move_to_postgresql(site, say=click.echo)
+    except archive_move.MoveError as error:
+        _fail(f"nothing was moved: {error}")
+    with site.engine.begin() as connection:
+        _record_shell_activity(
+            connection,
+            Action.SETTINGS_CHANGED,
+            changed={"archive_index": {"old": "sqlite", "new": "postgresql"}},
+        )
+    click.echo(
+        f"pacs: moved {moved.instances} instances of {moved.studies} studies ({moved.megabytes:.0f} MB) to "
+        f"the PostgreSQL index, every file checked. The SQLite index and its files are kept in "
+        f"{moved.kept}: remove that folder once the portal runs well. Start it with ./pacs up "
+        "(or ./pacs up --nodes N)."
+    )
+
+
+@archive_group.command("orphans")
+@click.option("--remove", is_flag=True, help="Remove those older than a day (the daily sweep, now).")
+@click.pass_obj
+def archive_orphans(site: Site, remove: bool) -> None:
+    """Count the stored files that the archive's index does not name (left by a node that crashed)."""
+    import psycopg
+
+    from control import orphans
+
+    db.migrate(site.engine)
+    if configs.Topology.from_environment(site).archive_index != "postgresql":
+        _fail("only an archive whose index is on PostgreSQL can be swept (Orthanc locks its SQLite index)")
+    try:
+        found = orphans.sweep(site, remove=remove)
+    except (OSError, ValueError) as error:
+        _fail(f"the storage could not be swept: {error}")
+    except psycopg.Error as error:
+        _fail(f"the archive's index does not answer: {str(error).strip().splitlines()[0]}")
+    if remove and (found.orphans or found.recent):
+        orphans.record(site, found, username=_shell_user())
+    click.echo(f"pacs: {found.describe()}")
+
+
 # ---- the study catalog (control/catalog) ---------------------------------------------------------
 
 
@@ -504,15 +592,10 @@ def catalog() -> None:
 
 
 def _archive_client(site: Site):
-    """The archive's client, as the running portal has it."""
-    from control import configs
-    from control.orthanc import Orthanc
+    """The archive's client, as the running portal has it: every node (control.nodes)."""
+    from control import nodes
 
-    values = site.load_settings()
-    topology = configs.Topology.from_environment(site)
-    return Orthanc(
-        configs.orthanc_url(values, topology), site.secrets.orthanc_user, site.secrets.orthanc_password
-    )
+    return nodes.connect(site, site.load_settings(), configs.Topology.from_environment(site))
 
 
 def _catalog_parts(site: Site):

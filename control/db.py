@@ -339,3 +339,27 @@ viewer_tokens = sa.Table(
     sa.Index("ix_viewer_tokens_patient_id", "patient_id"),
     sqlite_autoincrement=True,
 )
+
+archive_state = sa.Table(
+    "archive_state",
+    metadata,
+    # What the control planes know of the archive, shared by all of them: where its index is
+    # (``index``: "postgresql" once moved there) and how far the archive watcher has read
+    # (``watch``: JSON, committed with the events it recorded, see control.watch).
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+def get_archive_state(connection: sa.Connection, name: str) -> str | None:
+    return connection.execute(
+        sa.select(archive_state.c.value).where(archive_state.c.name == name)
+    ).scalar_one_or_none()
+
+
+def put_archive_state(connection: sa.Connection, name: str, value: str) -> None:
+    updated = connection.execute(
+        archive_state.update().where(archive_state.c.name == name).values(value=value)
+    )
+    if updated.rowcount == 0:
+        connection.execute(archive_state.insert().values(name=name, value=value))

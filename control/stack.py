@@ -5,6 +5,9 @@ supervised processes.
 generated configs) and is idempotent. ``Supervisor`` starts the processes in order, waits until
 each answers, starts again one that dies (the portal meanwhile answers "archive not reachable"
 rather than nothing), and stops them all (terminate, wait, kill) when told to.
+``./pacs up --nodes N`` runs N archive nodes (``orthanc``, ``orthanc-2``...) and N control planes
+(``control``, ``control-2``...) behind the one Caddy, on one machine, with one catalog feeder:
+for tests and small sites (README: Several nodes).
 ``./pacs up --detach`` runs the same supervisor as a background process whose pid is kept in
 ``run/pacs.pid``; ``./pacs down`` signals it and makes sure nothing is left behind.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from control import accounts, configs, db, logs, unixhttp
+from control import accounts, archive_index, configs, db, logs, unixhttp
 from control import settings as site_settings
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.site import REPOSITORY, Site, SiteError
@@ -73,6 +77,12 @@ def prepare(site: Site, *, fetch_viewer: bool = True, say: Callable[..., None] =
         if missing:
             db.put_settings(connection, missing)
     topology = configs.Topology.from_environment(site)
+    try:
+        where = archive_index.choose(site, topology.nodes)
+    except archive_index.ArchiveIndexError as error:
+        raise StackError(str(error)) from None
+    if where != topology.archive_index:
+        topology = dataclasses.replace(topology, archive_index=where)
     if fetch_viewer and topology.ohif_managed:
         ensure_viewer(site, say=say)
     values = site.load_settings()
@@ -121,7 +131,7 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def check_ports(values: dict[str, Any]) -> None:
+def check_ports(values: dict[str, Any], topology: configs.Topology | None = None) -> None:
     """Refuse to start when a port the stack needs is taken, naming the port and its setting."""
     for setting in site_settings.SETTINGS:
         port = values[setting.name] if setting.listening_port else 0
@@ -136,6 +146,16 @@ def check_ports(values: dict[str, Any]) -> None:
                 f"port {port} ({what}) is already in use by another program. Stop that program, "
                 f"or choose another port: ./pacs config set {setting.name} PORT"
             )
+    if topology is None or topology.orthanc_hosts:
+        return
+    for node in configs.archive_nodes(values, topology)[1:]:
+        for port, setting in ((node.http_port, "orthanc_http_port"), (node.dicom_port, "dicom_port")):
+            if not port_is_free(port):
+                raise StackError(
+                    f"port {port} (archive node {node.number} takes the ports after {setting}) is "
+                    f"already in use by another program. Stop that program, or move the first: "
+                    f"./pacs config set {setting} PORT"
+                )
 
 
 @dataclass
@@ -217,23 +237,25 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def processes(site: Site, prepared: Prepared) -> list[Process]:
-    """The stack's programs in the order they start."""
+    """The stack's programs in the order they start: every archive node, every control plane, the
+    catalog's feeder, Caddy."""
     values, topology = prepared.settings, prepared.topology
-    orthanc_base = configs.orthanc_url(values, topology)
-    control_socket = site.run / "control.sock"
     admin_socket = site.run / "caddy-admin.sock"
 
-    archive = Orthanc(orthanc_base, site.secrets.orthanc_user, site.secrets.orthanc_password)
+    def orthanc_ready(node: configs.ArchiveNode) -> Callable[[], bool]:
+        orthanc = Orthanc(node.url, site.secrets.orthanc_user, site.secrets.orthanc_password)
 
-    def orthanc_ready() -> bool:
-        try:
-            archive.system()
-        except (OrthancUnavailable, OrthancError):
-            return False
-        return True
+        def ready() -> bool:
+            try:
+                orthanc.system()
+            except (OrthancUnavailable, OrthancError):
+                return False
+            return True
 
-    def control_ready() -> bool:
-        return unixhttp.request(control_socket, "GET", "/healthz")[0] in (200, 503)
+        return ready
+
+    def control_ready(socket_path: Path) -> Callable[[], bool]:
+        return lambda: unixhttp.request(socket_path, "GET", "/healthz")[0] in (200, 503)
 
     def caddy_ready() -> bool:
         if values["web_port"]:
@@ -241,49 +263,63 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
                 return True
         return admin_socket.exists()
 
-    caddy_home = site.cache / "caddy"
-    return [
+    archive = [
         Process(
-            "orthanc",
-            [ORTHANC, str(site.run / "orthanc.json")],
-            site.logs / "orthanc.log",
-            orthanc_ready,
+            node.name,
+            [ORTHANC, str(configs.orthanc_configuration_file(site, node))],
+            site.logs / f"{node.name}.log",
+            orthanc_ready(node),
             umask=site.umask,
             read_back=True,
             listens=True,
-        ),
-        Process(
-            "control",
-            gunicorn_argv(site, topology),
-            site.logs / "control.log",
-            control_ready,
-            env={"PACS_DATA": str(site.data), "TMPDIR": str(site.spool)},
-            umask=site.umask,
-            output_log=site.logs / "access.log",
-        ),
-        # The study catalog's feeder (control.catalog.feeder): a process of its own, so that
-        # following the archive never competes with the pages for a worker's interpreter.
-        Process(
-            "catalog",
-            [sys.executable, "-m", "control", "--data", str(site.data), "catalog", "feed"],
-            site.logs / "catalog.log",
-            lambda: True,
-            env={"PACS_DATA": str(site.data)},
-            umask=site.umask,
-        ),
-        Process(
-            "caddy",
-            ["caddy", "run", "--config", str(site.run / "Caddyfile"), "--adapter", "caddyfile"],
-            site.logs / "caddy-process.log",
-            caddy_ready,
-            env={"XDG_CONFIG_HOME": str(caddy_home / "config"), "XDG_DATA_HOME": str(caddy_home / "data")},
-            umask=site.umask,
-            listens=True,
-        ),
+        )
+        for node in configs.archive_nodes(values, topology)
     ]
+    planes = []
+    for number in range(1, topology.nodes + 1):
+        name = "control" if number == 1 else f"control-{number}"
+        socket_path = site.run / configs.control_socket_name(number)
+        planes.append(
+            Process(
+                name,
+                gunicorn_argv(site, topology, listen=f"unix:{socket_path}"),
+                site.logs / f"{name}.log",
+                control_ready(socket_path),
+                env={
+                    "PACS_DATA": str(site.data),
+                    "TMPDIR": str(site.spool),
+                    "PACS_CONTROL_PLANE": str(number),
+                },
+                umask=site.umask,
+                output_log=site.logs / ("access.log" if number == 1 else f"access-{number}.log"),
+            )
+        )
+    # The study catalog's feeder (control.catalog.feeder): a process of its own, so that following
+    # the archive never competes with the pages for a worker's interpreter. One for all nodes: it
+    # reads the shared index's change log through the client of all nodes, and however many run
+    # (on other machines too) the one holding the database's lock feeds (control.catalog.lock).
+    catalog = Process(
+        "catalog",
+        [sys.executable, "-m", "control", "--data", str(site.data), "catalog", "feed"],
+        site.logs / "catalog.log",
+        lambda: True,
+        env={"PACS_DATA": str(site.data)},
+        umask=site.umask,
+    )
+    caddy_home = site.cache / "caddy"
+    caddy = Process(
+        "caddy",
+        ["caddy", "run", "--config", str(site.run / "Caddyfile"), "--adapter", "caddyfile"],
+        site.logs / "caddy-process.log",
+        caddy_ready,
+        env={"XDG_CONFIG_HOME": str(caddy_home / "config"), "XDG_DATA_HOME": str(caddy_home / "data")},
+        umask=site.umask,
+        listens=True,
+    )
+    return [*archive, *planes, catalog, caddy]
 
 
-def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
+def gunicorn_argv(site: Site, topology: configs.Topology, listen: str | None = None) -> list[str]:
     """gunicorn serving the control plane.
 
     ``gthread`` workers, because ``sync`` workers are killed by the worker timeout in the middle of a
@@ -291,7 +327,7 @@ def gunicorn_argv(site: Site, topology: configs.Topology) -> list[str]:
     without its query string: token links carry the token there.
     """
     # A socket left by a gunicorn that died is replaced by gunicorn itself.
-    listen = topology.control_listen
+    listen = listen or topology.control_listen
     return [
         sys.executable,
         "-m",
@@ -351,7 +387,7 @@ class Supervisor:
         running = running_supervisor(self.site)
         if running:
             raise StackError(f"the portal of {self.site.data} already runs (pid {running})")
-        check_ports(self.prepared.settings)
+        check_ports(self.prepared.settings, self.prepared.topology)
         self.pid_file.write_text(str(os.getpid()))
         signal.signal(signal.SIGTERM, self._stop_signal)
         signal.signal(signal.SIGINT, self._stop_signal)
@@ -440,10 +476,11 @@ def running_supervisor(site: Site) -> int | None:
 
 
 def leftover_processes(site: Site) -> Iterator[tuple[str, int]]:
-    for name in ("orthanc", "control", "catalog", "caddy"):
-        pid = read_pid(site.run / f"{name}.pid")
+    """The stack's processes that run, by name (every node's and plane's pid file in ``run/``)."""
+    for path in sorted(site.run.glob("*.pid")):
+        pid = read_pid(path) if path.stem != "pacs" else None
         if pid:
-            yield name, pid
+            yield path.stem, pid
 
 
 def stop_detached(site: Site, timeout: float = 60) -> bool:

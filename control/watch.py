@@ -19,10 +19,18 @@ Instance UID another patient's study already has is flagged to the admin as it a
 (``control.tokens.shared``).
 
 Every control-plane process runs a watcher thread (started by gunicorn's ``post_worker_init``,
-``control.gunicorn_conf``); one at a time does the work, under an exclusive lock on a file in ``run/``,
-where the reading position is kept too, so each line is recorded once however many processes
-run, and none is lost across restarts. Orthanc's log lines carry local time without a year: the
-year is the current one unless that puts the line in the future.
+``control.gunicorn_conf``); one at a time does the work. What must be done once, whatever the number
+of control planes and archive nodes: following ``/changes`` (one change log, shared by every node
+of an archive on PostgreSQL) and recording each refusal. What is per node: each archive node
+writes its own log (``logs/orthanc.log``, ``logs/orthanc-2.log``...; the containers' nodes write
+theirs into the shared data volume too), and each has its own reading position. Positions live in
+the control plane's database (``archive_state`` row ``watch``) and are committed in the same
+transaction as the events they recorded, so each line and each change is recorded once however
+many processes and machines run, and none is lost across restarts. One round at a time: the round
+holds that row locked (``FOR UPDATE SKIP LOCKED`` on PostgreSQL: another control plane skips its
+round rather than waits) and, on one machine, an exclusive lock on a file in ``run/`` (SQLite has
+no row locks). Orthanc's log lines carry local time without a year: the year is the current one
+unless that puts the line in the future.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import sqlalchemy as sa
 from control import db
 from control.activity import Action, Outcome, record_activity
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
-from control.site import Site, write_private
+from control.site import Site
 from control.tokens import shared
 
 INTERVAL = 2.0  # seconds between two readings
@@ -53,6 +61,13 @@ MOST_READ = 4 * 1024 * 1024  # bytes of log read in one round, so that a long ba
 CHANGES_PAGE = 200  # of Orthanc's changes read in one round
 
 log = logging.getLogger(__name__)
+
+# The shared state's row, locked for the round; a round that finds it locked is skipped.
+_LOCK_STATE = (
+    sa.select(db.archive_state.c.value)
+    .where(db.archive_state.c.name == "watch")
+    .with_for_update(skip_locked=True)
+)
 
 _LOG_LINE = re.compile(
     r"^[IWEF](?P<month>\d\d)(?P<day>\d\d) (?P<time>\d\d:\d\d:\d\d\.\d{6}) .*?\] "
@@ -119,17 +134,19 @@ class ArchiveWatch:
         self.orthanc = orthanc
         self.interval = interval
         self.tasks: list[Callable[[dict[str, Any], sa.Connection], None]] = [
-            self._read_log,
+            self._read_logs,
             self._new_studies,
         ]
         self._stop = threading.Event()
 
     @property
-    def archive_log(self) -> Path:
-        return self.site.logs / "orthanc.log"
+    def archive_logs(self) -> list[Path]:
+        """Every archive node's log: ``orthanc.log`` (the first node) and ``orthanc-N.log``."""
+        return sorted(self.site.logs.glob("orthanc*.log"))
 
     @property
-    def state_file(self) -> Path:
+    def former_state_file(self) -> Path:
+        """Where versions before the shared state kept the reading position (read once, then gone)."""
         return self.site.run / "archive-watch.json"
 
     def start(self) -> threading.Thread:
@@ -141,7 +158,7 @@ class ArchiveWatch:
         self._stop.set()
 
     def _run(self) -> None:
-        # The first round at once: it marks where reading starts (see _read_log).
+        # The first round at once: it marks where reading starts (see _read_logs).
         while True:
             try:
                 self.run_once()
@@ -159,40 +176,54 @@ class ArchiveWatch:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False
-            state = self._state()
             with self.site.engine.begin() as connection:
+                kept = connection.execute(_LOCK_STATE).scalar_one_or_none()
+                if kept is None:
+                    return False  # another control plane is doing this round
+                state = json.loads(kept) or self._former_state()
                 for task in self.tasks:
                     task(state, connection)
-            self._save(state)
+                db.put_archive_state(connection, "watch", json.dumps(state))
+            self.former_state_file.unlink(missing_ok=True)
             return True
         finally:
             os.close(fd)  # releases the lock
 
-    def _state(self) -> dict[str, Any]:
+    def _former_state(self) -> dict[str, Any]:
+        """The position kept in ``run/`` by a version before the shared state, in today's form."""
         try:
-            return json.loads(self.state_file.read_text())
+            former = json.loads(self.former_state_file.read_text())
         except (FileNotFoundError, ValueError):
             return {}
+        if "log" in former:
+            former["logs"] = {"orthanc.log": former.pop("log")}
+        return former
 
-    def _save(self, state: dict[str, Any]) -> None:
-        write_private(self.state_file, json.dumps(state))
+    def _read_logs(self, state: dict[str, Any], connection: sa.Connection) -> None:
+        """Record the refusals every node logged since the positions kept in ``state``."""
+        first_round = "logs" not in state
+        positions = state.setdefault("logs", {})
+        for path in self.archive_logs:
+            self._read_log(path, positions, first_round, connection)
 
-    def _read_log(self, state: dict[str, Any], connection: sa.Connection) -> None:
-        """Record the refusals Orthanc logged since the position kept in ``state``."""
+    def _read_log(
+        self, path: Path, positions: dict[str, Any], first_round: bool, connection: sa.Connection
+    ) -> None:
         try:
-            file = self.archive_log.open("rb")
+            file = path.open("rb")
         except FileNotFoundError:
-            state["log"] = {"inode": None, "offset": 0}
             return
         with file:
             size = os.fstat(file.fileno()).st_size
             inode = os.fstat(file.fileno()).st_ino
-            kept = state.get("log")
-            if kept is None:
-                # The watcher's first round: what Orthanc logged before it existed is not read.
-                state["log"] = {"inode": inode, "offset": size}
+            kept = positions.get(path.name)
+            if kept is None and first_round:
+                # The watcher's first round: what Orthanc logged before it existed is not read. A
+                # node's log that appears later (a node added) is read from its start.
+                positions[path.name] = {"inode": inode, "offset": size}
                 return
-            offset = kept["offset"] if kept.get("inode") == inode and kept["offset"] <= size else 0
+            kept = kept or {}
+            offset = kept["offset"] if kept.get("inode") == inode and kept.get("offset", 0) <= size else 0
             file.seek(offset)
             chunk = file.read(min(size - offset, MOST_READ))
         complete = chunk[: chunk.rfind(b"\n") + 1] if len(chunk) < MOST_READ else chunk
@@ -201,6 +232,8 @@ class ArchiveWatch:
             detail = {"aet": call.aet, "request": call.request}
             if call.reason:
                 detail["reason"] = call.reason
+            if path.name != "orthanc.log":
+                detail["node"] = path.stem
             record_activity(
                 Action.DICOM_REFUSED,
                 Outcome.REFUSED,
@@ -209,7 +242,7 @@ class ArchiveWatch:
                 at=call.at,
                 **detail,
             )
-        state["log"] = {"inode": inode, "offset": offset + len(complete)}
+        positions[path.name] = {"inode": inode, "offset": offset + len(complete)}
 
     def _new_studies(self, state: dict[str, Any], connection: sa.Connection) -> None:
         """Flag the new studies (since the change kept in ``state``) whose UID another study has."""

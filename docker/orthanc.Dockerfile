@@ -14,7 +14,7 @@ RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d \
 	&& chmod +x /usr/sbin/policy-rc.d \
 	&& apt-get update \
 	&& DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-		-o Dpkg::Options::=--force-unsafe-io orthanc orthanc-dicomweb \
+		-o Dpkg::Options::=--force-unsafe-io orthanc orthanc-dicomweb orthanc-postgresql \
 	&& rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d
 
 # The same unprivileged user, uid 10001, in all three images: they share the data volume, which

@@ -188,7 +188,9 @@ def test_a_restored_portal_holds_everything_acknowledged_before_the_backup(backe
     try:
         held = stored_md5s(second)
         expected = backed_up["expected"]
-        assert set(backed_up["acknowledged_before"]) <= set(expected)
+        # Every store acknowledged before the backup began is in the restore: also those acknowledged
+        # after ``expected`` was listed (the modality keeps storing meanwhile).
+        assert set(backed_up["acknowledged_before"]) <= set(held)
         for uid, md5 in expected.items():
             assert held.get(uid) == md5, f"instance {uid} is missing or differs after the restore"
         # Users sign in with their passwords, as before.

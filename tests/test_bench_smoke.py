@@ -18,9 +18,9 @@ from conftest import REPOSITORY
 
 pytestmark = pytest.mark.stack
 
-SCENARIOS = {"zip", "search", "viewer", "upload", "users", "growth", "catalog", "activity"}
+SCENARIOS = {"zip", "search", "viewer", "upload", "users", "growth", "catalog", "activity", "nodes"}
 # The scenarios that ask both ways the same question, so each has a "same content" check.
-COMPARED = {"zip", "search", "viewer", "upload", "growth", "catalog"}
+COMPARED = {"zip", "search", "viewer", "upload", "growth", "catalog", "nodes"}
 
 
 def test_a_smoke_run_reports_every_scenario_with_matching_content(tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_a_smoke_run_reports_every_scenario_with_matching_content(tmp_path: Path
         cwd=REPOSITORY,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=480,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 

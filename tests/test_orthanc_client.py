@@ -16,7 +16,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from control.orthanc import Orthanc, OrthancError, OrthancRefused, OrthancUnavailable
+from control.orthanc import (
+    Orthanc,
+    OrthancError,
+    OrthancRefused,
+    OrthancUnavailable,
+    OrthancUnreachable,
+)
 
 from conftest import free_port
 
@@ -56,6 +62,39 @@ def test_an_archive_that_never_answers_is_unavailable_after_the_timeout(call, si
         call(client(silent_port, timeout=0.3))
     # GETs and searches are tried twice (a closed pooled connection looks the same), never more.
     assert time.monotonic() - started < 3
+
+
+@pytest.fixture
+def breaking_port() -> Iterator[int]:
+    """A server that reads each request, begins an answer and closes midway, as a dying node does."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{"Status": ')
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_a_refused_connection_is_told_from_an_answer_broken_off(call, breaking_port: int) -> None:
+    # Nothing reached an archive that refused the connection: another node may take even a write.
+    with pytest.raises(OrthancUnreachable):
+        call(client(free_port()))
+    # An archive that took the request and broke off its answer may have acted on it.
+    with pytest.raises(OrthancUnavailable) as broken:
+        call(client(breaking_port))
+    assert not isinstance(broken.value, OrthancUnreachable)
 
 
 class Refusing(BaseHTTPRequestHandler):

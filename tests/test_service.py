@@ -13,6 +13,7 @@ apply the sandbox (``ProtectSystem=`` ...) or ``User=``: the tests run as the us
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pwd
 import shlex
@@ -302,6 +303,43 @@ def test_every_process_of_the_stack_has_its_unit(portal: Stack, units: Path) -> 
     assert (units / "pacs.env").stat().st_mode & 0o077 == 0
     kept = (units / "pacs.env").read_text()
     assert f'PACS_WEB_PORT="{portal.web_port}"' in kept and "PACS_ADMIN_PASSWORD" not in kept
+
+
+def test_a_portal_of_several_nodes_has_a_unit_for_each_node_and_control_plane(tmp_path: Path) -> None:
+    # What ./pacs up --nodes 2 records for later starts: the units follow it.
+    made = make_stack(tmp_path / "data")
+    site = Site(made.data)
+    site.run.mkdir(parents=True)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in made.env.items():
+            patch.setenv(name, value)
+        topology = configs.Topology.from_environment(site)
+    configs.write_running_topology(site, dataclasses.replace(topology, nodes=2, archive_index="postgresql"))
+    folder = tmp_path / "units"
+    user = pwd.getpwuid(os.getuid()).pw_name
+    done = made.pacs("service", "install", "--directory", str(folder), "--user", user)
+    assert done.returncode == 0, done.stderr
+    wanted = parse_unit((folder / "pacs.target").read_text())["Unit"]["Wants"][0].split()
+    assert wanted == [
+        "pacs-prepare.service",
+        *(
+            f"pacs-{name}.service"
+            for name in ("orthanc", "orthanc-2", "control", "control-2", "catalog", "caddy")
+        ),
+    ]
+    second = parse_unit((folder / "pacs-orthanc-2.service").read_text())["Service"]
+    command = words(second["ExecStart"][0])
+    # The second node runs its own configuration, and keeps its own log, which the watcher reads.
+    assert command[-1] == str(made.data / "run" / "orthanc-2.json")
+    assert command[command.index("--log") + 1] == str(made.data / "logs" / "orthanc-2.log")
+    assert second["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
+    plane = parse_unit((folder / "pacs-control-2.service").read_text())
+    assert plane["Unit"]["After"] == ["pacs-control.service"]
+    command = words(plane["Service"]["ExecStart"][0])
+    assert command[command.index("--bind") + 1] == f"unix:{made.data / 'run' / 'control-2.sock'}"
+    assert any("PACS_CONTROL_PLANE=2" in words(line) for line in plane["Service"]["Environment"])
+    checked = verify(folder)
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
 
 
 def stranger_find(portal: Stack) -> bool:

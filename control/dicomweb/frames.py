@@ -220,7 +220,8 @@ class FrameSource:
                 self._holders.move_to_end(study_uid)
                 holder = self._holders[study_uid]
         if holder is None:
-            found = self.orthanc.find("Study", {"StudyInstanceUID": study_uid}, expand=True)
+            # Two tell that the UID is shared; more are not needed.
+            found = self.orthanc.find("Study", {"StudyInstanceUID": study_uid}, expand=True, limit=2)
             if len(found) > 1:
                 self._forget(study_uid)
                 raise StudyShared(study_uid)

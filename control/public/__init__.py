@@ -44,19 +44,34 @@ def healthz():
         report["database"] = {"ok": True}
     except sa.exc.SQLAlchemyError as error:
         report["database"] = {"ok": False, "error": type(error).__name__}
-    try:
-        system = current_app.extensions["orthanc"].system()
-        # The versions of Orthanc and of its DICOMweb plugin, as the portal last asked (a minute at most).
-        versions = current_app.extensions["archive_version"].current().describe()
-        report["orthanc"] = {"ok": True, **versions, "aet": system.get("DicomAet")}
-    except (OrthancUnavailable, OrthancError) as error:
-        report["orthanc"] = {
-            "ok": False,
-            "error": "not reachable" if isinstance(error, OrthancUnavailable) else str(error),
-        }
-    healthy = all(part["ok"] for part in report.values())
-    report = {"status": "ok" if healthy else "degraded", **report}
+    archive = current_app.extensions["orthanc"]
+    nodes = {name: _node_health(orthanc) for name, orthanc in archive.each()}
+    answering = [health for health in nodes.values() if health["ok"]]
+    report["orthanc"] = answering[0] if answering else next(iter(nodes.values()))
+    if answering:
+        try:
+            # The versions of Orthanc and of its DICOMweb plugin, as the portal last asked (a minute at most).
+            versions = current_app.extensions["archive_version"].current().describe()
+            report["orthanc"] = {**report["orthanc"], **versions}
+        except (OrthancUnavailable, OrthancError) as error:
+            reason = "not reachable" if isinstance(error, OrthancUnavailable) else str(error)
+            report["orthanc"] = {"ok": False, "error": reason}
+    if len(nodes) > 1:
+        # Several archive nodes: the portal serves while one answers; the others are named.
+        report["nodes"] = nodes
+    healthy = all(part["ok"] for part in report.values() if "ok" in part)
+    report = {"status": "ok" if healthy and len(answering) == len(nodes) else "degraded", **report}
     return jsonify(report), 200 if healthy else 503
+
+
+def _node_health(orthanc) -> dict:
+    try:
+        system = orthanc.system()
+    except OrthancUnavailable:
+        return {"ok": False, "error": "not reachable"}
+    except OrthancError as error:
+        return {"ok": False, "error": str(error)}
+    return {"ok": True, "version": system.get("Version"), "aet": system.get("DicomAet")}
 
 
 from control.public import installer  # noqa: E402, F401 - the module registers bp's routes

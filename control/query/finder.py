@@ -29,7 +29,9 @@ windows before it. Before the walk come studies dated in the future (clock error
 those without a date. Orthanc compares dates as text, so a date that is not a DICOM date
 (``1997.04.24``) may fall between two windows: such studies come last, from one full read that
 only the last pages of such an answer need. The total is one
-id-only count (or ``/statistics`` when there are no criteria), about 2 s at 50,000 matches.
+id-only count (or ``/statistics`` when there are no criteria); past ``COUNT_LIMIT`` matches the
+pages say only that more follow. Every find carries a ``Limit``: on a PostgreSQL index (several
+archive nodes) a broad find costs about 8 times what it does on SQLite.
 
 The trade-off: large answers cost one count plus work proportional to the depth of the page rather
 than to the archive; studies stored while someone pages may shift rows between pages, as in any
@@ -55,6 +57,9 @@ from typing import Any
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable, resource_id
 
 SORT_LIMIT = 2000
+# Counts stop here (every find carries a Limit, see Orthanc.find): a larger answer's total is
+# not given ("more follow"), and no one window or leftover read brings more than this.
+COUNT_LIMIT = 10_000
 DICOM_DATE = re.compile(r"\d{8}")
 # Study date windows never start before this; older and undated studies come last, in one window.
 EARLIEST = dt.date(1900, 1, 1)
@@ -205,7 +210,8 @@ class Finder:
         if everything is not None:
             rows = newest_first(everything)
             return Page(rows[offset : offset + limit], offset, limit, len(rows), offset + limit < len(rows))
-        total = self._count(search, "Study")
+        total = self._count(search, "Study", COUNT_LIMIT + 1)
+        known = total <= COUNT_LIMIT
         wanted = offset + limit
         rows: list[dict[str, Any]] = []
         position = 0
@@ -222,6 +228,9 @@ class Finder:
         else:
             leftovers = self._leftovers(search, walked)
             rows.extend(leftovers[max(0, offset - position) : wanted - position])
+            position += len(leftovers)
+        if not known:
+            return Page(rows, offset, limit, None, position > wanted or len(rows) == limit)
         return Page(rows, offset, limit, total, wanted < total)
 
     def patients(self, search: Search, offset: int, limit: int) -> Page:
@@ -248,7 +257,9 @@ class Finder:
         rows = list(matches.values())
         # Orthanc's patient count would not do: at study level a patient criterion matches the
         # patient's tags as stored with each study, which may differ from study to study.
-        total = self._count(search, "Patient") if search.is_everything else None
+        total = self._count(search, "Patient", COUNT_LIMIT + 1) if search.is_everything else None
+        if total is not None and total > COUNT_LIMIT:
+            total = None
         return Page(rows[offset : offset + limit], offset, limit, total, len(rows) > offset + limit)
 
     def modalities(self, search: Search, studies: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -276,7 +287,7 @@ class Finder:
         wanted = {study["ID"] for study in studies}
         found: dict[str, set[str]] = {}
         for query in queries:
-            for series in self.orthanc.find("Series", query, expand=True):
+            for series in self.orthanc.find("Series", query, expand=True, limit=COUNT_LIMIT):
                 modality = series["MainDicomTags"].get("Modality")
                 if series["ParentStudy"] in wanted and modality:
                     found.setdefault(series["ParentStudy"], set()).add(modality)
@@ -306,7 +317,7 @@ class Finder:
         exact = self._one_patient(search)
         if exact is not None:
             return exact
-        if search.is_everything and self._count(search, "Study") > self.sort_limit:
+        if search.is_everything and self._count(search, "Study", self.sort_limit + 1) > self.sort_limit:
             return None  # the archive's statistics said so, without reading a study
         found = self.orthanc.find("Study", search.query(), expand=True, limit=self.sort_limit + 1)
         return found if len(found) <= self.sort_limit else None
@@ -332,15 +343,16 @@ class Finder:
                 raise
             return None
 
-    def _count(self, search: Search, level: str) -> int:
-        """How many studies (or, for no criteria only, patients) match: ids only, or the statistics."""
+    def _count(self, search: Search, level: str, limit: int) -> int:
+        """How many studies (or, for no criteria only, patients) match, up to ``limit``: ids only,
+        or the statistics."""
         if search.is_everything:
             statistics = self.orthanc.get_json("/statistics")
             return int(statistics["CountStudies" if level == "Study" else "CountPatients"])
-        return len(self.orthanc.find(level, search.query()))
+        return len(self.orthanc.find(level, search.query(), limit=limit))
 
     def _fetch(self, search: Search, window: Window) -> list[dict[str, Any]]:
-        return self.orthanc.find("Study", search.query(window), expand=True)
+        return self.orthanc.find("Study", search.query(window), expand=True, limit=COUNT_LIMIT)
 
     def _windows(self, search: Search) -> Iterator[tuple[Window, int]]:
         """Study date windows covering the search's dates, newest first, each with its count.
@@ -362,7 +374,10 @@ class Finder:
         while high >= bottom:
             low = max(high - dt.timedelta(days=span - 1), bottom)
             window = Window(dicom_date(low), dicom_date(high))
-            count = self._count_window(search, window)
+            # Past sort_limit, a window of several days is only shrunk: "more" is all it needs to know.
+            count = self._count_window(search, window, self.sort_limit + 1)
+            if count > self.sort_limit and low == high:
+                count = self._count_window(search, window)
             if count > self.sort_limit and low < high:
                 # Too many to sort at once: aim for three quarters of the limit.
                 span = max(1, min(span - 1, span * self.sort_limit * 3 // (4 * count)))
@@ -377,12 +392,12 @@ class Finder:
             undated = Window(None, dicom_date(bottom - dt.timedelta(days=1)))
             yield undated, self._count_window(search, undated)
 
-    def _count_window(self, search: Search, window: Window) -> int:
-        return len(self.orthanc.find("Study", search.query(window)))
+    def _count_window(self, search: Search, window: Window, limit: int = COUNT_LIMIT) -> int:
+        return len(self.orthanc.find("Study", search.query(window), limit=limit))
 
     def _leftovers(self, search: Search, windows: list[Window]) -> list[dict[str, Any]]:
         """Matching studies that no window holds (malformed dates), newest first: one full read."""
-        everything = self.orthanc.find("Study", search.query(), expand=True)
+        everything = self.orthanc.find("Study", search.query(), expand=True, limit=COUNT_LIMIT)
         return newest_first(
             [study for study in everything if not any(w.holds(study_date(study)) for w in windows)]
         )

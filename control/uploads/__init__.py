@@ -62,6 +62,8 @@ UPLOADS = {"uploads.upload_files", "uploads.attach_pdf", "uploads.attach_pdf_to_
 FORM_BUFFER_BYTES = 1024 * 1024
 DISCARD_LIMIT = 16 * 1024 * 1024  # a refused body up to this size is read before the refusal
 _WILDCARDS = re.compile(r"[*?\\]")
+# The studies a PDF report's study reference may name: more than one is already an ambiguity.
+ATTACH_CANDIDATES = 20
 # What an upload's activity row says until its files are all dealt with (see the module).
 NOT_COMPLETED = {"state": "not completed (still storing, or the portal stopped while storing)"}
 
@@ -406,9 +408,9 @@ def attach_pdf():
         )
     found: list[str] = []
     if is_uid(wanted):
-        found = _orthanc().find_studies({"StudyInstanceUID": wanted})
+        found = _orthanc().find_studies({"StudyInstanceUID": wanted}, limit=ATTACH_CANDIDATES)
     if not found:
-        found = _orthanc().find_studies({"AccessionNumber": wanted})
+        found = _orthanc().find_studies({"AccessionNumber": wanted}, limit=ATTACH_CANDIDATES)
     if not found:
         return _refusal(
             404, f"No study in the archive has the UID or accession number {wanted}.", back=_back()
@@ -416,7 +418,8 @@ def attach_pdf():
     if len(found) > 1:
         return _refusal(
             409,
-            f"{len(found)} studies have the accession number {wanted}: give the Study Instance UID.",
+            f"{len(found) if len(found) < ATTACH_CANDIDATES else 'Many'} studies have the accession "
+            f"number {wanted}: give the Study Instance UID.",
             back=_back(),
         )
     return _attach(found[0])
