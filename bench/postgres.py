@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psycopg
 
+from bench import processes
+
 
 def binaries() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
@@ -56,34 +58,30 @@ class PostgresServer:
 
     def _run(self) -> None:
         data = self.folder / "cluster"
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                self._as_owner(
-                    [
-                        str(self.bin / "postgres"),
-                        "-D",
-                        str(data),
-                        "-p",
-                        str(self.port),
-                        "-h",
-                        "127.0.0.1",
-                        "-k",
-                        str(self.folder),
-                    ]
-                ),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with psycopg.connect(self.url("postgres", driver=False), connect_timeout=1):
-                    return
-            except psycopg.OperationalError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.2)
-        raise RuntimeError("PostgreSQL did not start:\n" + self.log.read_text(errors="replace"))
+        self.process = processes.start_logged(
+            self._as_owner(
+                [
+                    str(self.bin / "postgres"),
+                    *("-D", str(data), "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.folder)),
+                ]
+            ),
+            self.log,
+        )
+        processes.wait_until_ready(
+            self.process,
+            self._answers,
+            "PostgreSQL",
+            timeout=30,
+            details=lambda: processes.log_tail(self.log),
+            interval=0.2,
+        )
+
+    def _answers(self) -> bool:
+        try:
+            with psycopg.connect(self.url("postgres", driver=False), connect_timeout=1):
+                return True
+        except psycopg.OperationalError:
+            return False
 
     def restart(self, down_for: float = 0, until: threading.Event | None = None) -> None:
         """Stop the server as an admin's restart does (fast shutdown: sessions are ended, nothing
@@ -111,11 +109,5 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        processes.stop(self.process)
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -29,6 +29,7 @@ from typing import Any, Self
 
 import requests
 
+from bench import processes
 from control.site import REPOSITORY, write_private
 
 ADMIN_PASSWORD = "the bench keeper's long passphrase"  # noqa: S105 - a throwaway stack's
@@ -222,31 +223,34 @@ class Stack:
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the stack and wait for its banner (or raise StackFailed with its output and logs)."""
         self.data.mkdir(parents=True, exist_ok=True)
-        with self.runner_log.open("ab") as log:
-            self._read_from = log.tell()
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "control", "--data", str(self.data), "up"],
-                cwd=REPOSITORY,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        self._read_from = self.runner_log.stat().st_size if self.runner_log.exists() else 0
+        self.process = processes.start_logged(
+            [sys.executable, "-m", "control", "--data", str(self.data), "up"],
+            self.runner_log,
+            cwd=REPOSITORY,
+            env=self.env,
+        )
+
+        def banner_shown() -> bool:
             self._read_output()
-            if any(BANNER in line for line in self.output):
-                return
-            if self.process.poll() is not None:
-                self._read_output()
-                raise StackFailed(
-                    f"the stack did not start (exit {self.process.returncode}):\n"
-                    + "".join(self.output)[-3000:]
-                    + logs_tail(self.data)
-                )
-            time.sleep(0.1)
-        self.stop()
-        raise StackFailed("the stack did not start in time:\n" + "".join(self.output) + logs_tail(self.data))
+            return any(BANNER in line for line in self.output)
+
+        def told() -> str:
+            self._read_output()
+            return "".join(self.output)[-3000:] + logs_tail(self.data)
+
+        try:
+            processes.wait_until_ready(
+                self.process,
+                banner_shown,
+                "the stack",
+                timeout=timeout,
+                details=told,
+                failure=StackFailed,
+            )
+        except StackFailed:
+            self.stop()
+            raise
 
     def _read_output(self) -> None:
         """Add the runner's new complete lines to ``output``."""
@@ -261,15 +265,9 @@ class Stack:
         """Stop it as Ctrl-C would (then make sure it is gone); the runner's exit code."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        code = processes.stop(self.process, signal.SIGINT, timeout)
         self._read_output()
-        return self.process.returncode
+        return code
 
     def processes(self) -> Processes:
         return Processes.of(self.data / "run")
@@ -340,28 +338,25 @@ def proxy_alone(stack: Stack, folder: Path, timeout: float = 20) -> Iterator[tup
         "\t}\n}\n",
     )
     env = {**os.environ, "XDG_CONFIG_HOME": str(folder / "config"), "XDG_DATA_HOME": str(folder / "data")}
-    with (folder / "caddy.log").open("ab") as log:
-        process = subprocess.Popen(
-            ["caddy", "run", "--config", str(config), "--adapter", "caddyfile"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    log = folder / "caddy.log"
+    process = processes.start_logged(
+        ["caddy", "run", "--config", str(config), "--adapter", "caddyfile"], log, env=env
+    )
+
+    def listening() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise StackFailed(f"the reference Caddy did not start: see {folder / 'caddy.log'}")
-            time.sleep(0.05)
+        processes.wait_until_ready(
+            process,
+            listening,
+            "the reference Caddy",
+            timeout=timeout,
+            details=lambda: processes.log_tail(log),
+            failure=StackFailed,
+            interval=0.05,
+        )
         yield f"http://127.0.0.1:{port}", process.pid
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        processes.stop(process, timeout=10)

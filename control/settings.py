@@ -127,6 +127,17 @@ def _email(text: str) -> None:
         raise ValueError(f"{text!r} is not an e-mail address")
 
 
+def _ae_title(text: str) -> None:
+    # Orthanc does not start with an empty AE title or one longer than DICOM's 16 characters; a
+    # backslash or a control character is not allowed in one either (DICOM PS3.5, AE).
+    if not text:
+        raise ValueError("the archive needs an AE title")
+    if len(text) > 16:
+        raise ValueError(f"{text!r} is longer than an AE title may be (at most 16 characters)")
+    if "\\" in text or not text.isprintable():
+        raise ValueError(f"{text!r}: an AE title may not hold a backslash or control characters")
+
+
 @dataclass(frozen=True)
 class Modality:
     """A DICOM modality allowed to query the worklist and the archive (``dicom_modalities``)."""
@@ -258,6 +269,7 @@ SETTINGS: tuple[Setting, ...] = (
         "DICOM AE title",
         "The archive's application entity title, as modalities must call it.",
         env="PACS_DICOM_AET",
+        check=_ae_title,
         effect=Effect.ARCHIVE_RESTART,
     ),
     _port(

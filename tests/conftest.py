@@ -9,6 +9,13 @@ by default the cache of the default data directory) so that every stack does not
 here with openssl for the name ``pacs.test`` (and 127.0.0.1), installed with ``./pacs config
 certificate``. Python clients trust that certificate and reach it at ``https://127.0.0.1:PORT``;
 browsers reach it by its name (``browser_url``, see tests/browser.py).
+
+``app``, ``client`` and ``auth`` are the in-process layer, for the logic that needs no archive
+(sign-in, CSRF, access rules, forms, the admin's pages): the control plane built by
+``create_app`` on a temporary data directory, each test on a new installation's SQLite database
+made by the real migrations, driven through Flask's test client. No Orthanc, gunicorn or Caddy:
+the archive's port is one where nothing listens, so a page that asks the archive gets the
+portal's 503. Tests of this layer are marked ``inprocess`` (``./pacs test -m inprocess``, seconds).
 """
 
 from __future__ import annotations
@@ -16,8 +23,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import html
+import html.parser
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -28,20 +38,36 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+import sqlalchemy as sa
+from argon2 import PasswordHasher, profiles
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from flask import Flask
+from flask.testing import FlaskClient
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+from werkzeug.test import TestResponse
 
-from bench.stack import REPOSITORY, free_port  # noqa: F401 - tests import free_port from here
+from bench.stack import REPOSITORY, free_port
 from bench.stack import Stack as PortalStack
+from control import accounts, db
+from control.app import create_app
+from control.site import Site
 
 os.environ.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
 
 ADMIN_PASSWORD = "correct horse battery staple"
 SITE_NAME = "pacs.test"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under ``-m inprocess``, a test module that never names the marker is not even imported:
+    importing the browser and DICOM libraries of the other modules would take seconds."""
+    if config.option.markexpr == "inprocess" and collection_path.name.startswith("test_"):
+        return "inprocess" not in collection_path.read_text()
+    return None
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 90) -> None:
@@ -255,3 +281,168 @@ def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
     yield made
     made.stop()
     made.pacs("down")
+
+
+@pytest.fixture(scope="session")
+def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database made once by the real migrations, for tests to take copies of."""
+    engine = Site(tmp_path_factory.mktemp("migrated")).engine
+    db.migrate(engine)
+    engine.dispose()
+    return Path(engine.url.database)
+
+
+# The real argon2id code at its cheapest cost: the inner loop hashes many passwords.
+CHEAP_HASHER = PasswordHasher.from_parameters(profiles.CHEAPEST)
+
+
+@pytest.fixture(scope="session")
+def installation(tmp_path_factory: pytest.TempPathFactory, migrated_database: Path) -> tuple[Flask, Path]:
+    """The in-process control plane, built once, and the database of a new installation with
+    one admin, which each test's ``app`` starts from.
+
+    Building an app compiles every URL rule (most of the cost of ``create_app``); a test gets the
+    one app on a database of its own instead. A test that changes the app itself (adds a page,
+    say) takes ``own_app``.
+    """
+    data = tmp_path_factory.mktemp("installation")
+    new = data / "new-installation.sqlite3"
+    shutil.copyfile(migrated_database, new)
+    engine = db.make_engine(f"sqlite:///{new}")
+    with engine.begin() as connection, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(accounts, "_hasher", CHEAP_HASHER)
+        # Not the archive's usual 8042, where another installation's Orthanc may answer.
+        db.put_settings(connection, {"orthanc_http_port": free_port()})
+        accounts.create_user(connection, "admin", ADMIN_PASSWORD, is_admin=True)
+    engine.dispose()
+    shutil.copyfile(new, data / migrated_database.name)
+    return create_app({"DATA_DIR": data, "TESTING": True}), new
+
+
+@pytest.fixture
+def app(installation: tuple[Flask, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+    """The control plane of a new installation, in process, with one admin (``ADMIN_PASSWORD``)."""
+    built, new = installation
+    site: Site = built.extensions["site"]
+    database = Path(site.engine.url.database)
+    for leftover in (database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    shutil.copyfile(new, database)
+    shutil.rmtree(site.secrets_dir / "tls", ignore_errors=True)
+    site._settings = None  # the new database's revision may be the number the last one had
+    monkeypatch.setattr(accounts, "_hasher", CHEAP_HASHER)
+    yield built
+    site.engine.dispose()
+
+
+@pytest.fixture
+def own_app(
+    installation: tuple[Flask, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Flask]:
+    """An app of the test's own on a new installation, for tests that change the app itself."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(installation[1], data / "control.sqlite3")
+    monkeypatch.setattr(accounts, "_hasher", CHEAP_HASHER)
+    made = create_app({"DATA_DIR": data, "TESTING": True})
+    yield made
+    made.extensions["site"].engine.dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A browser of the in-process portal: it keeps cookies; it follows no redirect unless told."""
+    return app.test_client()
+
+
+def add_user(app: Flask, username: str, password: str, **rights: bool) -> accounts.User:
+    """An account made as the admin's page makes it (``is_admin``, ``can_upload``)."""
+    with app.extensions["site"].engine.begin() as connection:
+        return accounts.create_user(connection, username, password, **rights)
+
+
+def activity_rows(app: Flask, **where: str) -> list:
+    """The activity log's rows (all columns), oldest first, those whose columns equal ``where``."""
+    table = db.activity
+    query = sa.select(table).where(*(table.c[name] == value for name, value in where.items()))
+    with app.extensions["site"].engine.connect() as connection:
+        return list(connection.execute(query.order_by(table.c.id)))
+
+
+class _FormReader(html.parser.HTMLParser):
+    """What a browser would send of each form of a page, as the page fills it in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict[str, str]] = []
+        self._select: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        given = {name: value or "" for name, value in attrs}
+        name = given.get("name")
+        if tag == "form":
+            self.forms.append({})
+        elif not self.forms or "disabled" in given:
+            return
+        elif tag == "input" and name and given.get("type", "text") not in ("file", "submit", "button"):
+            if given.get("type") not in ("checkbox", "radio") or "checked" in given:
+                self.forms[-1][name] = given.get("value", "on")
+        elif tag == "select" and name:
+            self._select = name
+        elif tag == "option" and self._select and ("selected" in given or self._select not in self.forms[-1]):
+            self.forms[-1][self._select] = given.get("value", "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "select":
+            self._select = None
+
+
+def form_values(page: str, having: str) -> dict[str, str]:
+    """What the form of ``page`` with the field ``having`` sends as it stands (no textareas, no
+    files)."""
+    reader = _FormReader()
+    reader.feed(page)
+    [form] = [form for form in reader.forms if having in form]
+    return form
+
+
+def field_error(page: str, name: str) -> str | None:
+    """The error a page shows next to its form field ``name``, or None."""
+    after = page.split(f'name="{name}"', 1)[1]
+    own = re.split(r'<div class="field[ "]', after, maxsplit=1)[0]
+    found = re.search(r'class="field-error" role="alert">([^<]*)<', own)
+    return html.unescape(found.group(1)) if found else None
+
+
+class Auth:
+    """Signing in and out, and sending forms, as a browser does: through the pages' own forms,
+    with the token each page carries (flaskr's ``AuthActions``)."""
+
+    def __init__(self, client: FlaskClient) -> None:
+        self.client = client
+
+    def login(self, username: str = "admin", password: str = ADMIN_PASSWORD, **data: str) -> TestResponse:
+        page = self.client.get("/login")
+        return self.client.post(
+            "/login",
+            data={"username": username, "password": password, "csrf_token": csrf_token(page.text), **data},
+        )
+
+    def logout(self) -> TestResponse:
+        return self.submit("/account/password", "/logout")
+
+    def submit(
+        self, page: str, action: str | None = None, data: dict | None = None, **headers: str
+    ) -> TestResponse:
+        """Open ``page`` and send its form (to ``action``, by default the page itself) with ``data``."""
+        data = {**(data or {}), "csrf_token": self.token(page)}
+        return self.client.post(action or page, data=data, headers=headers)
+
+    def token(self, page: str) -> str:
+        """The CSRF token of ``page``'s forms, as the browser has it after opening the page."""
+        return csrf_token(self.client.get(page).text)
+
+
+@pytest.fixture
+def auth(client: FlaskClient) -> Auth:
+    return Auth(client)

@@ -13,6 +13,7 @@ import socket
 import time
 
 import pydicom
+import pytest
 import requests
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
@@ -35,6 +36,7 @@ def running_versions(stack: Stack) -> ArchiveVersion:
     return ArchiveVersion.from_answers(system, plugin.json())
 
 
+@pytest.mark.inprocess
 def test_versions_are_read_as_orthanc_writes_them() -> None:
     assert parse_version("1.10.1") == (1, 10, 1)
     assert parse_version("1.12.7") > parse_version("1.12.5") > parse_version("1.11.3")

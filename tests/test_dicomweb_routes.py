@@ -23,6 +23,8 @@ from control.app import create_app
 from control.dicomweb import rules
 from control.site import Site
 
+pytestmark = pytest.mark.inprocess
+
 # Paths around the table's: near misses of each row, and the resources Orthanc answers.
 UID = "1.2.840.10008.9.1"
 STUDY = f"/dicom-web/studies/{UID}"

@@ -8,6 +8,8 @@ import pytest
 
 from control import activity, formatting
 
+pytestmark = pytest.mark.inprocess
+
 
 @pytest.mark.parametrize(
     ("stored", "shown"),

@@ -36,6 +36,7 @@ FRAME = "/dicom-web/studies/1.2.3/series/1.2.4/instances/1.2.5/frames/1"
 # ---- pure logic ------------------------------------------------------------------------------
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize(
     ("accept", "stored", "named"),
     [
@@ -67,6 +68,7 @@ def test_the_core_answers_only_what_it_answers_as_the_plugin(accept: str, stored
     assert answered_syntax(accept, stored, native_named_as_stored=True) == named
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize(
     ("named_as_stored", "named"),
     [(True, IMPLICIT_LE), (False, EXPLICIT_LE)],
@@ -76,6 +78,7 @@ def test_native_frames_of_any_syntax_are_named_as_the_plugin_names_them(named_as
     assert answered_syntax(ANY, IMPLICIT_LE, native_named_as_stored=named_as_stored) == named
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize(
     ("uri", "frame"),
     [

@@ -17,6 +17,8 @@ from control.dicomweb.rules import (
     searched_studies,
 )
 
+pytestmark = pytest.mark.inprocess
+
 MINE = "1.2.840.10008.9.1"
 OTHER = "1.2.840.10008.9.2"
 SERIES = "1.2.840.10008.9.1.1"

@@ -7,6 +7,8 @@ import pytest
 
 from control.uploads import hl7orders, worklist
 
+pytestmark = pytest.mark.inprocess
+
 ORDER = (
     "MSH|^~\\&|RIS|HOSP|PACS|HOSP|20240102120000||ORM^O01|MSG1|P|2.3\r"
     "PID|1||PAT001^^^HOSP^MR||Παπαδόπουλος^Γιώργος^Κ||19700101|M\r"

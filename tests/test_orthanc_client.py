@@ -26,6 +26,8 @@ from control.orthanc import (
 
 from conftest import free_port
 
+pytestmark = pytest.mark.inprocess
+
 
 def client(port: int, timeout: float = 30) -> Orthanc:
     return Orthanc(f"http://127.0.0.1:{port}", "user", "password", timeout=timeout)

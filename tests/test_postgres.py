@@ -8,16 +8,14 @@ does, the other sees at once: nothing but the database holds state.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 import sqlalchemy as sa
 
+from bench import processes
 from control import db
 
 from conftest import REPOSITORY, Stack, csrf_token, free_port, make_stack, sign_in
@@ -54,37 +52,34 @@ def shared(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -
         "PACS_SECRET_ORTHANC_PASSWORD": orthanc_password,
     }
     second_data = tmp_path_factory.mktemp("instance-b")
-    log = (second_data / "serve.log").open("wb")
-    second = subprocess.Popen(
+    log = second_data / "serve.log"
+    second = processes.start_logged(
         [sys.executable, "-m", "control", "--data", str(second_data), "serve"],
+        log,
         cwd=REPOSITORY,
         env=second_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
     )
     second_url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"{second_url}/healthz", timeout=10).status_code == 200
+        except requests.ConnectionError:
+            return False
+
     try:
-        _wait_for(second_url, second, second_data / "serve.log")
+        processes.wait_until_ready(
+            second,
+            healthy,
+            "the second instance",
+            timeout=60,
+            details=lambda: processes.log_tail(log),
+            interval=0.2,
+        )
         yield first, second_url
     finally:
-        second.terminate()
-        second.wait(30)
-        log.close()
+        processes.stop(second)
         first.stop()
-
-
-def _wait_for(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise RuntimeError("the second instance did not start:\n" + log.read_text(errors="replace"))
 
 
 def test_the_store_is_postgresql(shared: tuple[Stack, str]) -> None:

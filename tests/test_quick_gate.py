@@ -24,6 +24,8 @@ from control.dicomweb.fast import GATE_PATH
 from control.site import Site
 from control.tokens import grants, store
 
+pytestmark = pytest.mark.inprocess
+
 OWN, OTHER = "1.2.840.99.1", "1.2.840.99.2"
 REVOKED, EXPIRED = "1.2.840.99.3", "1.2.840.99.4"
 # Two patients' studies under one UID; and a UID whose study of the link is gone, another

@@ -9,6 +9,8 @@ from control.site import Site
 
 from conftest import REPOSITORY
 
+pytestmark = pytest.mark.inprocess
+
 
 @pytest.mark.parametrize(
     ("name", "text", "expected"),
@@ -19,6 +21,7 @@ from conftest import REPOSITORY
         ("institution", "  St. Mary's  ", "St. Mary's"),
         ("zip_content", "jpeg-lossless", "jpeg-lossless"),
         ("session_idle_minutes", "45", 45),
+        ("dicom_aet", " ST_TEST-PACS.1 ", "ST_TEST-PACS.1"),
     ],
 )
 def test_values_are_parsed(name: str, text: str, expected: object) -> None:
@@ -34,6 +37,9 @@ def test_values_are_parsed(name: str, text: str, expected: object) -> None:
         ("dicom_port", "0", "at least 1"),
         ("zip_content", "jpeg2000", "expected one of dicom, jpeg-lossless"),
         ("session_lifetime_hours", "0", "at least 1"),
+        ("dicom_aet", "  ", "needs an AE title"),
+        ("dicom_aet", "ARCHIVE-OF-ST-TEST", "at most 16 characters"),
+        ("dicom_aet", "PACS\\1", "backslash"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(name: str, text: str, message: str) -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPOSITORY
+
+pytestmark = pytest.mark.inprocess
 
 CODE = [name for name in ("control", "tests", "downloader", "bench") if (REPOSITORY / name).is_dir()]
 

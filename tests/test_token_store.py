@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shutil
 
 import pytest
 import sqlalchemy as sa
@@ -11,14 +12,16 @@ import sqlalchemy as sa
 from control import db
 from control.tokens import store
 
+pytestmark = pytest.mark.inprocess
+
 KEY = "k" * 64
 NOW = dt.datetime(2026, 3, 10, 12, 0)
 
 
 @pytest.fixture
-def connection(tmp_path):
+def connection(tmp_path, migrated_database):
+    shutil.copyfile(migrated_database, tmp_path / migrated_database.name)
     engine = db.make_engine(db.default_url(tmp_path))
-    db.migrate(engine)
     with engine.begin() as opened:
         yield opened
     engine.dispose()

@@ -28,6 +28,8 @@ from control.tokens import store
 
 from conftest import free_port
 
+pytestmark = pytest.mark.inprocess
+
 SECOND = "1.2.840.99.7"  # the same patient's other study
 SERIES, OTHER_SERIES = "1.2", "1.9"
 PASSWORD = "a long enough password"

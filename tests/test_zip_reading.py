@@ -16,6 +16,8 @@ from pydicom.data import get_testdata_file
 
 from control.uploads import archive
 
+pytestmark = pytest.mark.inprocess
+
 LIMITS = archive.ZipLimits(max_unpacked=1024 * 1024 * 1024)
 SAMPLES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm")
 

@@ -16,6 +16,8 @@ import pytest
 
 from control.query import zips
 
+pytestmark = pytest.mark.inprocess
+
 
 class Files:
     """Stands in for the Orthanc client: the stored files, by instance id."""
