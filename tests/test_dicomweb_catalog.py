@@ -303,6 +303,11 @@ def test_what_the_catalog_cannot_answer_goes_to_the_archive(
             s.get(TIME_ZONE) for s in plugin_answer(stack, raw)
         ]
         assert any(TIME_ZONE in study for study in found)
+    # Values the catalog cannot read (not UTF-8, not a date): the archive's answer, never a 500.
+    for query in ("PatientName=%FF%FE", "StudyDate=2024", "StudyInstanceUID=1.2.x"):
+        answered = doctor.get(f"{stack.url}/dicom-web/studies?{query}")
+        assert answered.status_code < 500, query
+        assert answered.status_code != 200 or answered.json() == [], query
     series = client.search_for_series(search_filters={"PatientID": "1CT1"})
     assert [item["0020000D"]["Value"] for item in series] == [
         item["0020000D"]["Value"] for item in plugin_answer_at(stack, "series", "PatientID=1CT1")
