@@ -106,7 +106,10 @@ def _rule_pattern(rule: str) -> str:
 
 
 READ = ("GET", "HEAD")
-_STUDY = "/dicom-web/studies/<uid:study>"
+# Where studies are searched (and, below it, each study is): the catalog answers these searches
+# for signed-in users, and its answers point at the study below it (control.catalog.qido).
+STUDIES = "/dicom-web/studies"
+_STUDY = f"{STUDIES}/<uid:study>"
 _SERIES = f"{_STUDY}/series/<uid:series>"
 
 SEARCH = Route(
@@ -114,7 +117,7 @@ SEARCH = Route(
     READ,
     AnsweredBy.CONTROL_PLANE,
     "Top-level searches (QIDO-RS): the control plane pages them and narrows them to a patient's study.",
-    rules=("/dicom-web/studies", "/dicom-web/series", "/dicom-web/instances"),
+    rules=(STUDIES, "/dicom-web/series", "/dicom-web/instances"),
     endpoint="search",
 )
 STORE = Route(
@@ -122,7 +125,7 @@ STORE = Route(
     ("POST",),
     AnsweredBy.CONTROL_PLANE,
     "Stores (STOW-RS), through the upload page's checks.",
-    rules=("/dicom-web/studies", _STUDY),
+    rules=(STUDIES, _STUDY),
     endpoint="store_instances",
     upload=True,
 )

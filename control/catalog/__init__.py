@@ -11,7 +11,8 @@ can be made again from it at any time.
 - ``feeder`` (with ``lock`` and ``store``): one process follows Orthanc's ``/changes`` into the
   rows, builds the catalog and notices deletions, which the log does not report.
 - ``freshness``: whether the pages may answer from the catalog now; ``search``: the pages'
-  queries; ``check``: what differs from the archive (``./pacs catalog check``).
+  queries; ``qido``: signed-in users' DICOMweb study searches; ``check``: what differs from the
+  archive (``./pacs catalog check``).
 
 Access rules are not the catalog's business: it only lists, and every door into a study (zip,
 viewer, a patient's link) still asks the archive through the same checks.

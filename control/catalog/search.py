@@ -185,7 +185,7 @@ class Catalog:
             elif name == "PatientBirthDate":
                 found.append(c.birth_date == value)
             elif name == "ModalitiesInStudy":
-                found.append(self._has_modality(fold(value), walking=walking))
+                found.append(self.has_modality(fold(value), walking=walking))
             else:
                 raise ValueError(f"the catalog has no column for {name}")
         if search.dates is not None:
@@ -222,7 +222,7 @@ class Catalog:
             return c.id.in_(sa.select(TEXT_INDEX.c.rowid).where(TEXT_INDEX.c[key.name].op("GLOB")(glob)))
         return key.op("GLOB")(glob)
 
-    def _has_modality(self, modality: str, *, walking: bool) -> sa.ColumnElement[bool]:
+    def has_modality(self, modality: str, *, walking: bool) -> sa.ColumnElement[bool]:
         held = tables.modalities.c
         if walking:
             return sa.exists().where(held.modality == modality, held.study_row == c.id)
@@ -266,11 +266,11 @@ class Catalog:
         start, end = decode_cursor(after, keys), decode_cursor(before, keys)
         if last_page:
             offset = max(0, (total - 1) // limit * limit) if total else 0
-            rows = self._ordered(matching, keys, not sorting.descending, limit=total - offset or limit)[::-1]
+            rows = self.ordered(matching, keys, not sorting.descending, limit=total - offset or limit)[::-1]
         elif end is not None:
-            rows = self._ordered(matching, keys, not sorting.descending, limit=limit, beyond=end)[::-1]
+            rows = self.ordered(matching, keys, not sorting.descending, limit=limit, beyond=end)[::-1]
         else:
-            rows = self._ordered(
+            rows = self.ordered(
                 matching, keys, sorting.descending, limit=limit, beyond=start, offset=0 if start else offset
             )
         page = CatalogPage(rows, offset, limit, total, offset + len(rows) < total)
@@ -283,7 +283,7 @@ class Catalog:
         few = total <= SELECTIVE
         return Matching(self.conditions(search, walking=not few) + self._of_patient(patient_key), few)
 
-    def _ordered(
+    def ordered(
         self,
         matching: Matching,
         keys: tuple[sa.ColumnElement, ...],
@@ -384,7 +384,7 @@ class Catalog:
         """Matching studies in order after ``start``, a chunk at a time."""
         place = start
         while True:
-            chunk = self._ordered(matching, keys, descending, limit=WALK_CHUNK, beyond=place)
+            chunk = self.ordered(matching, keys, descending, limit=WALK_CHUNK, beyond=place)
             if chunk:
                 yield chunk
             if len(chunk) < WALK_CHUNK:

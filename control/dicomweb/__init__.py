@@ -5,8 +5,9 @@ proxies a DICOMweb request (``forward_auth``), then streams Orthanc's answer its
 Orthanc's credentials and a ``Forwarded`` header so that the URLs in Orthanc's answers point back
 through the portal. Four kinds of request come here instead: searches at the top
 (``/dicom-web/studies``, ``/series``, ``/instances``), because a patient's grant must see its own
-study whatever the search asks for, and because searches are paged here; single frames, which the
-control plane answers from Orthanc's core at a fraction of the plugin's cost
+study whatever the search asks for, because searches are paged here, and because the study
+catalog answers signed-in users' study searches where it can (``control.catalog.qido``); single
+frames, which the control plane answers from Orthanc's core at a fraction of the plugin's cost
 (``control.dicomweb.frames``); whole studies and series, which Orthanc streams with no length
 (``control.dicomweb.relay``); and stores (STOW-RS), which go through the upload page's checks
 (``control.uploads.stow``).
@@ -28,6 +29,8 @@ from flask_login import current_user
 from control import db, spooling
 from control import dicomweb_routes as routes
 from control.activity import Action, Outcome, record_activity
+from control.catalog import qido
+from control.catalog.freshness import freshness
 from control.desktop import credentials as viewer_tokens
 from control.dicomweb import relay, rules
 from control.dicomweb.frames import FrameRequest, NotTheGrantedStudy, StudyShared
@@ -260,13 +263,13 @@ def search():
             if refused.verdict is not rules.Verdict.ALLOW:
                 _denied(refused, "GET", request.path, asking)
                 return _refusal(refused)
-        if request.path == "/dicom-web/studies" and asked:
+        if request.path == routes.STUDIES and asked:
             # The viewer's first question when it opens a study: the one place that sees it open.
             record_activity(Action.VIEWER_OPENED, study=",".join(asked)[:100], via="dicomweb")
-        return _paged_answer(request.path, rest, limit)
+        return _catalog_answer(rest, limit) or _paged_answer(request.path, rest, limit)
     _token_used(asking, request.path)
     # A token scoped to a series (it has one at most) finds that series and its instances alone.
-    series_uid = "" if request.path == "/dicom-web/studies" else next(iter(asking.granted_series), "")
+    series_uid = "" if request.path == routes.STUDIES else next(iter(asking.granted_series), "")
     answers: list[Any] = []
     for study_uid, orthanc_study_id in asking.granted_studies.items():
         narrowed = rules.narrowed_query(rest, study_uid)
@@ -313,14 +316,37 @@ def _search_orthanc(path: str, raw_query: str, limit: int) -> tuple[int, list[An
     return upstream.status, entries[:limit], len(entries) > limit
 
 
+def _catalog_answer(rest: str, limit: int) -> Response | None:
+    """A signed-in user's study search answered from the catalog (``control.catalog.qido``), or
+    None when the catalog cannot answer it now: then the archive does. A search for given studies
+    waits for the catalog to hold every change: the viewer asks so for a study just stored."""
+    if request.path != routes.STUDIES or "xml" in _accept():
+        return None
+    search = qido.parse(rest)
+    if search is None:
+        return None
+    with current_app.extensions["site"].engine.connect() as connection:
+        fresh = freshness(connection, _orthanc())
+        if not fresh.usable or (fresh.behind and search.study_uids):
+            return None
+        rows, more = qido.find(connection, search, limit)
+    portal = relay.origin(request.environ)
+    return _page([qido.answer(row, search, portal) for row in rows], more)
+
+
 def _paged_answer(path: str, rest: str, limit: int) -> Response:
-    """A signed-in user's search: in JSON, with a warning when there is more than the page."""
+    """A signed-in user's search, from the archive: in JSON, with a warning when there is more
+    than the page."""
     if "xml" in _accept():
         target = _orthanc_target(path, "&".join(part for part in (rest, f"limit={limit}") if part))
         return _passed_on(relay.relay(_orthanc(), target, _accept(), relay.origin(request.environ)))
     status, found, more = _search_orthanc(path, rest, limit)
     if status != 200:
         return _passed_on(relay.refusal(status))
+    return _page(found, more)
+
+
+def _page(found: list[Any], more: bool) -> Response:
     response = Response(json.dumps(found), status=200, mimetype="application/dicom+json")
     if more:
         # DICOM PS3.18's way of saying that a search answered a page of what it found.
