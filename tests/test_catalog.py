@@ -364,6 +364,12 @@ def test_two_control_planes_on_postgresql_feed_once_between_them(tmp_path: Path)
     second = None
     try:
         first.start()
+        # The stack's own feeder holds the lock before the second one starts: else the second may
+        # take it first, and nothing would be left for this test to hand over.
+        wait_until(
+            lambda: (first.catalog_state().feeder or "").endswith(f"pid {feeder_pid(first)}"),
+            "the stack's feeder feeding",
+        )
         orthanc_user, orthanc_password = first.orthanc_auth
         env = {
             **first.env,

@@ -9,8 +9,8 @@ answers for signed-in users (``control.catalog.qido``): without an index that wo
 
 from alembic import op
 
-revision = "0010"
-down_revision = "0009"
+revision = "0011"
+down_revision = "0010"
 
 
 def upgrade() -> None:
