@@ -142,18 +142,22 @@ class Study:
     series_ids: list[str]  # in the manifest's order
 
 
-@pytest.fixture(scope="module")
-def study(stack: Stack) -> Study:
-    facts = store_study(
-        stack,
-        make_study("Downloader^Dora", series=(("CT", 3), ("MR", 3), ("CT", 3)), size=128, noise=True),
-    )
+def stored_for_download(stack: Stack, datasets: list) -> Study:
+    """``datasets`` stored, with the ids the downloader's manifest gives them."""
+    facts = store_study(stack, datasets)
     browser = stack.sign_in()
     rows = browser.get(
         f"{stack.url}/query/studies", params={"patient_id": facts.patient_id, "format": "json"}
     ).json()["rows"]
     manifest = browser.get(rows[0]["actions"]["manifest"]).json()
     return Study(facts, rows[0]["id"], [series["id"] for series in manifest["series"]])
+
+
+@pytest.fixture(scope="module")
+def study(stack: Stack) -> Study:
+    return stored_for_download(
+        stack, make_study("Downloader^Dora", series=(("CT", 3), ("MR", 3), ("CT", 3)), size=128, noise=True)
+    )
 
 
 @pytest.fixture

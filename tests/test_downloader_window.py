@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 from PIL import ImageGrab
-from test_downloader import CuttingRelay, Study, check_zip
+from test_downloader import CuttingRelay, Study, check_zip, stored_for_download
 
 from browser import TEST_OUTPUT, chromium, sign_in
 from conftest import ADMIN_PASSWORD, REPOSITORY, Stack
-from samples import make_study, store_study
+from samples import make_study
 
 pytestmark = pytest.mark.stack
 
@@ -37,16 +37,9 @@ HANG = 180
 @pytest.fixture(scope="module")
 def study(stack: Stack) -> Study:
     """Three series of noise (which no zip shrinks), some 2 MB each: a download that takes a while."""
-    facts = store_study(
-        stack,
-        make_study("Window^Wendy", series=(("CT", 16), ("MR", 16), ("CT", 16)), size=256, noise=True),
+    return stored_for_download(
+        stack, make_study("Window^Wendy", series=(("CT", 16), ("MR", 16), ("CT", 16)), size=256, noise=True)
     )
-    browser = stack.sign_in()
-    rows = browser.get(
-        f"{stack.url}/query/studies", params={"patient_id": facts.patient_id, "format": "json"}
-    ).json()["rows"]
-    manifest = browser.get(rows[0]["actions"]["manifest"]).json()
-    return Study(facts, rows[0]["id"], [series["id"] for series in manifest["series"]])
 
 
 @pytest.fixture(scope="module")
