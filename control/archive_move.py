@@ -252,7 +252,7 @@ def _check(old: Orthanc, new: Orthanc, moved: list[str]) -> None:
                 for instance_id, ok in zip(moved, checkers.map(same, moved), strict=True)
                 if not ok
             ]
-    except OrthancError as error:
+    except (OrthancError, OrthancUnavailable) as error:
         raise MoveError(f"an instance could not be checked: {error}") from None
     if wrong:
         raise MoveError(f"{len(wrong)} instances differ on the new index, e.g. {wrong[0]}")

@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 from control import csrf
 from control.extensions import login_manager
-from control.orthanc import OrthancUnavailable
+from control.orthanc import OrthancError, OrthancUnavailable
 
 MESSAGES = {
     400: ("Bad request", "The request could not be understood."),
@@ -20,6 +20,11 @@ MESSAGES = {
     413: ("Too large", "What you sent is larger than this server accepts."),
     429: ("Too many attempts", "Too many attempts from here; please wait and try again."),
     500: ("Something went wrong", "The server could not complete the request; it has been logged."),
+    502: (
+        "The archive failed",
+        "The image archive behind this portal could not complete the request; it has been logged. "
+        "Please try again; if it persists, contact the site's administrator.",
+    ),
     503: (
         "The archive is not reachable",
         "The image archive behind this portal does not answer right now. Please try again in a "
@@ -61,6 +66,13 @@ def init_app(app: Flask) -> None:
     def archive_unreachable(error: OrthancUnavailable):
         app.logger.warning("Orthanc unreachable: %s", error)
         return error_response(503)
+
+    @app.errorhandler(OrthancError)
+    def archive_failed(error: OrthancError):
+        if error.status < 500:
+            return unexpected(error)  # the portal asked wrongly: its own fault, logged in full
+        app.logger.warning("Orthanc failed on %s %s: %s", request.method, request.path, error)
+        return error_response(502)
 
     @app.errorhandler(sa.exc.OperationalError)
     @app.errorhandler(sa.exc.InterfaceError)

@@ -5,11 +5,11 @@ Orthancs on one PostgreSQL index with shared storage (README: Several nodes): ea
 studies, so any may answer a read, but writes go to one.
 
 - **Reads** (finds, look-ups, stored files, frames, DICOMweb answers) go to the nodes in turn. A
-  node that does not answer (connection refused, reset, timed out) is left out, and the read sent
-  at once to the next node; ``HEALTH_INTERVAL`` seconds later the node is asked in the background
-  (``/system``) whether it is back, and gets requests again when it is. A stored file that breaks
-  off midway is read on from another node from the same byte: the files are shared, the bytes the
-  same.
+  node that does not answer (connection refused, reset, timed out) or answers 503 (it cannot reach
+  the index yet) is left out, and the read sent at once to the next node; ``HEALTH_INTERVAL``
+  seconds later the node is asked in the background (``/system``) whether it is back, and gets
+  requests again when it is. A stored file that breaks off midway is read on from another node
+  from the same byte: the files are shared, the bytes the same.
 - **Writes** (stores, PDF reports) go to the first node that answers: the writer. Plugin 4.0 runs
   every write SERIALIZABLE, and two nodes storing at once collide: no faster than one, with
   conflicts that Orthanc answers 503 once its own retries are spent (bench: nodes). So one writer,
@@ -39,6 +39,7 @@ from control.orthanc import (
     FIND_LIMIT,
     SEARCHES,
     Orthanc,
+    OrthancBusy,
     OrthancError,
     OrthancRefused,
     OrthancUnavailable,
@@ -157,7 +158,7 @@ class Archive:
             node = nodes[0]
             try:
                 return call(node.orthanc)
-            except OrthancRefused as error:
+            except (OrthancRefused, OrthancBusy) as error:
                 if error.status != 503:
                     raise
                 busy += 1

@@ -53,6 +53,15 @@ class OrthancUnreachable(OrthancUnavailable):
     """No connection to Orthanc could be made: nothing of the request reached it."""
 
 
+class OrthancBusy(OrthancUnavailable):
+    """Orthanc answered 503: it is there but cannot serve now (its index database restarting,
+    say). Like no answer at all, it passes: the pages say "try again", the workers wait."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"Orthanc answered 503: {message}")
+        self.status = 503
+
+
 class OrthancError(RuntimeError):
     """Orthanc answered with an error status."""
 
@@ -99,14 +108,15 @@ class Orthanc:
         retries: Retry | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """``method path`` with ``body`` (bytes, or a binary file read from where it stands), its
-        answer read whole. An error status raises OrthancError; no answer, OrthancUnavailable.
+        answer read whole. An error status raises OrthancError; no answer, or Orthanc's 503 ("cannot
+        serve now"), OrthancUnavailable.
 
         GETs, PUTs, DELETEs and searches are sent again once on a stale pooled connection; other
         POSTs only when their connection could not be made (``retries`` says otherwise).
         """
         response = self._send(method, path, body, content_type=content_type, timeout=timeout, retries=retries)
         if response.status >= 400:
-            raise OrthancError(response.status, response.data[:300].decode(errors="replace"))
+            raise error_for(response.status, response.data[:300].decode(errors="replace"))
         return response
 
     def _send(
@@ -216,7 +226,7 @@ class Orthanc:
         response = self.open_raw(f"/instances/{instance_id}/file")
         try:
             if response.status >= 400:
-                raise OrthancError(response.status, response.read(300).decode(errors="replace"))
+                raise error_for(response.status, response.read(300).decode(errors="replace"))
             yield from response.stream(STREAM_CHUNK, decode_content=False)
         except urllib3.exceptions.HTTPError as error:
             raise OrthancUnavailable(f"the file of instance {instance_id} broke off: {error}") from None
@@ -283,6 +293,11 @@ class Orthanc:
 
     def delete_modality(self, name: str) -> None:
         self.request("DELETE", f"/modalities/{name}")
+
+
+def error_for(status: int, message: str) -> OrthancError | OrthancBusy:
+    """What an error answer of Orthanc raises: 503 passes (OrthancBusy); any other is Orthanc's word."""
+    return OrthancBusy(message) if status == 503 else OrthancError(status, message)
 
 
 def _length_left(file: BinaryIO) -> int:

@@ -1,8 +1,9 @@
 """The Orthanc client's answers when the archive is not there, hangs, or refuses (control.orthanc).
 
 Real sockets on 127.0.0.1, no stack: a port nobody listens on, a listener that never answers, and
-a small HTTP server that answers what Orthanc answers when it refuses. What the pages make of
-these (a 503 page, "send it again") is tested on the real stack in test_stack and test_uploads.
+small HTTP servers that answer what Orthanc answers when it refuses, fails, or cannot reach its
+index database. What the pages make of these (a 503 page, "send it again") is tested here in
+process and on the real stack in test_stack, test_uploads and test_nodes.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from control.nodes import Archive, Node
 from control.orthanc import (
     Orthanc,
+    OrthancBusy,
     OrthancError,
     OrthancRefused,
     OrthancUnavailable,
     OrthancUnreachable,
 )
 
-from conftest import free_port
+from conftest import Auth, free_port
 
 pytestmark = pytest.mark.inprocess
 
@@ -143,3 +146,96 @@ def test_refusals_carry_the_archives_status_and_reason(refusing_port: int) -> No
     with pytest.raises(OrthancError) as broken:
         orthanc.find("Study", {})
     assert broken.value.status == 500
+
+
+# Orthanc 1.10.1's answer to every call while its PostgreSQL index restarts, word for word.
+INDEX_DOWN = {
+    "HttpError": "Service Unavailable",
+    "HttpStatus": 503,
+    "Message": "The database is currently not available (probably a transient situation)",
+    "Method": "GET",
+    "OrthancError": "The database is currently not available (probably a transient situation)",
+    "OrthancStatus": 36,
+    "Uri": "/statistics",
+}
+
+
+def answering(status: int, body: dict) -> type[BaseHTTPRequestHandler]:
+    class Answering(Refusing):
+        def do_GET(self) -> None:
+            self._answer(status, body)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._answer(status, body)
+
+    return Answering
+
+
+@pytest.fixture
+def archive_servers() -> Iterator[dict[str, int]]:
+    """Archives on ports of their own: one whose index is down, one that fails, one that answers."""
+    handlers = {
+        "index down": answering(503, INDEX_DOWN),
+        "failing": answering(500, {"HttpStatus": 500, "Message": "Internal error"}),
+        "answering": answering(200, {"CountStudies": 7}),
+    }
+    servers = {name: ThreadingHTTPServer(("127.0.0.1", 0), handler) for name, handler in handlers.items()}
+    for server in servers.values():
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {name: server.server_address[1] for name, server in servers.items()}
+    for server in servers.values():
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_archive_whose_index_is_down_is_unavailable_not_an_error(archive_servers) -> None:
+    # What passes (a restarting index) is told from what Orthanc refuses or fails at.
+    for call in (lambda orthanc: orthanc.get_json("/statistics"), CALLS["post_json"]):
+        with pytest.raises(OrthancBusy) as busy:
+            call(client(archive_servers["index down"]))
+        assert busy.value.status == 503 and "database is currently not available" in str(busy.value)
+        assert not isinstance(busy.value, OrthancError)
+    with pytest.raises(OrthancBusy):
+        list(client(archive_servers["index down"]).stream_instance_file("x"))
+    with pytest.raises(OrthancError) as failed:
+        client(archive_servers["failing"]).get_json("/statistics")
+    assert failed.value.status == 500 and not isinstance(failed.value, OrthancUnavailable)
+
+
+def test_a_node_whose_index_is_down_leaves_its_reads_to_the_others(archive_servers) -> None:
+    archive = Archive(
+        [
+            Node("a", client(archive_servers["index down"])),
+            Node("b", client(archive_servers["answering"])),
+        ]
+    )
+    # Reads go to the nodes in turn: each of these would reach the node that cannot serve.
+    assert [archive.get_json("/statistics") for _ in range(4)] == [{"CountStudies": 7}] * 4
+    assert not archive.nodes[0].up and archive.nodes[1].up
+
+
+@pytest.mark.parametrize(
+    ("archive", "status", "says"),
+    [
+        ("index down", 503, "The archive is not reachable"),
+        ("failing", 502, "The archive failed"),
+    ],
+)
+def test_the_home_page_says_the_archive_cannot_answer_and_logs_no_traceback(
+    app,
+    auth: Auth,
+    archive_servers,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog,
+    archive: str,
+    status: int,
+    says: str,
+) -> None:
+    auth.login()
+    monkeypatch.setitem(app.extensions, "orthanc", client(archive_servers[archive]))
+    caplog.clear()
+    page = auth.client.get("/")
+    assert page.status_code == status, page.text[:300]
+    assert says in page.text and "Traceback" not in page.text
+    assert not [record for record in caplog.records if record.exc_info], caplog.text

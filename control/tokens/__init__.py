@@ -46,7 +46,7 @@ from wtforms.validators import DataRequired, Length
 from control import db, network
 from control.activity import Action, Outcome, record_activity
 from control.errors import error_response, wants_json
-from control.orthanc import Orthanc, OrthancError
+from control.orthanc import Orthanc, OrthancError, error_for
 from control.tokens import grants, shared, store
 
 bp = Blueprint("tokens", __name__)
@@ -412,7 +412,7 @@ def patient_report(token: store.StudyToken, study: StudyView, instance_id: str):
         upstream.release_conn()
         if status in (400, 404):
             abort(404)  # a document of the study that is not a PDF
-        raise OrthancError(status, "the archive did not hand out the report")
+        raise error_for(status, "the archive did not hand out the report")
     _used(token, Action.TOKEN_USED, page="report")
 
     def body() -> Iterator[bytes]:
