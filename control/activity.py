@@ -454,6 +454,7 @@ EXPORT_COLUMNS = tuple(column.name for column in db.activity.columns)
 RETENTION_BATCH = 5_000
 RETENTION_LEASE = "activity-retention"
 RETENTION_INTERVAL = 3600.0  # how often a worker looks whether today's clean-up is done
+RETENTION_FIRST_LOOK = 10.0  # seconds after a worker starts: once the start's own work is done
 log = logging.getLogger(__name__)
 
 
@@ -557,9 +558,9 @@ def start_retention(app: Flask) -> threading.Thread:
     site = app.extensions["site"]
 
     def run_daily() -> None:
-        # A minute after the start, then every hour: the lease makes it once a day.
+        # Soon after the start, then every hour: the lease makes it once a day.
         wait = threading.Event().wait
-        wait(60)
+        wait(RETENTION_FIRST_LOOK)
         while True:
             run_once()
             wait(RETENTION_INTERVAL)

@@ -126,7 +126,7 @@ def test_the_portal_applies_the_retention_by_itself_in_one_worker(tmp_path) -> N
             )
     stack.start()
     try:
-        # The workers look a minute after they start; only one of them does the work.
+        # The workers look soon after they start; only one of them does the work.
         deadline = time.monotonic() + 240
         while True:
             with engine.connect() as connection:
