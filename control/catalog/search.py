@@ -42,6 +42,7 @@ from control.catalog import tables
 from control.catalog.names import fold, glob_pattern, has_wildcard, like_pattern, longest_literal
 from control.catalog.store import read_state
 from control.orthanc import resource_id
+from control.paging import Page
 
 if TYPE_CHECKING:
     from control.query.finder import PatientMatch, Search
@@ -99,28 +100,6 @@ class Sorting:
         self, sorts: dict[str, tuple[tuple[sa.ColumnElement, ...], str]]
     ) -> tuple[sa.ColumnElement, ...]:
         return sorts[self.column][0]
-
-
-@dataclass
-class CatalogPage:
-    """One page of a list and where it sits. ``after`` and ``before`` are the cursors of the links
-    to the next and previous pages."""
-
-    rows: list[Any]
-    offset: int
-    limit: int
-    total: int
-    has_next: bool
-    after: str | None = None
-    before: str | None = None
-
-    @property
-    def first_number(self) -> int:
-        return self.offset + 1
-
-    @property
-    def last_number(self) -> int:
-        return self.offset + len(self.rows)
 
 
 def dicom_date(day: dt.date) -> str:
@@ -257,7 +236,7 @@ class Catalog:
         before: str | None = None,
         last_page: bool = False,
         patient_key: str | None = None,
-    ) -> CatalogPage:
+    ) -> Page:
         """A page of matching studies (rows of ``tables.studies``) in ``sorting``'s order, of one
         patient only when ``patient_key`` (the archive's patient id) is given."""
         keys = sorting.keys(STUDY_SORTS)
@@ -273,7 +252,7 @@ class Catalog:
             rows = self.ordered(
                 matching, keys, sorting.descending, limit=limit, beyond=start, offset=0 if start else offset
             )
-        page = CatalogPage(rows, offset, limit, total, offset + len(rows) < total)
+        page = Page(rows, offset, limit, total, offset + len(rows) < total)
         if rows:
             page.after = encode_cursor(tuple(getattr(rows[-1], key.name) for key in keys))
             page.before = encode_cursor(tuple(getattr(rows[0], key.name) for key in keys))
@@ -334,7 +313,7 @@ class Catalog:
 
     def patients(
         self, search: Search, sorting: Sorting, offset: int, limit: int, *, after: str | None = None
-    ) -> CatalogPage:
+    ) -> Page:
         """A page of patients with matching studies (``PatientMatch`` rows), by their first matching
         study in ``sorting``'s order."""
         keys = sorting.keys(PATIENT_SORTS)
@@ -369,7 +348,7 @@ class Catalog:
         rows = found[:limit]
         counts = self._matching_counts(matching.where, [row.patient_key for row in rows])
         matches = [self.patient_match(row, counts.get(row.patient_key, 1)) for row in rows]
-        page = CatalogPage(matches, offset, limit, total, len(found) > limit)
+        page = Page(matches, offset, limit, total, len(found) > limit)
         if rows:
             page.after = encode_cursor(tuple(getattr(rows[-1], key.name) for key in keys))
         return page

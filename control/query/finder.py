@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable, resource_id
+from control.paging import Page
 
 SORT_LIMIT = 2000
 # Counts stop here (every find carries a Limit, see Orthanc.find): a larger answer's total is
@@ -121,25 +122,6 @@ class Window:
     def holds(self, study_date: str) -> bool:
         # Orthanc compares dates as text; an open start also takes an empty date.
         return (self.low is None or study_date >= self.low) and (self.high is None or study_date <= self.high)
-
-
-@dataclass
-class Page:
-    """One page of an answer: its rows and what is known of the rest."""
-
-    rows: list[Any]
-    offset: int
-    limit: int
-    total: int | None  # None when counting would cost a full read (see the module's notes)
-    has_next: bool
-
-    @property
-    def first_number(self) -> int:
-        return self.offset + 1
-
-    @property
-    def last_number(self) -> int:
-        return self.offset + len(self.rows)
 
 
 @dataclass

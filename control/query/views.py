@@ -25,13 +25,14 @@ from flask import abort, current_app, g, jsonify, redirect, render_template, req
 from control.activity import Action, record_activity
 from control.catalog.freshness import freshness
 from control.catalog.rows import as_orthanc_study
-from control.catalog.search import PATIENT_SORTS, STUDY_SORTS, Catalog, CatalogPage, Sorting, supports
+from control.catalog.search import PATIENT_SORTS, STUDY_SORTS, Catalog, Sorting, supports
 from control.errors import wants_json
 from control.identifiers import is_orthanc_id
 from control.orthanc import Orthanc, OrthancError, resource_id
+from control.paging import Page
 from control.query import bp, present
 from control.query.criteria import SearchForm, has_wildcard
-from control.query.finder import Finder, ModalityCensus, Page, Search, newest_first
+from control.query.finder import Finder, ModalityCensus, Search, newest_first
 
 PER_PAGE_CHOICES = (25, 50, 100, 200)
 DEFAULT_PER_PAGE = 50
@@ -198,7 +199,7 @@ def page_of(found: list[Any], paging: Paging) -> Page:
     return Page(found[paging.offset : end], paging.offset, paging.per_page, len(found), end < len(found))
 
 
-def pager(page: Page | CatalogPage, paging: Paging, *, cursors: bool = False) -> dict[str, Any]:
+def pager(page: Page, paging: Paging, *, cursors: bool = False) -> dict[str, Any]:
     """What the pages and the JSON say about where a page sits in its list.
 
     With ``cursors`` (a list of studies from the catalog) the links carry where this page ends or
@@ -371,7 +372,7 @@ def studies():
 
 def catalog_studies(
     search: Search, sorting: Sorting, paging: Paging, patient_key: str | None = None
-) -> tuple[CatalogPage, list[dict[str, Any]], dict[str, list[str]]]:
+) -> tuple[Page, list[dict[str, Any]], dict[str, list[str]]]:
     """A page of studies from the catalog (of one patient, given its id), its studies in the shape
     of the archive's answers, and their modalities."""
     with current_app.extensions["site"].engine.connect() as connection:
