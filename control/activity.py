@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from flask import current_app, has_request_context, request
+from flask import has_request_context, request
 from flask_login import current_user
 
-from control import db, formatting, metrics
+from control import db, formatting, metrics, services
 from control.site import replacing
 
 if TYPE_CHECKING:
@@ -298,7 +298,7 @@ def record_activity(
     metrics.count_event(row["action"], row["outcome"])
     if connection is not None:
         return connection.execute(_INSERT, row).inserted_primary_key[0]
-    with current_app.extensions["site"].engine.begin() as own_connection:
+    with services.engine().begin() as own_connection:
         return own_connection.execute(_INSERT, row).inserted_primary_key[0]
 
 
@@ -311,7 +311,7 @@ def update_activity(
     values = {"outcome": str(outcome), "detail": json.dumps(detail, ensure_ascii=False, default=str)}
     if patient or study:
         values.update(patient=patient[:200], study=study[:100])
-    with current_app.extensions["site"].engine.begin() as connection:
+    with services.engine().begin() as connection:
         connection.execute(db.activity.update().where(db.activity.c.id == event_id).values(**values))
 
 
@@ -555,7 +555,7 @@ def take_daily_lease(connection: sa.Connection, today: dt.date) -> bool:
 
 def start_retention(app: Flask) -> threading.Thread:
     """Once a day, in one worker of one instance, apply the retention setting (a daemon thread)."""
-    site = app.extensions["site"]
+    site = services.site(app)
 
     def run_daily() -> None:
         # Soon after the start, then every hour: the lease makes it once a day.

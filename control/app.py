@@ -15,7 +15,7 @@ from typing import Any
 from flask import Flask, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from control import __version__, access, configs, errors, formatting, nodes
+from control import __version__, access, configs, errors, formatting, nodes, services
 from control.archive_version import ArchiveVersions
 from control.cookies import SiteSessionInterface
 from control.dicomweb.fast import QuickGate
@@ -31,7 +31,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(config or {})
     site = Site(app.config.get("DATA_DIR"))
-    app.extensions["site"] = site
     app.config.update(
         SECRET_KEY=site.secrets.session_key,
         # The cookie's name and Secure flag follow the scheme (control.cookies).
@@ -50,13 +49,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     settings = site.load_settings()
     topology = configs.Topology.from_environment(site)
     # Every node of the archive behind one client: reads in turn, writes to the writer (control.nodes).
-    app.extensions["orthanc"] = nodes.connect(site, settings, topology)
-    app.extensions["archive_version"] = ArchiveVersions(app.extensions["orthanc"])
-    app.extensions["frames"] = FrameSource(app.extensions["orthanc"], app.extensions["archive_version"])
-    # Which archive studies hold a Study Instance UID now, for the DICOMweb gate (both its ways).
-    app.extensions["study_holders"] = partial(shared.holders, app.extensions["orthanc"])
-    # Started in each gunicorn worker (control.gunicorn_conf); tests run rounds of it themselves.
-    app.extensions["archive_watch"] = ArchiveWatch(site, app.extensions["orthanc"])
+    archive = nodes.connect(site, settings, topology)
+    versions = ArchiveVersions(archive)
+    services.install(
+        app,
+        site=site,
+        archive=archive,
+        versions=versions,
+        frames=FrameSource(archive, versions),
+        # Which archive studies hold a Study Instance UID now, for the DICOMweb gate (both its ways).
+        study_holders=partial(shared.holders, archive),
+        # Started in each gunicorn worker (control.gunicorn_conf); tests run rounds of it themselves.
+        watch=ArchiveWatch(site, archive),
+    )
 
     # Caddy is the only listener and the only client of this app: trust its one forwarded hop.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from flask import Flask, current_app, g, jsonify, make_response, render_template, request
+from flask import Flask, g, jsonify, make_response, render_template, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from control import csrf
+from control import csrf, services
 from control.extensions import login_manager
 from control.orthanc import OrthancError, OrthancUnavailable
 
@@ -83,7 +83,7 @@ def init_app(app: Flask) -> None:
         # The page must not ask the database again: nobody is signed in on it, and the settings
         # are those last read.
         login_manager._update_request_context_with_user()
-        g.settings = g.get("settings") or current_app.extensions["site"].last_settings()
+        g.settings = g.get("settings") or services.site().last_settings()
         title, message = DATABASE_DOWN
         response = make_response(error_response(503, message, title=title))
         response.headers["Retry-After"] = "30"

@@ -16,6 +16,7 @@ import os
 import shutil
 from typing import Any
 
+from control import services
 from control.site import Site
 
 # Read by the master before anything else of the control plane is imported (its logger class
@@ -33,9 +34,9 @@ def post_worker_init(worker: Any) -> None:
     from control.activity import start_retention
     from control.orphans import start_daily_sweep
 
-    worker.wsgi.extensions["archive_watch"].start()
+    services.archive_watch(worker.wsgi).start()
     start_retention(worker.wsgi)
-    start_daily_sweep(worker.wsgi.extensions["site"])
+    start_daily_sweep(services.site(worker.wsgi))
 
 
 def child_exit(_server: Any, worker: Any) -> None:

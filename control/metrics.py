@@ -28,6 +28,7 @@ from flask_login import current_user
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
+from control import services
 from control.orthanc import OrthancError, OrthancUnavailable
 
 bp = Blueprint("metrics", __name__)
@@ -148,8 +149,8 @@ class ArchiveState:
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        site = self.app.extensions["site"]
-        orthanc = self.app.extensions["orthanc"]
+        site = services.site(self.app)
+        orthanc = services.archive(self.app)
         up = GaugeMetricFamily("pacs_archive_up", "1 when the archive (Orthanc) answers")
         content = GaugeMetricFamily("pacs_archive_resources", "What the archive holds", labels=["level"])
         stored = GaugeMetricFamily("pacs_archive_stored_bytes", "Bytes of the archive's stored files")

@@ -27,10 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, current_app, g, make_response, redirect, request, url_for
+from flask import Blueprint, g, make_response, redirect, request, url_for
 from flask_login import current_user
 
-from control import db
+from control import db, services
 from control.configs import OHIF_PIN, viewer_directory
 from control.site import REPOSITORY, Site
 from control.tokens import grants, store
@@ -122,14 +122,14 @@ def _install(dist: Path, say: Callable[..., None]) -> None:
 
 def _patient_page() -> str | None:
     """The page of the newest study link whose viewer grant this browser holds, if one still works."""
-    with current_app.extensions["site"].engine.connect() as connection:
+    with services.engine().connect() as connection:
         held = grants.still_valid(
             connection, grants.read(request), g.settings["token_days"], db.utcnow().date()
         )
         token = store.get(connection, held[0].token_id) if held else None
     if token is None:
         return None
-    secret = current_app.extensions["site"].secrets.token_key
+    secret = services.site().secrets.token_key
     link = store.derive_token(secret, token.row.study_uid, token.row.generation)
     return f"{url_for('tokens.patient_page')}?{link}"
 

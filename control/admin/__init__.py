@@ -21,7 +21,6 @@ from flask import (
     Blueprint,
     Response,
     abort,
-    current_app,
     flash,
     g,
     redirect,
@@ -32,7 +31,7 @@ from flask import (
 )
 from flask_login import current_user
 
-from control import accounts, db
+from control import accounts, db, services
 from control.accounts import AccountError
 from control.activity import (
     ACTION_LABELS,
@@ -63,10 +62,6 @@ bp = Blueprint("admin", __name__, url_prefix="/admin")
 PAGE_SIZE = 50
 
 
-def _engine():
-    return current_app.extensions["site"].engine
-
-
 def _user_or_404(connection, user_id: int) -> accounts.UserDetails:
     user = accounts.get_details(connection, user_id)
     if user is None:
@@ -81,7 +76,7 @@ def index():
 
 @bp.route("/users")
 def users():
-    with _engine().connect() as connection:
+    with services.engine().connect() as connection:
         listed = accounts.list_users(connection)
         locks = throttle.current_locks(connection)
     names = {accounts.username_key(user.username): user.username for user in listed}
@@ -99,7 +94,7 @@ def lift_lock():
         abort(400)
     account_key = request.form.get("account_key", "")
     client_address = request.form.get("client_address", "")
-    with _engine().begin() as connection:
+    with services.engine().begin() as connection:
         forgotten = throttle.lift(connection, kind, account_key, client_address)
         record_activity(
             Action.SIGN_IN_LOCK_LIFTED,
@@ -120,7 +115,7 @@ def new_user():
     form.password.description = accounts.password_help(g.settings["password_min_length"])
     if form.validate_on_submit():
         try:
-            with _engine().begin() as connection:
+            with services.engine().begin() as connection:
                 accounts.check_new_password(
                     connection, form.password.data, form.username.data, form.confirm.data
                 )
@@ -156,14 +151,14 @@ def new_user():
 
 @bp.route("/users/<int:user_id>/edit", methods=["GET", "POST"])
 def edit_user(user_id: int):
-    with _engine().connect() as connection:
+    with services.engine().connect() as connection:
         user = _user_or_404(connection, user_id)
     form = ContactForm(obj=user)
     if form.validate_on_submit():
         fields = ("real_name", "phone", "email", "notes")
         contact = {name: getattr(form, name).data for name in fields}
         changed = sorted(name for name, value in contact.items() if value != getattr(user, name))
-        with _engine().begin() as connection:
+        with services.engine().begin() as connection:
             accounts.update_contact(connection, user_id, **contact)
             if changed:
                 record_activity(
@@ -184,7 +179,7 @@ def set_flag(user_id: int):
     if flag not in FLAGS:
         abort(400)
     try:
-        with _engine().begin() as connection:
+        with services.engine().begin() as connection:
             user = _user_or_404(connection, user_id)
             accounts.set_flags(connection, user_id, current_user.id, **{flag: value})
             record_activity(
@@ -204,7 +199,7 @@ def set_flag(user_id: int):
 
 @bp.route("/users/<int:user_id>/credentials", methods=["GET", "POST"])
 def credentials(user_id: int):
-    with _engine().connect() as connection:
+    with services.engine().connect() as connection:
         user = _user_or_404(connection, user_id)
     form = CredentialsForm(username=user.username)
     form.password.description = "Leave blank to keep it. " + accounts.password_help(
@@ -213,7 +208,7 @@ def credentials(user_id: int):
     if form.validate_on_submit():
         new_name = form.username.data
         try:
-            with _engine().begin() as connection:
+            with services.engine().begin() as connection:
                 changed = []
                 if new_name != user.username:
                     accounts.rename(connection, user_id, new_name)
@@ -241,11 +236,11 @@ def credentials(user_id: int):
 
 @bp.route("/users/<int:user_id>/delete", methods=["GET", "POST"])
 def delete_user(user_id: int):
-    with _engine().connect() as connection:
+    with services.engine().connect() as connection:
         user = _user_or_404(connection, user_id)
     if request.method == "POST":
         try:
-            with _engine().begin() as connection:
+            with services.engine().begin() as connection:
                 accounts.delete_user(connection, user_id, current_user.id)
                 record_activity(Action.USER_DELETED, connection=connection, account=user.username)
         except AccountError as error:
@@ -258,7 +253,7 @@ def delete_user(user_id: int):
 
 @bp.route("/users/<int:user_id>")
 def user_activity(user_id: int):
-    with _engine().connect() as connection:
+    with services.engine().connect() as connection:
         user = accounts.get_details(connection, user_id)
         if user is None:
             abort(404)
@@ -283,7 +278,7 @@ def _filters_from_request() -> tuple[ActivityFilterForm, ActivityFilter]:
     patient_studies: tuple[str, ...] = ()
     study_uids: tuple[str, ...] = ()
     if patient or study:
-        with _engine().connect() as connection:
+        with services.engine().connect() as connection:
             if patient:
                 patient_ids, patient_studies, too_many = lookup.patient(connection, patient)
                 if too_many:
@@ -327,7 +322,7 @@ def _activity_page(
     page = _page_number()
     time_zone = g.settings["time_zone"]
     grouped = not (filters.address or filters.patient or filters.study)
-    with _engine().connect() as connection:
+    with services.engine().connect() as connection:
         if filters.listing is ActivityList.REFUSED and filters.user_id is None and grouped:
             total, groups = refused_by_address(
                 connection, filters, time_zone, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
@@ -403,7 +398,7 @@ def activity_csv():
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(CSV_COLUMNS)
-        with _engine().connect() as connection:
+        with services.engine().connect() as connection:
             for row in list_activity(connection, filters, time_zone, limit=None):
                 # In words, as the page shows them; ``action_code`` for whoever filters by it.
                 cells = [
@@ -435,7 +430,7 @@ def activity_csv():
 
 @bp.route("/activity/<int:event_id>")
 def event(event_id: int):
-    with _engine().connect() as connection:
+    with services.engine().connect() as connection:
         row = get_event(connection, event_id)
     if row is None:
         abort(404)
@@ -455,12 +450,12 @@ def tokens():
     patient_id = request.args.get("patient_id", "").strip()
     held = request.args.get("held") == "1"
     page = _page_number()
-    with _engine().begin() as connection:
+    with services.engine().begin() as connection:
         total, listed = store.list_tokens(
             connection, patient_id=patient_id, held=held, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
         )
         try:
-            shared_uids = shared.flagged(connection, current_app.extensions["orthanc"])
+            shared_uids = shared.flagged(connection, services.archive())
         except OrthancUnavailable:
             shared_uids = None
         held_count = store.count_held(connection)
@@ -499,13 +494,13 @@ def tokens():
 @bp.route("/tokens/<int:token_id>", methods=["GET", "POST"])
 def token(token_id: int):
     """One token: its uses, and the admin's two levers: extend it, or revoke it."""
-    with _engine().connect() as connection:
+    with services.engine().connect() as connection:
         found = store.get(connection, token_id)
     if found is None:
         abort(404)
     form = TokenForm()
     if form.validate_on_submit():
-        with _engine().begin() as connection:
+        with services.engine().begin() as connection:
             detail = {
                 "token_id": found.public_id,
                 "patient": found.row.patient_name,
@@ -551,7 +546,7 @@ def revoke_patient():
     patient_id = request.form.get("patient_id", "").strip()
     if not patient_id:
         abort(400)
-    with _engine().begin() as connection:
+    with services.engine().begin() as connection:
         count = store.revoke_patient(connection, patient_id, db.utcnow())
         record_activity(Action.TOKEN_REVOKED, connection=connection, patient_id=patient_id, revoked=count)
     flash(f"Revoked {count} link{'s' if count != 1 else ''} of patient {patient_id}.", "info")

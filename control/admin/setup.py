@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, flash, g, make_response, redirect, render_template, request, url_for
+from flask import flash, g, make_response, redirect, render_template, request, url_for
 from werkzeug.datastructures import FileStorage
 
-from control import apply, configs, cookies, network, tls
+from control import apply, configs, cookies, network, services, tls
 from control.admin import bp
 from control.settings import SETTINGS, Effect, Setting
 from control.site import REPOSITORY
@@ -96,12 +96,12 @@ EFFECT_NOTES = {
 
 def fixed_settings() -> frozenset[str]:
     """Settings this installation may not change from the page (ports fixed by compose.yaml)."""
-    topology = configs.Topology.from_environment(current_app.extensions["site"])
+    topology = configs.Topology.from_environment(services.site())
     return frozenset(configs.PORT_SETTINGS if topology.ports_fixed else ())
 
 
 def tls_folder():
-    return current_app.extensions["site"].secrets_dir / "tls"
+    return services.site().secrets_dir / "tls"
 
 
 def _text_of(setting: Setting, form: dict[str, str]) -> str:
@@ -143,7 +143,7 @@ def settings():
         if not errors and not confirm_web_off:
             try:
                 applied = apply.change_settings(
-                    current_app.extensions["site"],
+                    services.site(),
                     texts,
                     certificate=new_pair,
                     clear_certificate=clearing,
@@ -211,7 +211,7 @@ def _new(applied: apply.Applied) -> dict[str, Any]:
 
 def web_on_command(port: int) -> str:
     """The shell command that turns web access back on, for this installation."""
-    site = current_app.extensions["site"]
+    site = services.site()
     data = "" if site.data == (REPOSITORY / "data").resolve() else f" --data {site.data}"
     return f"./pacs{data} config set web_port {port}"
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, flash, g, redirect, render_template, request, url_for
+from flask import flash, g, redirect, render_template, request, url_for
 
-from control import apply, formatting
+from control import apply, formatting, services
 from control.activity import Action, record_activity
 from control.admin import bp
 from control.orthanc import OrthancError, OrthancUnavailable
@@ -37,16 +37,12 @@ def _kept_address(rule: str, **options: Any):
     return register
 
 
-def _site():
-    return current_app.extensions["site"]
-
-
 @_kept_address("/worklist")
 def worklist_page():
     """The admin's view of the modality worklist and of the modalities that may query it."""
     return render_template(
         "admin/worklist.html",
-        entries=worklist.list_entries(_site().worklists),
+        entries=worklist.list_entries(services.site().worklists),
         modalities=parse_modalities(g.settings["dicom_modalities"]),
         registered=_registered_now(),
     )
@@ -55,7 +51,7 @@ def worklist_page():
 def _registered_now() -> set[str] | None:
     """The AE titles Orthanc knows right now, or None when it does not answer."""
     try:
-        registered = current_app.extensions["orthanc"].modalities()
+        registered = services.archive().modalities()
     except (OrthancUnavailable, OrthancError):
         return None
     return {entry.get("AET", name) for name, entry in registered.items()}
@@ -64,7 +60,7 @@ def _registered_now() -> set[str] | None:
 @_kept_address("/worklist/<entry_id>/delete", methods=["POST"])
 def worklist_delete(entry_id: str):
     """Delete one worklist entry (a modality no longer finds it)."""
-    deleted = worklist.delete_entry(_site().worklists, entry_id)
+    deleted = worklist.delete_entry(services.site().worklists, entry_id)
     if deleted is None:
         flash("That worklist entry is no longer there.", "error")
     else:
@@ -103,7 +99,7 @@ def _save_modalities(wanted: list[Modality]) -> Any:
     """Change ``dicom_modalities`` as any setting changes (``control.apply``): the archive is told
     through its REST API at once, nothing is restarted."""
     try:
-        applied = apply.change_settings(_site(), {"dicom_modalities": " ".join(map(str, wanted))})
+        applied = apply.change_settings(services.site(), {"dicom_modalities": " ".join(map(str, wanted))})
     except apply.SettingsRefused as error:
         flash(f"Not registered: {error}", "error")
     else:

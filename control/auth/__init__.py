@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 from urllib.parse import urlsplit
 
-from flask import Blueprint, current_app, flash, g, redirect, render_template, request, session, url_for
+from flask import Blueprint, flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_user, logout_user
 from flask_wtf import FlaskForm
 from wtforms import HiddenField, PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
-from control import accounts
+from control import accounts, services
 from control.activity import Action, Outcome, record_activity
 from control.auth import sessions, throttle
 from control.auth.sessions import SignedInUser
@@ -68,7 +68,7 @@ def login():
         return render_template("auth/login.html", form=form), 400
     client_address = request.remote_addr or ""
     typed_name = form.username.data.strip()
-    engine = current_app.extensions["site"].engine
+    engine = services.engine()
     password_problem = None
     with engine.begin() as connection:
         verdict = throttle.check(connection, typed_name, client_address)
@@ -127,7 +127,7 @@ def own_password():
     if form.validate_on_submit():
         user: SignedInUser = current_user._get_current_object()
         renewed = None
-        with current_app.extensions["site"].engine.begin() as connection:
+        with services.engine().begin() as connection:
             if accounts.authenticate(connection, user.username, form.current.data) is None:
                 form.current.errors.append("This is not your current password.")
             else:

@@ -15,10 +15,10 @@ import secrets
 from dataclasses import dataclass, fields
 
 import sqlalchemy as sa
-from flask import current_app, g
+from flask import g
 from flask_login import UserMixin
 
-from control import accounts, db
+from control import accounts, db, services
 from control.extensions import login_manager
 
 # Touching last_seen_at on every request would make every page view a write.
@@ -80,10 +80,6 @@ def is_live(row: sa.Row | None, now: dt.datetime, settings: dict) -> bool:
     )
 
 
-def _engine() -> sa.Engine:
-    return current_app.extensions["site"].engine
-
-
 def start_session(connection: sa.Connection, account: accounts.User, client_address: str) -> SignedInUser:
     """Open a new session for ``account`` (a fresh id at every sign-in)."""
     session_id = secrets.token_urlsafe(32)
@@ -102,7 +98,7 @@ def start_session(connection: sa.Connection, account: accounts.User, client_addr
 
 
 def end_session(session_id: str) -> None:
-    with _engine().begin() as connection:
+    with services.engine().begin() as connection:
         connection.execute(
             db.web_sessions.update()
             .where(db.web_sessions.c.id_hash == _hash(session_id), db.web_sessions.c.ended_at.is_(None))
@@ -121,11 +117,11 @@ def expired(created_at: dt.datetime, last_seen_at: dt.datetime, now: dt.datetime
 def load_session(session_id: str) -> SignedInUser | None:
     """The signed-in user of a live session, or None (which flask-login treats as signed out)."""
     now = db.utcnow()
-    with _engine().begin() as connection:
+    with services.engine().begin() as connection:
         row = find_session(connection, session_id)
         if row is None or row.ended_at is not None or not row.is_active:
             return None
-        settings = g.get("settings") or current_app.extensions["site"].load_settings()
+        settings = g.get("settings") or services.site().load_settings()
         if expired(row.created_at, row.last_seen_at, now, settings):
             connection.execute(
                 db.web_sessions.update().where(db.web_sessions.c.id_hash == row.id_hash).values(ended_at=now)

@@ -24,7 +24,6 @@ from typing import Any
 from flask import (
     Blueprint,
     abort,
-    current_app,
     flash,
     g,
     jsonify,
@@ -38,7 +37,7 @@ from flask_wtf import FlaskForm
 from wtforms import SelectField, StringField
 from wtforms.validators import Length
 
-from control import db, network
+from control import db, network, services
 from control.activity import Action, Outcome, record_activity
 from control.auth import safe_next
 from control.desktop import credentials
@@ -56,10 +55,6 @@ bp = Blueprint("desktop", __name__)
 WEASIS_DOWNLOAD = "https://weasis.org/en/getting-started/download-dicom-viewer/"
 LEVELS = ("patients", "studies", "series")
 bp.add_app_template_global(WEASIS_DOWNLOAD, "weasis_download")
-
-
-def _engine():
-    return current_app.extensions["site"].engine
 
 
 def dicomweb_url() -> str:
@@ -140,7 +135,7 @@ def launch(level: str, orthanc_id: str):
         abort(404)
     opened = opened_resource(level, orthanc_id)
     now = db.utcnow()
-    with _engine().begin() as connection:
+    with services.engine().begin() as connection:
         token, secret = credentials.issue(
             connection,
             opened,
@@ -179,7 +174,7 @@ def patient_launch(token: study_links.StudyToken, study: StudyView):
     opened = Opened(
         Scope.STUDY, (study.study_uid,), "", token.row.patient_name, token.row.patient_id, (study.orthanc_id,)
     )
-    with _engine().begin() as connection:
+    with services.engine().begin() as connection:
         study_links.record_use(connection, token.id, client_address, now)
         viewer, secret = credentials.issue(
             connection,
@@ -227,7 +222,7 @@ def study_access(orthanc_id: str):
     made = None
     if form.validate_on_submit():
         now = db.utcnow()
-        with _engine().begin() as connection:
+        with services.engine().begin() as connection:
             token, secret = credentials.issue(
                 connection,
                 opened,
@@ -249,7 +244,7 @@ def study_access(orthanc_id: str):
                 expires=token.row.expires_at.isoformat(timespec="minutes"),
             )
         made = {"token": token, "secret": secret}
-    with _engine().connect() as connection:
+    with services.engine().connect() as connection:
         listed = credentials.listing(connection, g.settings, study_uid=opened.study_uids[0], kind=Kind.SHARED)
     response = make_response(
         render_template(
@@ -270,7 +265,7 @@ def study_access(orthanc_id: str):
 @bp.route("/desktop/tokens/<int:token_id>/revoke", methods=["POST"])
 def revoke(token_id: int):
     """Revoke a viewer token: an admin any, a user those they made. It stops working at once."""
-    with _engine().begin() as connection:
+    with services.engine().begin() as connection:
         token = credentials.get(connection, token_id)
         if token is None:
             abort(404)

@@ -37,9 +37,8 @@ from typing import Any
 from urllib.parse import quote
 
 import sqlalchemy as sa
-from flask import current_app
 
-from control import db
+from control import db, services
 from control.activity import Action, record_activity
 from control.tokens import store
 
@@ -353,7 +352,7 @@ def record_use(token: ViewerToken, client_address: str, path: str) -> None:
     now = db.utcnow()
     if not use_due(token, client_address, now):
         return
-    with current_app.extensions["site"].engine.begin() as connection:
+    with services.engine().begin() as connection:
         if not claim_use(connection, token, client_address, now):
             return  # another request of the same moment recorded it
         row = token.row

@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 from flask_login import current_user
 
-from control import db, spooling
+from control import db, services, spooling
 from control import dicomweb_routes as routes
 from control.activity import Action, Outcome, record_activity
 from control.catalog import qido
@@ -54,7 +54,7 @@ def valid_grants() -> list[grants.Grant]:
     presented = grants.read(request)
     if not presented:
         return []
-    with current_app.extensions["site"].engine.connect() as connection:
+    with services.engine().connect() as connection:
         return grants.still_valid(connection, presented, g.settings["token_days"], db.utcnow().date())
 
 
@@ -71,7 +71,7 @@ def visitor() -> tuple[rules.Visitor, list[grants.Grant]]:
     bearer = viewer_tokens.bearer_secret(request.headers.get("Authorization"))
     if bearer is not None:
         # Judged as the token alone: a cookie beside it must not widen what it reads.
-        with current_app.extensions["site"].engine.connect() as connection:
+        with services.engine().connect() as connection:
             token, works = viewer_tokens.look_up(connection, bearer, g.settings, db.utcnow())
         g.viewer_token = token
         if token is None or not works:
@@ -85,14 +85,6 @@ def visitor() -> tuple[rules.Visitor, list[grants.Grant]]:
 
 def ruled_headers() -> dict[str, str]:
     return {name: request.headers[name] for name in RULED_HEADERS if name in request.headers}
-
-
-def _orthanc():
-    return current_app.extensions["orthanc"]
-
-
-def _holders(study_uid: str) -> list[str]:
-    return current_app.extensions["study_holders"](study_uid)
 
 
 def _denied(decision: rules.Decision, method: str, path: str, asking: rules.Visitor) -> None:
@@ -109,8 +101,14 @@ def _denied(decision: rules.Decision, method: str, path: str, asking: rules.Visi
     )
     if decision.verdict is rules.Verdict.CONFLICT:
         # Tell the admin (once; see control.tokens.shared).
-        with current_app.extensions["site"].engine.begin() as connection:
-            shared.flag(connection, _orthanc(), decision.study_uid, _holders(decision.study_uid), "dicomweb")
+        with services.engine().begin() as connection:
+            shared.flag(
+                connection,
+                services.archive(),
+                decision.study_uid,
+                services.study_holders(decision.study_uid),
+                "dicomweb",
+            )
 
 
 def _answers(route: routes.Route):
@@ -152,7 +150,7 @@ def decision_for(method: str, uri: str, asking: rules.Visitor) -> rules.Decision
     decision = rules.decide(method, uri, asking, ruled_headers())
     study_uid = rules.study_named(uri)
     if decision.verdict is rules.Verdict.ALLOW and study_uid and FrameRequest.of(uri) is None:
-        decision = rules.owned(decision, asking, study_uid, _holders(study_uid))
+        decision = rules.owned(decision, asking, study_uid, services.study_holders(study_uid))
     return decision
 
 
@@ -178,14 +176,14 @@ def retrieve_frame(**_uids: str):
     accept = request.headers.get("Accept", "")
     origin = relay.origin(request.environ)
     if wanted is None:
-        return _passed_on(relay.relay(_orthanc(), uri, accept, origin))
+        return _passed_on(relay.relay(services.archive(), uri, accept, origin))
     asking, _held = visitor()
     granted = "" if asking.signed_in else asking.granted_studies.get(wanted.study, "")
     try:
-        return _passed_on(current_app.extensions["frames"].answer(wanted, accept, origin, granted))
+        return _passed_on(services.frames().answer(wanted, accept, origin, granted))
     except (StudyShared, NotTheGrantedStudy):
         allowed = rules.decide("GET", uri, asking)
-        decision = rules.owned(allowed, asking, wanted.study, _holders(wanted.study))
+        decision = rules.owned(allowed, asking, wanted.study, services.study_holders(wanted.study))
     if decision.verdict is rules.Verdict.ALLOW:
         decision = rules.Decision(rules.Verdict.NOT_FOUND, "the study changed meanwhile", wanted.study)
     _denied(decision, "GET", wanted.path, asking)
@@ -217,7 +215,7 @@ def retrieve_instances(**_uids: str):
         return refusal
     return _passed_on(
         relay.relay(
-            _orthanc(),
+            services.archive(),
             uri,
             request.headers.get("Accept", 'multipart/related; type="application/dicom"'),
             relay.origin(request.environ),
@@ -259,7 +257,7 @@ def search():
                 relay.refusal(400, f"Bad request: ask for {MOST_SEARCHED_STUDIES} studies at most.")
             )
         for study_uid in asked:
-            refused = rules.owned(decision, asking, study_uid, _holders(study_uid))
+            refused = rules.owned(decision, asking, study_uid, services.study_holders(study_uid))
             if refused.verdict is not rules.Verdict.ALLOW:
                 _denied(refused, "GET", request.path, asking)
                 return _refusal(refused)
@@ -277,7 +275,7 @@ def search():
             narrowed = rules.narrowed_query(narrowed, series_uid, rules.SERIES_UID_KEYS, "SeriesInstanceUID")
         if narrowed is None:
             continue
-        if _holders(study_uid) != [orthanc_study_id]:
+        if services.study_holders(study_uid) != [orthanc_study_id]:
             continue  # the patient's page says why: the study is held (control.tokens)
         _status, found, _more = _search_orthanc(request.path, narrowed, limit)
         # Whatever the query did, only the granted study's entries leave the portal.
@@ -304,7 +302,7 @@ def _search_orthanc(path: str, raw_query: str, limit: int) -> tuple[int, list[An
     """Orthanc's status and JSON answer to a search (at most ``limit`` entries), and whether it had
     more. The page is read whole: ``MAX_LIMIT`` entries of a few kB at most."""
     target = _orthanc_target(path, "&".join(part for part in (raw_query, f"limit={limit + 1}") if part))
-    upstream = _orthanc().open_raw(
+    upstream = services.archive().open_raw(
         target, relay.asking("application/dicom+json", relay.origin(request.environ))
     )
     body = relay.Relayed(upstream)
@@ -325,8 +323,8 @@ def _catalog_answer(rest: str, limit: int) -> Response | None:
     search = qido.parse(rest)
     if search is None:
         return None
-    with current_app.extensions["site"].engine.connect() as connection:
-        fresh = freshness(connection, _orthanc())
+    with services.engine().connect() as connection:
+        fresh = freshness(connection, services.archive())
         if not fresh.usable or (fresh.behind and search.study_uids):
             return None
         rows, more = qido.find(connection, search, limit)
@@ -339,7 +337,7 @@ def _paged_answer(path: str, rest: str, limit: int) -> Response:
     than the page."""
     if "xml" in _accept():
         target = _orthanc_target(path, "&".join(part for part in (rest, f"limit={limit}") if part))
-        return _passed_on(relay.relay(_orthanc(), target, _accept(), relay.origin(request.environ)))
+        return _passed_on(relay.relay(services.archive(), target, _accept(), relay.origin(request.environ)))
     status, found, more = _search_orthanc(path, rest, limit)
     if status != 200:
         return _passed_on(relay.refusal(status))

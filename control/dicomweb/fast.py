@@ -26,7 +26,7 @@ from flask import Flask
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.http import parse_cookie
 
-from control import db
+from control import db, services
 from control import dicomweb_routes as routes
 from control.auth import sessions
 from control.cookies import SiteSessionInterface
@@ -57,10 +57,10 @@ class QuickGate:
     def __init__(self, app: WSGIApp, flask_app: Flask) -> None:
         self.app = app
         self.flask_app = flask_app
-        self.site = flask_app.extensions["site"]
+        self.site = services.site(flask_app)
         self.session_interface: SiteSessionInterface = flask_app.session_interface  # type: ignore[assignment]
         self.grant_signing = grants.serializer(flask_app.config["SECRET_KEY"])
-        self.frames: FrameSource = flask_app.extensions["frames"]
+        self.frames: FrameSource = services.frames(flask_app)
         self.extensions = flask_app.extensions
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -125,7 +125,9 @@ class QuickGate:
             return False
         study_uid = rules.study_named(uri)
         if study_uid and FrameRequest.of(uri) is None:
-            decision = rules.owned(decision, visitor, study_uid, self.extensions["study_holders"](study_uid))
+            decision = rules.owned(
+                decision, visitor, study_uid, services.study_holders(study_uid, self.flask_app)
+            )
         return decision.verdict is rules.Verdict.ALLOW
 
     def _decide(

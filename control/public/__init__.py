@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from flask import Blueprint, current_app, jsonify, render_template, send_file
+from flask import Blueprint, jsonify, render_template, send_file
 from flask_login import current_user
 
-from control import __version__
+from control import __version__, services
 from control.orthanc import OrthancError, OrthancUnavailable
 from control.site import REPOSITORY
 
@@ -21,7 +21,7 @@ def index():
     archive = None
     if current_user.is_authenticated:
         # What a signed-in user first wants to know: is the archive there, and what does it hold.
-        archive = current_app.extensions["orthanc"].get_json("/statistics")
+        archive = services.archive().get_json("/statistics")
     return render_template("public/index.html", archive=archive)
 
 
@@ -39,19 +39,19 @@ def healthz():
     """The state of the archive, the control plane and its database, for monitoring (no secrets)."""
     report: dict = {"control": {"ok": True, "version": __version__}}
     try:
-        with current_app.extensions["site"].engine.connect() as connection:
+        with services.engine().connect() as connection:
             connection.execute(sa.text("SELECT 1"))
         report["database"] = {"ok": True}
     except sa.exc.SQLAlchemyError as error:
         report["database"] = {"ok": False, "error": type(error).__name__}
-    archive = current_app.extensions["orthanc"]
+    archive = services.archive()
     nodes = {name: _node_health(orthanc) for name, orthanc in archive.each()}
     answering = [health for health in nodes.values() if health["ok"]]
     report["orthanc"] = answering[0] if answering else next(iter(nodes.values()))
     if answering:
         try:
             # The versions of Orthanc and of its DICOMweb plugin, as the portal last asked (a minute at most).
-            versions = current_app.extensions["archive_version"].current().describe()
+            versions = services.archive_versions().current().describe()
             report["orthanc"] = {**report["orthanc"], **versions}
         except (OrthancUnavailable, OrthancError) as error:
             reason = "not reachable" if isinstance(error, OrthancUnavailable) else str(error)

@@ -34,12 +34,12 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
-from control import formatting, spooling
+from control import formatting, services, spooling
 from control.activity import Action, Outcome, record_activity, update_activity
 from control.errors import error_response, wants_json
 from control.orthanc import OrthancUnavailable
 from control.query import bp, present, zips
-from control.query.views import check_id, get_or_404, orthanc, safe_back
+from control.query.views import check_id, get_or_404, safe_back
 
 MANIFEST_FORMAT = "pacs-download-manifest/1"
 LEVEL = "<any(patients, studies, series):level>/<orthanc_id>"
@@ -166,7 +166,7 @@ def describe(level: str, orthanc_id: str) -> Resource:
         return Resource(level, orthanc_id, fields, {}, {}, patient.get("LastUpdate", ""))
     if level == "series":
         series = get_or_404(f"/series/{orthanc_id}")
-        study = orthanc().get_json(f"/studies/{series['ParentStudy']}")
+        study = services.archive().get_json(f"/studies/{series['ParentStudy']}")
         last_update = series.get("LastUpdate", "")
     else:
         study = get_or_404(f"/studies/{orthanc_id}")
@@ -182,7 +182,7 @@ def zip_content() -> str:
 
 def statistics(level: str, orthanc_id: str) -> dict[str, int]:
     """Counts and the DICOM files' size of a resource, from Orthanc's statistics."""
-    answer = orthanc().get_json(f"/{level}/{orthanc_id}/statistics")
+    answer = services.archive().get_json(f"/{level}/{orthanc_id}/statistics")
     return {
         "studies": int(answer.get("CountStudies", 1)),
         "series": int(answer.get("CountSeries", 1)),
@@ -317,7 +317,7 @@ def archive_response(
     if length is None:
         try:
             spooled, length = spooling.spool(
-                zips.zip_bytes(orthanc(), plan), spooling.client_gone(request.environ)
+                zips.zip_bytes(services.archive(), plan), spooling.client_gone(request.environ)
             )
         except spooling.ClientGone:
             finish(False, 0, "client")
@@ -331,7 +331,7 @@ def archive_response(
         body: Iterable[bytes] = spooling.read_back(spooled)
         stop = length
     else:
-        spooled, body = None, zips.zip_bytes(orthanc(), plan, start, stop)
+        spooled, body = None, zips.zip_bytes(services.archive(), plan, start, stop)
 
     def relay() -> Iterator[bytes]:
         sent, completed, stopped_by = 0, False, "client"
@@ -383,15 +383,17 @@ def zip_plan(
     size and attachment id), its series and (for a patient) its studies.
     """
     level, orthanc_id = resource.level, resource.orthanc_id
-    instances = orthanc().get_json(f"/{level}/{orthanc_id}/instances")
+    instances = services.archive().get_json(f"/{level}/{orthanc_id}/instances")
     if level == "series":
         series_list = [resource.series]
     else:
-        series_list = sorted(orthanc().get_json(f"/{level}/{orthanc_id}/series"), key=present.series_sort_key)
+        series_list = sorted(
+            services.archive().get_json(f"/{level}/{orthanc_id}/series"), key=present.series_sort_key
+        )
     if level == "patients":
         studies = {
             study["ID"]: study["MainDicomTags"]
-            for study in orthanc().get_json(f"/patients/{orthanc_id}/studies")
+            for study in services.archive().get_json(f"/patients/{orthanc_id}/studies")
         }
     else:
         studies = {series["ParentStudy"]: resource.study for series in series_list}
@@ -496,11 +498,13 @@ def manifest_response(level: str, orthanc_id: str, series_archive: Callable[[str
     if level == "series":
         found = [resource.series]
     else:
-        found = sorted(orthanc().get_json(f"/{level}/{orthanc_id}/series"), key=present.series_sort_key)
+        found = sorted(
+            services.archive().get_json(f"/{level}/{orthanc_id}/series"), key=present.series_sort_key
+        )
     if level == "patients":
         study_uids = {
             study["ID"]: study["MainDicomTags"].get("StudyInstanceUID")
-            for study in orthanc().get_json(f"/patients/{orthanc_id}/studies")
+            for study in services.archive().get_json(f"/patients/{orthanc_id}/studies")
         }
     else:
         study_uids = {series["ParentStudy"]: resource.study.get("StudyInstanceUID") for series in found}

@@ -6,10 +6,10 @@ recorded in the activity log. The first request for a study makes its token, lat
 
 from __future__ import annotations
 
-from flask import abort, current_app, g, jsonify, url_for
+from flask import abort, g, jsonify, url_for
 from flask_login import current_user
 
-from control import db, network
+from control import db, network, services
 from control.activity import Action, Outcome, record_activity
 from control.errors import error_response
 from control.orthanc import OrthancError
@@ -28,7 +28,7 @@ def study_link(orthanc_id: str):
     link, for admins only. The first request for a study makes its token, so that an expired one is
     there to extend. A study whose UID another patient's study shares gets 409 and no link.
     """
-    orthanc = current_app.extensions["orthanc"]
+    orthanc = services.archive()
     try:
         facts, _study = study_facts(orthanc, orthanc_id)
     except OrthancError as error:
@@ -37,7 +37,7 @@ def study_link(orthanc_id: str):
         raise
     holders = shared.holders(orthanc, facts.study_uid)
     if len(holders) > 1:
-        with current_app.extensions["site"].engine.begin() as connection:
+        with services.engine().begin() as connection:
             shared.flag(connection, orthanc, facts.study_uid, holders, "copy study link")
             record_activity(
                 Action.TOKEN_MADE,
@@ -49,10 +49,8 @@ def study_link(orthanc_id: str):
             )
         return error_response(409, SHARED_UID)
     warning = unchecked_link_warning(g.settings, facts)
-    with current_app.extensions["site"].engine.begin() as connection:
-        token, new = store.issue(
-            connection, current_app.extensions["site"].secrets.token_key, facts, db.utcnow()
-        )
+    with services.engine().begin() as connection:
+        token, new = store.issue(connection, services.site().secrets.token_key, facts, db.utcnow())
         record_activity(
             Action.TOKEN_MADE if new else Action.TOKEN_COPIED,
             connection=connection,

@@ -22,13 +22,14 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 from flask import abort, current_app, g, jsonify, redirect, render_template, request, url_for
 
+from control import services
 from control.activity import Action, record_activity
 from control.catalog.freshness import freshness
 from control.catalog.rows import as_orthanc_study
 from control.catalog.search import PATIENT_SORTS, STUDY_SORTS, Catalog, Sorting, supports
 from control.errors import wants_json
 from control.identifiers import is_orthanc_id
-from control.orthanc import Orthanc, OrthancError, resource_id
+from control.orthanc import OrthancError, resource_id
 from control.paging import Page
 from control.query import bp, present
 from control.query.criteria import SearchForm, has_wildcard
@@ -41,14 +42,10 @@ DEFAULT_PER_PAGE = 50
 bp.add_app_template_filter(present.file_size, "file_size")
 
 
-def orthanc() -> Orthanc:
-    return current_app.extensions["orthanc"]
-
-
 def get_or_404(path: str) -> Any:
     """An Orthanc resource by path; an unknown resource is this site's 404."""
     try:
-        return orthanc().get_json(path)
+        return services.archive().get_json(path)
     except OrthancError as error:
         if error.status == 404:
             abort(404)
@@ -64,7 +61,7 @@ def check_id(orthanc_id: str) -> None:
 def modality_census() -> ModalityCensus:
     census = current_app.extensions.get("query.modalities")
     if census is None:
-        census = current_app.extensions.setdefault("query.modalities", ModalityCensus(orthanc()))
+        census = current_app.extensions.setdefault("query.modalities", ModalityCensus(services.archive()))
     return census
 
 
@@ -148,7 +145,7 @@ def catalog_has_patient(connection: sa.Connection, orthanc_id: str) -> bool:
     try:
         held = {
             study["ID"]: (len(study.get("Series", ())), study.get("LastUpdate") or "")
-            for study in orthanc().get_json(f"/patients/{orthanc_id}/studies")
+            for study in services.archive().get_json(f"/patients/{orthanc_id}/studies")
         }
     except OrthancError as error:
         if error.status == 404:
@@ -180,8 +177,8 @@ def choose_source(search: Search | None, sorting: Sorting, patient_id: str | Non
     """
     if request.args.get("source") == "archive" or (search is not None and not supports(search)):
         return Source(False)
-    with current_app.extensions["site"].engine.connect() as connection:
-        fresh = freshness(connection, orthanc())
+    with services.engine().connect() as connection:
+        fresh = freshness(connection, services.archive())
         exact = patient_id or (one_patient_id(search) if search is not None else None)
         if fresh.usable and fresh.behind and exact and not catalog_has_patient(connection, exact):
             return Source(False)
@@ -293,12 +290,12 @@ def patients():
     sorting = sorting_from_request(PATIENT_SORTS)
     source = choose_source(search, sorting)
     if source.catalog:
-        with current_app.extensions["site"].engine.connect() as connection:
+        with services.engine().connect() as connection:
             page = Catalog(connection).patients(
                 search, sorting, paging.offset, paging.per_page, after=request.args.get("after")
             )
     else:
-        page = Finder(orthanc()).patients(search, paging.offset, paging.per_page)
+        page = Finder(services.archive()).patients(search, paging.offset, paging.per_page)
     links = present.Links(back=this_page())
     date_format = g.settings["date_format"]
     rows = [
@@ -343,7 +340,7 @@ def studies():
     if source.catalog:
         page, found, modalities = catalog_studies(search, sorting, paging)
     else:
-        finder = Finder(orthanc())
+        finder = Finder(services.archive())
         page = finder.studies(search, paging.offset, paging.per_page)
         found, modalities = page.rows, finder.modalities(search, page.rows)
     links = present.Links(back=this_page())
@@ -375,7 +372,7 @@ def catalog_studies(
 ) -> tuple[Page, list[dict[str, Any]], dict[str, list[str]]]:
     """A page of studies from the catalog (of one patient, given its id), its studies in the shape
     of the archive's answers, and their modalities."""
-    with current_app.extensions["site"].engine.connect() as connection:
+    with services.engine().connect() as connection:
         page = Catalog(connection).studies(
             search,
             sorting,
@@ -410,7 +407,7 @@ def patient_studies(orthanc_id: str):
         if not every:
             abort(404)
         held: dict[str, set[str]] = {}
-        for series in orthanc().get_json(f"/patients/{orthanc_id}/series"):
+        for series in services.archive().get_json(f"/patients/{orthanc_id}/series"):
             modality = series["MainDicomTags"].get("Modality")
             if modality:
                 held.setdefault(series["ParentStudy"], set()).add(modality)
@@ -493,7 +490,7 @@ def study_series(orthanc_id: str):
     study = get_or_404(f"/studies/{orthanc_id}")
     sorting = sorting_from_request(SERIES_SORTS, default="number")
     found = sorted(
-        orthanc().get_json(f"/studies/{orthanc_id}/series"),
+        services.archive().get_json(f"/studies/{orthanc_id}/series"),
         key=SERIES_SORTS[sorting.column][0],
         reverse=sorting.descending,
     )

@@ -28,7 +28,6 @@ from flask import (
     Blueprint,
     Response,
     abort,
-    current_app,
     g,
     jsonify,
     make_response,
@@ -43,7 +42,7 @@ from markupsafe import Markup
 from wtforms import StringField
 from wtforms.validators import DataRequired, Length
 
-from control import db, network
+from control import db, network, services
 from control.activity import Action, Outcome, record_activity
 from control.errors import error_response, wants_json
 from control.orthanc import Orthanc, OrthancError, error_for
@@ -105,10 +104,6 @@ def study_facts(orthanc: Orthanc, orthanc_id: str) -> tuple[store.StudyFacts, St
     return facts, view
 
 
-def _engine() -> sa.Engine:
-    return current_app.extensions["site"].engine
-
-
 def _recent_refusals(connection: sa.Connection, client_address: str) -> int:
     return connection.execute(
         sa.select(sa.func.count()).where(
@@ -154,7 +149,7 @@ def with_token(view: Callable[..., Any]) -> Callable[..., Any]:
         settings = g.settings
         now = db.utcnow()
         client_address = request.remote_addr or ""
-        with _engine().begin() as connection:
+        with services.engine().begin() as connection:
             if _recent_refusals(connection, client_address) >= REFUSAL_LIMIT:
                 _refuse(connection, "too many refused links from this address")
                 return _status_page("tokens/blocked.html", 429)
@@ -168,18 +163,18 @@ def with_token(view: Callable[..., Any]) -> Callable[..., Any]:
                 return _status_page(
                     "tokens/expired.html", 410, until=token.accessible_until(settings["token_days"])
                 )
-        orthanc = current_app.extensions["orthanc"]
+        orthanc = services.archive()
         try:
             _facts, study = study_facts(orthanc, token.row.orthanc_study_id)
         except OrthancError as error:
             if error.status != 404:
                 raise
-            with _engine().begin() as connection:
+            with services.engine().begin() as connection:
                 _refuse(connection, "study no longer in the archive", token)
             return _status_page("tokens/invalid.html", 404)
         holders = shared.holders(orthanc, token.row.study_uid)
         if len(holders) > 1:
-            with _engine().begin() as connection:
+            with services.engine().begin() as connection:
                 shared.flag(connection, orthanc, token.row.study_uid, holders, "a patient's link")
                 # Not a refused link (those count towards blocking an address): the link is good.
                 record_activity(
@@ -242,7 +237,7 @@ def identity_check(token: store.StudyToken):
     if request.method == "POST" and form.validate_on_submit():
         correct = _parse_birth_date(form.birth_date.data) == token.row.patient_birth_date
         about = {"token_id": token.public_id, "patient": token.row.patient_name, "study": token.row.study_uid}
-        with _engine().begin() as connection:
+        with services.engine().begin() as connection:
             answer = store.identity_answer(connection, token.id, correct, now)
             if answer is not store.IdentityAnswer.CLOSED:
                 record_activity(
@@ -305,7 +300,7 @@ def _identity_locked(token: store.StudyToken, now: dt.datetime):
 
 
 def _used(token: store.StudyToken, action: Action, **detail: Any) -> None:
-    with _engine().begin() as connection:
+    with services.engine().begin() as connection:
         store.record_use(connection, token.id, request.remote_addr or "", db.utcnow())
         record_activity(
             action,
@@ -405,7 +400,7 @@ def patient_report(token: store.StudyToken, study: StudyView, instance_id: str):
     """A PDF report attached to the study, as the document itself (the browser shows it)."""
     if instance_id not in {instance for instance, _title in study.reports}:
         abort(404)  # the token opens its own study's reports only
-    upstream = current_app.extensions["orthanc"].open_raw(f"/instances/{instance_id}/pdf")
+    upstream = services.archive().open_raw(f"/instances/{instance_id}/pdf")
     if upstream.status >= 400:
         status = upstream.status
         upstream.close()
@@ -455,7 +450,7 @@ def patient_series_download(token: store.StudyToken, study: StudyView, series_id
 
     check_id(series_id)
     try:
-        series = current_app.extensions["orthanc"].get_json(f"/series/{series_id}")
+        series = services.archive().get_json(f"/series/{series_id}")
     except OrthancError as error:
         if error.status == 404:
             abort(404)

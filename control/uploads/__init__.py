@@ -42,7 +42,7 @@ from flask_login import current_user
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from control import formatting
+from control import formatting, services
 from control.activity import Action, Outcome, record_activity, update_activity
 from control.auth import safe_next
 from control.errors import error_response, wants_json
@@ -75,20 +75,12 @@ def _shown(counts: dict[str, int]) -> dict[str, int]:
     }
 
 
-def _site():
-    return current_app.extensions["site"]
-
-
-def _orthanc():
-    return current_app.extensions["orthanc"]
-
-
 def _limit_bytes() -> int:
     return g.settings["upload_max_mb"] * store.MB
 
 
 def _disk() -> store.DiskGuard:
-    return store.DiskGuard(_site().orthanc_storage, g.settings["disk_reserve_mb"] * store.MB)
+    return store.DiskGuard(services.site().orthanc_storage, g.settings["disk_reserve_mb"] * store.MB)
 
 
 @gate.route("/internal/gate/upload")
@@ -280,8 +272,8 @@ def upload_files():
         update_activity(event, Outcome.FAILED, files=names, **NOT_COMPLETED, **_shown(counts))
 
     upload = store.Upload(
-        orthanc=_orthanc(),
-        worklists=_site().worklists,
+        orthanc=services.archive(),
+        worklists=services.site().worklists,
         zip_limits=archive.ZipLimits(max_unpacked=g.settings["upload_max_unpacked_mb"] * store.MB),
         disk=_disk(),
         on_progress=progress,
@@ -367,7 +359,7 @@ def study_summaries(results: list[store.FileResult]) -> list[dict[str, Any]]:
         if number >= SUMMARY_LOOKUPS:
             continue
         try:
-            study = _orthanc().get_json(f"/studies/{summary['study_id']}")
+            study = services.archive().get_json(f"/studies/{summary['study_id']}")
         except (OrthancError, OrthancUnavailable):
             continue  # the files' own words stand
         tags, patient = study.get("MainDicomTags", {}), study.get("PatientMainDicomTags", {})
@@ -408,9 +400,9 @@ def attach_pdf():
         )
     found: list[str] = []
     if is_uid(wanted):
-        found = _orthanc().find_studies({"StudyInstanceUID": wanted}, limit=ATTACH_CANDIDATES)
+        found = services.archive().find_studies({"StudyInstanceUID": wanted}, limit=ATTACH_CANDIDATES)
     if not found:
-        found = _orthanc().find_studies({"AccessionNumber": wanted}, limit=ATTACH_CANDIDATES)
+        found = services.archive().find_studies({"AccessionNumber": wanted}, limit=ATTACH_CANDIDATES)
     if not found:
         return _refusal(
             404, f"No study in the archive has the UID or accession number {wanted}.", back=_back()
@@ -430,7 +422,7 @@ def _attach(study_id: str):
     if file is None or not file.filename:
         return _refusal(400, "Choose the PDF file to attach.", back=_back())
     try:
-        study = _orthanc().get_json(f"/studies/{study_id}")
+        study = services.archive().get_json(f"/studies/{study_id}")
     except OrthancError as error:
         if error.status == 404:
             return _refusal(404, "There is no such study in the archive.", back=_back())
@@ -458,10 +450,10 @@ def _attach(study_id: str):
         return _refusal(400, f"{name} is {error}; nothing was attached.", back=_back())
     title = pdf.title_of(request.form.get("title", ""), file.filename)
     with pdf.create_dicom_body(stream, size, study_id, title) as body:
-        created = _orthanc().create_dicom(body)
+        created = services.archive().create_dicom(body)
     # Orthanc 1.10 writes the new series in its study's character set, dropping what that cannot
     # hold: say the title as the archive keeps it.
-    series = _orthanc().get_json(f"/series/{created['ParentSeries']}")
+    series = services.archive().get_json(f"/series/{created['ParentSeries']}")
     title = series["MainDicomTags"].get("SeriesDescription", title)
     record_activity(
         Action.PDF_ATTACHED,

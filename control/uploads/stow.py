@@ -33,10 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from flask import Response, current_app, g, request
+from flask import Response, g, request
 from python_multipart.multipart import MultipartParser
 from werkzeug.http import parse_options_header
 
+from control import services
 from control.activity import Action, Outcome, record_activity
 from control.dicomweb.relay import origin
 from control.errors import error_response
@@ -263,7 +264,7 @@ def receive(study_uid: str) -> Response:
     settings = g.settings
     limit = settings["upload_max_mb"] * store.MB
     declared = request.content_length
-    site = current_app.extensions["site"]
+    site = services.site()
     disk = store.DiskGuard(site.orthanc_storage, settings["disk_reserve_mb"] * store.MB)
     try:
         if declared is not None and declared > limit:
@@ -282,7 +283,7 @@ def receive(study_uid: str) -> Response:
         )
         return error_response(refused.status, refused.message)
     upload = store.Upload(
-        orthanc=current_app.extensions["orthanc"],
+        orthanc=services.archive(),
         worklists=site.worklists,
         zip_limits=archive.ZipLimits(max_unpacked=settings["upload_max_unpacked_mb"] * store.MB),
         disk=disk,
