@@ -35,7 +35,14 @@ COMMON_PASSWORDS = Path(__file__).parent / "passwords" / "common-passwords.txt.g
 SHORTEST_NAME_CHECKED = 3
 
 _hasher = PasswordHasher()
-_UNKNOWN_USER_HASH = _hasher.hash("an unknown user never signs in")
+
+
+@functools.cache
+def _unknown_user_hash() -> str:
+    """A hash of today's cost to check a password against when no such user exists, so that an
+    unknown name takes as long as a wrong password. Made at the first sign-in, not at import:
+    every process (each gunicorn worker, each ./pacs command) would pay 0.3 s for it."""
+    return _hasher.hash("an unknown user never signs in")
 
 
 class AccountError(ValueError):
@@ -188,7 +195,7 @@ def authenticate(connection: sa.Connection, username: str, password: str) -> Use
     row = connection.execute(
         sa.select(db.users).where(db.users.c.username_key == username_key(username))
     ).first()
-    stored_hash = row.password_hash if row else _UNKNOWN_USER_HASH
+    stored_hash = row.password_hash if row else _unknown_user_hash()
     try:
         _hasher.verify(stored_hash, _normalise(password))
         verified = row is not None
