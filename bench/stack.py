@@ -55,7 +55,7 @@ def free_port() -> int:
 def free_ports(count: int) -> int:
     """The first of ``count`` free ports in a row: the archive nodes of one machine take the ports
     after the first node's (``./pacs up --nodes N``)."""
-    from control.stack import port_is_free
+    from control.network import port_is_free
 
     while True:
         first = free_port()

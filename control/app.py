@@ -15,12 +15,13 @@ from typing import Any
 from flask import Flask, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from control import __version__, access, configs, errors, formatting, nodes, services
+from control import __version__, access, errors, formatting, nodes, services
 from control.archive_version import ArchiveVersions
 from control.cookies import SiteSessionInterface
 from control.dicomweb.fast import QuickGate
 from control.dicomweb.frames import FrameSource
 from control.extensions import csrf, login_manager
+from control.runtime import configs
 from control.site import Site
 from control.tokens import shared
 from control.watch import ArchiveWatch
@@ -59,7 +60,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         frames=FrameSource(archive, versions),
         # Which archive studies hold a Study Instance UID now, for the DICOMweb gate (both its ways).
         study_holders=partial(shared.holders, archive),
-        # Started in each gunicorn worker (control.gunicorn_conf); tests run rounds of it themselves.
+        # Started in each gunicorn worker (control.runtime.gunicorn_conf); tests run rounds of it themselves.
         watch=ArchiveWatch(site, archive),
     )
 

@@ -20,7 +20,8 @@ import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 
-from control import configs, db
+from control import db
+from control.runtime import configs
 from control.site import Site
 
 SQLITE = "sqlite"

@@ -41,9 +41,10 @@ from typing import Any
 
 import psycopg
 
-from control import archive_index, configs, db, stack
+from control import archive_index, db
 from control.catalog import store as catalog_store
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
+from control.runtime import configs, files, stack
 from control.site import Site, write_private
 
 MOVING = "orthanc-moving"
@@ -65,7 +66,7 @@ class Moved:
 
 def move_to_postgresql(site: Site, say: Callable[[str], None] = print) -> Moved:
     """Move the archive of ``site`` (stopped) onto its PostgreSQL index; see the module."""
-    if stack.running_supervisor(site) or stack.read_pid(site.run / "orthanc.pid"):
+    if stack.running_supervisor(site) or stack.read_pid(files.pid_file(site, "orthanc")):
         raise MoveError("the portal is running: stop it first (./pacs down, or Ctrl-C), then move")
     if archive_index.recorded(site) == archive_index.POSTGRESQL:
         raise MoveError("this installation's archive index is on PostgreSQL already")

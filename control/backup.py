@@ -196,9 +196,10 @@ def _pg_tool(name: str) -> str:
 
 
 def orthanc_pid(site: Site) -> int | None:
-    from control.stack import read_pid
+    from control.runtime import files
+    from control.runtime.stack import read_pid
 
-    return read_pid(site.run / "orthanc.pid")
+    return read_pid(files.pid_file(site, "orthanc"))
 
 
 @contextlib.contextmanager
@@ -531,7 +532,7 @@ def check(source: Path, say: Callable[[str], None] = print) -> Snapshot:
 
 
 def _refuse_unless_empty(site: Site) -> None:
-    from control.stack import leftover_processes, running_supervisor
+    from control.runtime.stack import leftover_processes, running_supervisor
 
     if running_supervisor(site) or any(True for _ in leftover_processes(site)):
         raise BackupError(

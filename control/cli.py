@@ -15,10 +15,11 @@ from pathlib import Path
 
 import click
 
-from control import accounts, configs, db, logs, stack, unixhttp
+from control import accounts, db
 from control import settings as site_settings
 from control.activity import Action, record_activity
 from control.network import local_address
+from control.runtime import configs, files, logs, stack, unixhttp
 from control.site import REPOSITORY, Site, SiteError
 
 
@@ -159,13 +160,13 @@ def status(site: Site) -> None:
     for name in names:
         click.echo(f"  {name:8} " + (f"running, pid {parts[name]}" if name in parts else "not running"))
     click.echo(f"  {logs.describe(site.logs)}")
-    from control import service
+    from control.runtime import service
 
     if service.installed():
         click.echo("  installed as systemd services: systemctl status 'pacs-*'")
     if parts.get("control"):
         try:
-            code, body = unixhttp.request(site.run / "control.sock", "GET", "/healthz")
+            code, body = unixhttp.request(files.control_socket(site), "GET", "/healthz")
             click.echo(f"  health   {json.loads(body).get('status', code)}")
         except OSError as error:
             click.echo(f"  health   unknown ({error})")
@@ -252,7 +253,8 @@ def config_set(site: Site, name: str, value: str, cut_transfers: bool) -> None:
 @click.pass_obj
 def config_certificate(site: Site, certificate: Path, key: Path, cut_transfers: bool) -> None:
     """Check and install the site's certificate (.crt) and private key (.key) for SSL."""
-    from control import apply, tls
+    from control import tls
+    from control.runtime import apply
 
     certificate_pem, key_pem = certificate.read_bytes(), key.read_bytes()
     try:
@@ -275,7 +277,7 @@ def config_certificate(site: Site, certificate: Path, key: Path, cut_transfers: 
 
 def _change(site: Site, texts: dict[str, str], **options):
     """``apply.change_settings`` from a shell: its refusals become messages and exit code 1."""
-    from control import apply
+    from control.runtime import apply
 
     try:
         return apply.change_settings(site, texts, username=_shell_user(), **options)
@@ -777,7 +779,7 @@ def bench(bench_args: tuple[str, ...]) -> None:
     sys.exit(code)
 
 
-# ---- the portal as a system service (control/service.py) ------------------------------------------
+# ---- the portal as a system service (control/runtime/service.py) ------------------------------------------
 
 
 @main.group("service")
@@ -796,7 +798,7 @@ def service_group() -> None:
 @click.pass_obj
 def service_install(site: Site, user: str | None, show: bool, directory: Path | None) -> None:
     """Write the portal's systemd units (as root), prepare the installation as its user."""
-    from control import service
+    from control.runtime import service
 
     environment_file = directory / "pacs.env" if directory else service.ENVIRONMENT_FILE
     if not (show or directory) and os.geteuid() != 0:
@@ -833,7 +835,7 @@ def service_install(site: Site, user: str | None, show: bool, directory: Path | 
 @click.option("--directory", type=click.Path(file_okay=False, path_type=Path), hidden=True)
 def service_uninstall(directory: Path | None) -> None:
     """Stop the portal's systemd units and remove them (the data directory stays)."""
-    from control import service
+    from control.runtime import service
 
     if not directory and os.geteuid() != 0:
         _fail("removing systemd units needs root: sudo ./pacs service uninstall")
@@ -859,7 +861,7 @@ def service_uninstall(directory: Path | None) -> None:
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 def service_relay(name: str, log: Path, argv: tuple[str, ...]) -> None:
     """Run a program, its output to the journal and to its log file (a unit's command)."""
-    from control import service
+    from control.runtime import service
 
     sys.exit(service.relay(name, log, list(argv)))
 
@@ -869,7 +871,7 @@ def service_relay(name: str, log: Path, argv: tuple[str, ...]) -> None:
 @click.pass_obj
 def service_wait(site: Site, name: str) -> None:
     """Wait until a process of the stack answers (a unit's ExecStartPost)."""
-    from control import service
+    from control.runtime import service
 
     sys.exit(
         0 if service.wait_ready(site, name, say=lambda text: click.echo(f"pacs: {text}", err=True)) else 1

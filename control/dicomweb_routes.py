@@ -8,7 +8,7 @@ canonical form. All three take the grammar from this table:
 
 - the Caddyfile's matchers for what the control plane answers are rendered from
   ``TO_CONTROL_PLANE``, and the one for bulk data's media type from ``BULK_DATA``
-  (``control.configs``, ``proxy/Caddyfile``);
+  (``control.runtime.configs``, ``proxy/Caddyfile``);
 - the blueprint's URL rules are the rows' ``rules`` (``control.dicomweb``);
 - the gate knows a path when a row matches it (``known``).
 

@@ -3,7 +3,7 @@
 gunicorn runs several worker processes, each with its own memory, so the counters live where all
 of them can add to them and one scrape can read them together: ``prometheus_client``'s
 multiprocess mode (one small memory-mapped file per worker and metric in ``run/metrics/``, which
-the gunicorn master empties when it starts, see ``control.gunicorn_conf``). Counting is one
+the gunicorn master empties when it starts, see ``control.runtime.gunicorn_conf``). Counting is one
 addition per request and one per activity event; downloads are counted by the bytes the WSGI
 server is handed, added up and passed on every few megabytes, so nothing is added to the loop that
 relays a zip. What the archive holds, its health and its disk space are read when scraped.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from typing import Any
@@ -37,3 +38,16 @@ def public_origin(settings: dict[str, Any]) -> str:
 def token_link(settings: dict[str, Any], token: str) -> str:
     """The fully qualified link a patient opens: ``{origin}/token?{token}``."""
     return f"{public_origin(settings)}/token?{token}"
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a listener of this machine could take ``port`` on every address now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))  # noqa: S104 - the listeners bind there too
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True

@@ -34,7 +34,6 @@ from typing import Any, BinaryIO, TypeVar
 
 import urllib3
 
-from control import configs
 from control.orthanc import (
     FIND_LIMIT,
     SEARCHES,
@@ -45,6 +44,7 @@ from control.orthanc import (
     OrthancUnavailable,
     OrthancUnreachable,
 )
+from control.runtime import configs
 from control.site import Site
 
 # A write the archive answered "busy" (503) is sent this many times in all, with these pauses

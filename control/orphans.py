@@ -32,8 +32,9 @@ from typing import Any
 
 import psycopg
 
-from control import configs, db
+from control import db
 from control.activity import Action, record_activity
+from control.runtime import configs
 from control.site import Site
 
 MIN_AGE = dt.timedelta(days=1)

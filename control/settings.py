@@ -1,7 +1,7 @@
 """Every site setting of the portal, declared once.
 
 A setting has a name, a type, a default, a label and help text, and says what the running portal
-must do when it changes (its ``effect``; ``control.apply`` does it). The admin's setup page, the
+must do when it changes (its ``effect``; ``control.runtime.apply`` does it). The admin's setup page, the
 ``./pacs config`` commands and the settings section of the documentation are all built from the
 ``SETTINGS`` list below, so a setting added here appears everywhere at once.
 

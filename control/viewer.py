@@ -31,7 +31,7 @@ from flask import Blueprint, g, make_response, redirect, request, url_for
 from flask_login import current_user
 
 from control import db, services
-from control.configs import OHIF_PIN, viewer_directory
+from control.runtime.configs import OHIF_PIN, viewer_directory
 from control.site import REPOSITORY, Site
 from control.tokens import grants, store
 

@@ -19,7 +19,7 @@ Instance UID another patient's study already has is flagged to the admin as it a
 (``control.tokens.shared``).
 
 Every control-plane process runs a watcher thread (started by gunicorn's ``post_worker_init``,
-``control.gunicorn_conf``); one at a time does the work. What must be done once, whatever the number
+``control.runtime.gunicorn_conf``); one at a time does the work. What must be done once, whatever the number
 of control planes and archive nodes: following ``/changes`` (one change log, shared by every node
 of an archive on PostgreSQL) and recording each refusal. What is per node: each archive node
 writes its own log (``logs/orthanc.log``, ``logs/orthanc-2.log``...; the containers' nodes write

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from werkzeug.exceptions import HTTPException
 
-from control import configs, db
+from control import db
 from control import dicomweb_routes as routes
 from control.app import create_app
 from control.dicomweb import rules
+from control.runtime import configs
 from control.site import Site
 
 pytestmark = pytest.mark.inprocess

@@ -36,7 +36,8 @@ from pydicom import Dataset
 from pynetdicom import AE
 from test_uploads import Uploader
 
-from control import accounts, db, unixhttp
+from control import accounts, db
+from control.runtime import unixhttp
 from control.site import Site
 from control.uploads import store
 

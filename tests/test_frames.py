@@ -277,7 +277,7 @@ def test_the_access_log_keeps_refused_frames_not_every_frame_shown(
     before = statuses()
     assert doctor.get(f"{stack.url}{path}", headers={"Accept": ANY}).status_code == 200
     assert requests.get(f"{stack.url}{path}", headers={"Accept": ANY}).status_code == 401
-    # The access log reaches its file through a pipe and the runner (control.logs), so a line comes
+    # The access log reaches its file through a pipe and the runner (control.runtime.logs), so a line comes
     # a little after its answer. gunicorn writes a request's line as its answer ends: a line for
     # the frame, were there one, is in the pipe before the refused request has even been sent.
     wait_until(lambda: len(statuses()) > len(before), "the refused frame's line in the access log")

@@ -10,8 +10,8 @@ import subprocess
 import pytest
 from werkzeug.routing import Rule
 
-from control import unixhttp
 from control.app import create_app
+from control.runtime import unixhttp
 
 from conftest import SITE_NAME, TLSStack, csrf_token
 

@@ -35,7 +35,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from bench.stack import free_ports, stack_environment
-from control import accounts, configs, db, orphans
+from control import accounts, db, orphans
+from control.runtime import configs
 
 from conftest import ADMIN_PASSWORD, Stack, csrf_token, free_port, make_stack
 from postgres import PostgresServer, binaries

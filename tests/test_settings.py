@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from control import configs, settings
+from control import settings
+from control.runtime import configs
 from control.site import Site
 
 from conftest import REPOSITORY

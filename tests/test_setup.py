@@ -121,7 +121,7 @@ def save(session: requests.Session, url: str, fields: dict, files: dict | None =
     data = {name: value for name, value in data.items() if value is not None}
     response = session.post(f"{url}/admin/settings", data=data, files=files or {}, allow_redirects=False)
     if response.status_code == 302 or 'id="moving"' in response.text or "Web access is off" in response.text:
-        time.sleep(1)  # the web front swaps configurations just after answering (control.apply)
+        time.sleep(1)  # the web front swaps configurations just after answering (control.runtime.apply)
     return response
 
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 from pydicom.data import get_testdata_file
 
-from control.configs import OHIF_PIN
+from control.runtime.configs import OHIF_PIN
 from control.viewer import inline_script_hashes
 
 from conftest import REPOSITORY, Stack, c_store, free_port, sign_in

@@ -25,7 +25,8 @@ import sqlalchemy as sa
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
-from control import accounts, configs, db
+from control import accounts, db
+from control.runtime import configs
 from control.site import Site, write_private
 
 from conftest import Stack, csrf_token, fresh_study

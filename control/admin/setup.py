@@ -22,8 +22,9 @@ from typing import Any
 from flask import flash, g, make_response, redirect, render_template, request, url_for
 from werkzeug.datastructures import FileStorage
 
-from control import apply, configs, cookies, network, services, tls
+from control import cookies, network, services, tls
 from control.admin import bp
+from control.runtime import apply, configs
 from control.settings import SETTINGS, Effect, Setting
 from control.site import REPOSITORY
 

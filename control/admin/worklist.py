@@ -13,10 +13,11 @@ from typing import Any
 
 from flask import flash, g, redirect, render_template, request, url_for
 
-from control import apply, formatting, services
+from control import formatting, services
 from control.activity import Action, record_activity
 from control.admin import bp
 from control.orthanc import OrthancError, OrthancUnavailable
+from control.runtime import apply
 from control.settings import Modality, parse_modalities, registrable
 from control.uploads import worklist
 
@@ -96,7 +97,7 @@ def worklist_modalities():
 
 
 def _save_modalities(wanted: list[Modality]) -> Any:
-    """Change ``dicom_modalities`` as any setting changes (``control.apply``): the archive is told
+    """Change ``dicom_modalities`` as any setting changes (``control.runtime.apply``): the archive is told
     through its REST API at once, nothing is restarted."""
     try:
         applied = apply.change_settings(services.site(), {"dicom_modalities": " ".join(map(str, wanted))})

@@ -1,4 +1,4 @@
-"""gunicorn's logger for the control plane (``--logger-class control.serving.AccessLogger``).
+"""gunicorn's logger for the control plane (``--logger-class control.runtime.serving.AccessLogger``).
 
 The access log: a viewer opening a series asks for every frame (which the control plane answers)
 and Caddy asks the DICOMweb gate about its other requests: a hundred lines of "yes" for every

@@ -39,15 +39,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from control import configs, db, nodes, tls, unixhttp
+from control import db, network, nodes, tls
 from control.activity import Action, Outcome, record_activity
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
+from control.runtime import configs, files, unixhttp
 from control.settings import BY_NAME, Effect, Modality, parse_modalities
 from control.site import Site, write_private
 
 log = logging.getLogger(__name__)
 
-ADMIN_SOCKET = "caddy-admin.sock"
 APPLIED = "Applied to the running portal."
 
 
@@ -93,10 +93,6 @@ class Applied:
     notes: list[str] = field(default_factory=list)
     # Whether the archive took an ARCHIVE_API change at once (None: there was none).
     archive_told: bool | None = None
-
-
-def caddy_socket(site: Site):
-    return site.run / ADMIN_SOCKET
 
 
 def change_settings(
@@ -188,7 +184,7 @@ def _validated(
             continue
         if fixed:
             errors[name] = "Fixed by this installation's compose.yaml: change the port mapping there."
-        elif value and not port_is_free(value):
+        elif value and not network.port_is_free(value):
             errors[name] = f"Port {value} is used by another program."
     if wanted["ssl_enabled"] and not certificate and tls.stored_facts(site.secrets_dir / "tls") is None:
         errors.setdefault(
@@ -199,12 +195,6 @@ def _validated(
     if errors:
         raise SettingsRefused(errors)
     return new
-
-
-def port_is_free(port: int) -> bool:
-    from control import stack
-
-    return stack.port_is_free(port)
 
 
 @dataclass
@@ -243,7 +233,7 @@ class _Plan:
         if Effect.WEB_FRONT in effects:
             topology = configs.Topology.from_environment(site)
             text = configs.render_caddy(site, live, topology)
-            if text != _read_text(site.run / "Caddyfile") or certificate_changed:
+            if text != _read_text(files.caddyfile(site)) or certificate_changed:
                 plan.caddyfile = text
                 plan.force_load = certificate_changed
                 reasons.append("the web front must load a new configuration (web port, SSL), which ends them")
@@ -325,7 +315,7 @@ def transfers_in_progress(site: Site) -> int:
     """How many requests Caddy is proxying right now (downloads, uploads, viewers' loads), less
     the page asking; 0 when no Caddy runs."""
     try:
-        status, body = unixhttp.request(caddy_socket(site), "GET", "/reverse_proxy/upstreams")
+        status, body = unixhttp.request(files.caddy_admin_socket(site), "GET", "/reverse_proxy/upstreams")
         upstreams = json.loads(body) if status == 200 else []
     except (OSError, ValueError):
         return 0
@@ -347,7 +337,7 @@ def load_web_front(site: Site, text: str, *, force: bool = False) -> bool:
     they were. ``force`` makes Caddy load it even if its text is the same (a new certificate).
     """
     loaded = _post_to_web_front(site, "/load", text, force=force, timeout=30)
-    write_private(site.run / "Caddyfile", text)
+    write_private(files.caddyfile(site), text)
     return loaded
 
 
@@ -362,7 +352,12 @@ def _post_to_web_front(
         headers["Cache-Control"] = "must-revalidate"
     try:
         status, body = unixhttp.request(
-            caddy_socket(site), "POST", endpoint, body=text.encode(), headers=headers, timeout=timeout
+            files.caddy_admin_socket(site),
+            "POST",
+            endpoint,
+            body=text.encode(),
+            headers=headers,
+            timeout=timeout,
         )
     except (FileNotFoundError, ConnectionRefusedError):
         return False

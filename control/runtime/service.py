@@ -2,7 +2,7 @@
 
 ``./pacs up`` supervises the stack itself; a server rather has the init system do it: started at
 boot, each process restarted by systemd, logs in the journal. The units are made from the one
-list of the stack's processes (``control.stack.processes``), so that a process is declared once:
+list of the stack's processes (``control.runtime.stack.processes``), so that a process is declared once:
 
     pacs.target              what ``systemctl enable --now pacs.target`` starts, at every boot
     pacs-prepare.service     a oneshot running ``./pacs prepare`` (folders, migrations, configs)
@@ -14,7 +14,7 @@ user, sandboxed (a read-only system, the data directory the only place it writes
 failure as ``./pacs up`` would restart it (same delay, same limit). The next unit starts once the
 process answers (``ExecStartPost``: ``./pacs service wait``, the runner's readiness check).
 
-Logs go to the journal (``JOURNAL_STREAM`` is set, see ``control.logs``), except that Orthanc's
+Logs go to the journal (``JOURNAL_STREAM`` is set, see ``control.runtime.logs``), except that Orthanc's
 output is also written to ``logs/orthanc.log``, where the archive watcher finds the DICOM calls
 Orthanc refused: its unit runs Orthanc through ``./pacs service relay``, which copies every line
 to both.
@@ -41,8 +41,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from control import configs, logs, stack
 from control import settings as site_settings
+from control.runtime import configs, logs, stack
 from control.site import REPOSITORY, Site
 
 UNIT_DIRECTORY = Path("/etc/systemd/system")

@@ -14,7 +14,7 @@ commands run beside a running portal (``./pacs config set``) reach all of them.
 Beside them: the page Caddy shows while the control plane does not answer (``unavailable.html``
 and ``.json``, read by Caddy at each such answer, so rewriting them needs no reload), and
 ``settings.json``, the settings these files were rendered from: what the running processes use
-(``control.apply`` keeps it current as changes are applied).
+(``control.runtime.apply`` keeps it current as changes are applied).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import Any
 import jinja2
 import sqlalchemy as sa
 
-from control import dicomweb_routes, logs
+from control import dicomweb_routes
+from control.runtime import files, logs
 from control.settings import SETTINGS, parse_modalities
 from control.site import REPOSITORY, Site, write_private
 
@@ -101,7 +102,7 @@ class Topology:
         recorded = running_topology(site)
         nodes = int(os.environ.get("PACS_NODES") or recorded.get("nodes", 1))
         hosts = tuple(os.environ.get("PACS_ORTHANC_HOST", "127.0.0.1").split())
-        sockets = [site.run / control_socket_name(number) for number in range(1, nodes + 1)]
+        sockets = [files.control_socket(site, number) for number in range(1, nodes + 1)]
         upstreams = tuple(
             os.environ.get("PACS_CONTROL_UPSTREAM", "").split() or [f"unix/{path}" for path in sockets]
         )
@@ -120,11 +121,6 @@ class Topology:
             control_upstreams=upstreams,
             archive_index=recorded.get("archive_index", "sqlite"),
         )
-
-
-def control_socket_name(number: int) -> str:
-    """The unix socket of the control plane ``number`` on this machine (``control.sock`` first)."""
-    return "control.sock" if number == 1 else f"control-{number}.sock"
 
 
 def archive_nodes(settings: dict[str, Any], topology: Topology) -> list[ArchiveNode]:
@@ -317,7 +313,7 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         key=site.secrets_dir / "tls" / "site.key",
         page_policy=PAGE_POLICY,
         viewer_policy=VIEWER_POLICY,
-        admin_socket=site.run / "caddy-admin.sock",
+        admin_socket=files.caddy_admin_socket(site),
         run=site.run,
         logs=site.logs,
         log_to_journal=logs.to_journal(),
@@ -366,6 +362,6 @@ def write_all(site: Site, settings: dict[str, Any], topology: Topology) -> None:
     """Render every generated file into ``run/``, and say which settings they hold."""
     write_orthanc_configurations(site, settings, topology)
     write_running_topology(site, topology)
-    write_private(site.run / "Caddyfile", render_caddy(site, settings, topology))
+    write_private(files.caddyfile(site), render_caddy(site, settings, topology))
     write_unavailable(site, settings)
     write_running_settings(site, settings)

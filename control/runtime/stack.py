@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import json
 import os
 import secrets
@@ -32,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from control import accounts, archive_index, configs, db, logs, unixhttp
+from control import accounts, archive_index, db, network
 from control import settings as site_settings
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
+from control.runtime import configs, files, logs, unixhttp
 from control.site import REPOSITORY, Site, SiteError
 from control.viewer import ensure_viewer
 
@@ -119,23 +119,11 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("0.0.0.0", port))  # noqa: S104 - the listeners bind there too
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
-
-
 def check_ports(values: dict[str, Any], topology: configs.Topology | None = None) -> None:
     """Refuse to start when a port the stack needs is taken, naming the port and its setting."""
     for setting in site_settings.SETTINGS:
         port = values[setting.name] if setting.listening_port else 0
-        if port and not port_is_free(port):
+        if port and not network.port_is_free(port):
             # "Web port" -> "web port", "DICOM port" stays.
             what = (
                 setting.label
@@ -150,7 +138,7 @@ def check_ports(values: dict[str, Any], topology: configs.Topology | None = None
         return
     for node in configs.archive_nodes(values, topology)[1:]:
         for port, setting in ((node.http_port, "orthanc_http_port"), (node.dicom_port, "dicom_port")):
-            if not port_is_free(port):
+            if not network.port_is_free(port):
                 raise StackError(
                     f"port {port} (archive node {node.number} takes the ports after {setting}) is "
                     f"already in use by another program. Stop that program, or move the first: "
@@ -177,11 +165,11 @@ class Process:
     # the logs go to the journal.
     read_back: bool = False
     # It listens on ports the admin chooses, perhaps below 1024 (DICOM's 104, https' 443): as a
-    # system service it may bind them (control.service).
+    # system service it may bind them (control.runtime.service).
     listens: bool = False
 
-    def start(self, pid_dir: Path) -> None:
-        # Output goes through pipes to rotating log files (control.logs), never straight to a file.
+    def start(self, site: Site) -> None:
+        # Output goes through pipes to rotating log files (control.runtime.logs), never straight to a file.
         self.popen = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -198,7 +186,7 @@ class Process:
             logs.relay(self.popen.stderr, self.log, self.name)
         else:
             logs.relay(self.popen.stdout, self.log, self.name, read_back=self.read_back)
-        (pid_dir / f"{self.name}.pid").write_text(str(self.popen.pid))
+        files.pid_file(site, self.name).write_text(str(self.popen.pid))
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -217,7 +205,7 @@ class Process:
             f"{tail(self.log)}"
         )
 
-    def stop(self, pid_dir: Path, timeout: float = 20) -> None:
+    def stop(self, site: Site, timeout: float = 20) -> None:
         if self.popen and self.popen.poll() is None:
             self.popen.terminate()
             try:
@@ -226,7 +214,7 @@ class Process:
                 self.popen.kill()
                 self.popen.wait()
         with contextlib.suppress(FileNotFoundError):
-            (pid_dir / f"{self.name}.pid").unlink()
+            files.pid_file(site, self.name).unlink()
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -240,7 +228,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
     """The stack's programs in the order they start: every archive node, every control plane, the
     catalog's feeder, Caddy."""
     values, topology = prepared.settings, prepared.topology
-    admin_socket = site.run / "caddy-admin.sock"
+    admin_socket = files.caddy_admin_socket(site)
 
     def orthanc_ready(node: configs.ArchiveNode) -> Callable[[], bool]:
         orthanc = Orthanc(node.url, site.secrets.orthanc_user, site.secrets.orthanc_password)
@@ -278,7 +266,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
     planes = []
     for number in range(1, topology.nodes + 1):
         name = "control" if number == 1 else f"control-{number}"
-        socket_path = site.run / configs.control_socket_name(number)
+        socket_path = files.control_socket(site, number)
         planes.append(
             Process(
                 name,
@@ -309,7 +297,7 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
     caddy_home = site.cache / "caddy"
     caddy = Process(
         "caddy",
-        ["caddy", "run", "--config", str(site.run / "Caddyfile"), "--adapter", "caddyfile"],
+        ["caddy", "run", "--config", str(files.caddyfile(site)), "--adapter", "caddyfile"],
         site.logs / "caddy-process.log",
         caddy_ready,
         env={"XDG_CONFIG_HOME": str(caddy_home / "config"), "XDG_DATA_HOME": str(caddy_home / "data")},
@@ -346,22 +334,22 @@ def gunicorn_argv(site: Site, topology: configs.Topology, listen: str | None = N
         "30",
         "--keep-alive",
         "75",
-        # Both to the runner (control.logs): the access log on stdout, gunicorn's own on stderr.
+        # Both to the runner (control.runtime.logs): the access log on stdout, gunicorn's own on stderr.
         "--access-logfile",
         "-",
         "--access-logformat",
         '%({x-forwarded-for}i)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
         "--logger-class",
-        "control.serving.AccessLogger",
+        "control.runtime.serving.AccessLogger",
         "--error-logfile",
         "-",
         # gunicorn 27 opens a control socket in the home folder by default: shared by every
         # installation of the same user, and outside the data directory. The portal does not use it.
         "--no-control-socket",
         # The workers' archive watcher, metrics across workers and the activity log's retention
-        # (see control.gunicorn_conf).
+        # (see control.runtime.gunicorn_conf).
         "--config",
-        "python:control.gunicorn_conf",
+        "python:control.runtime.gunicorn_conf",
         # gunicorn's own umask (0 by default) applies to its unix socket: keep it the site's.
         "--umask",
         oct(site.umask),
@@ -380,7 +368,7 @@ class Supervisor:
 
     @property
     def pid_file(self) -> Path:
-        return self.site.run / "pacs.pid"
+        return files.pid_file(self.site, files.RUNNER)
 
     def run(self, on_ready: Callable[[], None]) -> int:
         """Start everything, call ``on_ready``, then supervise; return an exit code."""
@@ -394,9 +382,9 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._stop_signal)
         try:
             for process in self.processes:
-                process.start(self.site.run)
+                process.start(self.site)
                 process.wait_ready(timeout=60)
-            (self.site.run / "ready").write_text(json.dumps({"pid": os.getpid()}))
+            files.ready(self.site).write_text(json.dumps({"pid": os.getpid()}))
             on_ready()
             return self._watch()
         finally:
@@ -434,7 +422,7 @@ class Supervisor:
 
     def _restart(self, process: Process) -> None:
         try:
-            process.start(self.site.run)
+            process.start(self.site)
             process.wait_ready(timeout=60)
             print(f"pacs: {process.name} restarted.", file=sys.stderr, flush=True)
         except StackError as error:
@@ -442,10 +430,9 @@ class Supervisor:
 
     def stop(self) -> None:
         for process in reversed(self.processes):
-            process.stop(self.site.run)
-        for name in ("ready", "pacs.pid"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.site.run / name).unlink()
+            process.stop(self.site)
+        for path in (files.ready(self.site), self.pid_file):
+            path.unlink(missing_ok=True)
 
 
 def pid_alive(pid: int) -> bool:
@@ -472,13 +459,13 @@ def read_pid(path: Path) -> int | None:
 
 
 def running_supervisor(site: Site) -> int | None:
-    return read_pid(site.run / "pacs.pid")
+    return read_pid(files.pid_file(site, files.RUNNER))
 
 
 def leftover_processes(site: Site) -> Iterator[tuple[str, int]]:
     """The stack's processes that run, by name (every node's and plane's pid file in ``run/``)."""
-    for path in sorted(site.run.glob("*.pid")):
-        pid = read_pid(path) if path.stem != "pacs" else None
+    for path in files.pid_files(site):
+        pid = read_pid(path) if path.stem != files.RUNNER else None
         if pid:
             yield path.stem, pid
 
@@ -497,17 +484,15 @@ def stop_detached(site: Site, timeout: float = 60) -> bool:
         found = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-    for path in site.run.glob("*.pid"):
+    for path in files.pid_files(site):
         path.unlink()
-    with contextlib.suppress(FileNotFoundError):
-        (site.run / "ready").unlink()
+    files.ready(site).unlink(missing_ok=True)
     return found
 
 
 def start_detached(site: Site, timeout: float = 180) -> int:
     """Run the supervisor in the background and wait until the stack answers; return its pid."""
-    with contextlib.suppress(FileNotFoundError):
-        (site.run / "ready").unlink()
+    files.ready(site).unlink(missing_ok=True)
     log = site.logs / "pacs.log"
     with log.open("ab") as output:
         child = subprocess.Popen(
@@ -520,7 +505,7 @@ def start_detached(site: Site, timeout: float = 180) -> int:
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (site.run / "ready").exists():
+        if files.ready(site).exists():
             return child.pid
         if child.poll() is not None:
             raise StackError(f"the portal did not start; {log} ends with:\n{tail(log)}")

@@ -1,4 +1,4 @@
-"""gunicorn's hooks for the control plane (``--config python:control.gunicorn_conf``).
+"""gunicorn's hooks for the control plane (``--config python:control.runtime.gunicorn_conf``).
 
 - The workers' metrics live in ``run/metrics/`` (``prometheus_client``'s multiprocess mode, see
   ``control.metrics``): the folder is named before any worker starts, emptied when the master
