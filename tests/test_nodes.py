@@ -170,8 +170,13 @@ class Modality:
     """A modality sending its studies over DICOM to its archive, and to the next node when the
     archive breaks the association off, as a modality with a second destination does."""
 
+    HELD = 10
+
     ports: list[int]
     datasets: list[Dataset]
+    # Set when the fault has happened: until then the last HELD datasets wait, so that the fault
+    # finds the modality still sending however slowly the machine runs.
+    fault: threading.Event
     pause: float = 0.05
     acknowledged: set[str] = field(default_factory=set)
     reported_failed: set[str] = field(default_factory=set)  # ever answered with no success
@@ -188,6 +193,8 @@ class Modality:
         association = ae.associate("127.0.0.1", next(destinations), ae_title="ORTHANC")
         waiting = list(self.datasets)
         while waiting:
+            if len(waiting) <= self.HELD:
+                self.fault.wait(300)
             dataset = waiting.pop(0)
             uid = str(dataset.SOPInstanceUID)
             status = None
@@ -368,10 +375,12 @@ def test_the_writer_killed_while_modalities_store_an_upload_arrives_and_zips_dow
     upload_body = zip_of(upload_datasets)
     uploader = stack.sign_in(*UPLOADER)
     token = csrf_token(uploader.get(f"{stack.url}/").text)
+    fault = threading.Event()
     modalities = [
         Modality(
             [cluster.dicom_port(1), cluster.dicom_port(2), cluster.dicom_port(2)],
             make_study(f"Modality^M{number}", series=(("CT", 60),), size=64),
+            fault,
         )
         for number in (1, 2)
     ]
@@ -405,6 +414,7 @@ def test_the_writer_killed_while_modalities_store_an_upload_arrives_and_zips_dow
     assert upload_thread.is_alive(), "the upload was over before the fault"
     os.kill(cluster.pid("orthanc"), signal.SIGKILL)
     killed_at = time.monotonic()
+    fault.set()
     answers = []
     while time.monotonic() - killed_at < 3 * configs.HEALTH_INTERVAL:
         at = time.monotonic() - killed_at
