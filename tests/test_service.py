@@ -298,7 +298,7 @@ def test_every_process_of_the_stack_has_its_unit(portal: Stack, units: Path) -> 
         assert unit["Service"]["ReadWritePaths"][0].split()[0] == str(portal.data)
     # The archive starts before the control plane, the control plane before Caddy.
     afters = {name: parse_unit((units / name).read_text())["Unit"].get("After", [""])[0] for name in wanted}
-    assert afters["pacs-control.runtime.service"] == "pacs-orthanc.service"
+    assert afters["pacs-control.service"] == "pacs-orthanc.service"
     assert afters["pacs-caddy.service"] == "pacs-catalog.service"
     # Secrets and settings of the environment are in the root-only environment file, not the units.
     assert (units / "pacs.env").stat().st_mode & 0o077 == 0
@@ -335,7 +335,7 @@ def test_a_portal_of_several_nodes_has_a_unit_for_each_node_and_control_plane(tm
     assert command[command.index("--log") + 1] == str(made.data / "logs" / "orthanc-2.log")
     assert second["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
     plane = parse_unit((folder / "pacs-control-2.service").read_text())
-    assert plane["Unit"]["After"] == ["pacs-control.runtime.service"]
+    assert plane["Unit"]["After"] == ["pacs-control.service"]
     command = words(plane["Service"]["ExecStart"][0])
     assert command[command.index("--bind") + 1] == f"unix:{made.data / 'run' / 'control-2.sock'}"
     assert any("PACS_CONTROL_PLANE=2" in words(line) for line in plane["Service"]["Environment"])
@@ -410,7 +410,7 @@ def test_the_units_run_the_portal(portal: Stack, running: StandInSystemd) -> Non
     # The logs are in the journal; Orthanc's also in logs/orthanc.log, where the archive watcher
     # finds the calls it refused and records them in the activity log.
     assert "Orthanc has started" in running.journal_of("pacs-orthanc.service")
-    assert "Booting worker" in running.journal_of("pacs-control.runtime.service")
+    assert "Booting worker" in running.journal_of("pacs-control.service")
     assert not (portal.data / "logs" / "control.log").exists()
     assert not stranger_find(portal)
     assert refused_calls(portal, 1) == 1
