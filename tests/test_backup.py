@@ -24,7 +24,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from bench.stack import stack_environment
+from bench.stack import free_ports, stack_environment
 from control import db
 
 from conftest import REPOSITORY, Stack, c_store, free_port, fresh_study, make_stack
@@ -361,7 +361,7 @@ def test_a_portal_on_postgresql_is_backed_up_with_pg_dump_and_restored(tmp_path:
         server.stop()
 
 
-# ---- an archive whose index is on PostgreSQL (several nodes' archive) ----
+# ---- an archive whose index is on PostgreSQL: two nodes, as ./pacs up --nodes 2 runs them ----
 
 
 @pytest.fixture(scope="module")
@@ -378,17 +378,22 @@ def postgres():
 
 @pytest.fixture(scope="module")
 def backed_up_on_postgresql(postgres, tmp_path_factory: pytest.TempPathFactory):
-    """A portal whose control plane and archive index are on PostgreSQL, backed up while a
-    modality stores; stopped once the backup is made."""
+    """A portal of two archive nodes whose control plane and archive index are on PostgreSQL
+    (``pacs_source`` and ``pacs_source_archive``), backed up while a modality stores into node 1;
+    stopped once the backup is made."""
     folder = tmp_path_factory.mktemp("postgresql-index")
     source = make_stack(
         folder / "data",
-        PACS_DATABASE_URL=postgres.create_database("pacs_source"),
-        PACS_ARCHIVE_DATABASE_URL=with_password(postgres.create_database("pacs_source_index")),
+        PACS_DATABASE_URL=with_password(postgres.create_database("pacs_source")),
+        PACS_NODES="2",
     )
+    # The second node takes the ports after the first one's.
+    source.dicom_port, source.orthanc_port = free_ports(2), free_ports(2)
+    source.env.update(PACS_DICOM_PORT=str(source.dicom_port), PACS_ORTHANC_HTTP_PORT=str(source.orthanc_port))
     source.start()
     try:
-        assert "attachedfiles" in tables_in(source.env["PACS_ARCHIVE_DATABASE_URL"])
+        assert (source.data / "run" / "orthanc-2.pid").exists()
+        assert "attachedfiles" in tables_in(postgres.url("pacs_source_archive"))
         assert not (source.data / "orthanc" / "index").exists()
         studies = [
             store_study(source, make_study("Before^Backup", series=(("CT", 3), ("MR", 2)))),
@@ -562,7 +567,7 @@ def test_restoring_a_postgresql_index_says_which_databases_to_set(
         tmp_path / "restored",
         backup,
         PACS_DATABASE_URL=control_url,
-        PACS_ARCHIVE_DATABASE_URL=with_password(postgres.url("pacs_source_index")),
+        PACS_ARCHIVE_DATABASE_URL=with_password(postgres.url("pacs_source_archive")),
     )
     assert refused.returncode == 1
     assert "the database PACS_ARCHIVE_DATABASE_URL names is not empty" in refused.stderr
