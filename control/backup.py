@@ -56,7 +56,7 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
-from control import __version__, archive_index, configs, db
+from control import __version__, archive_index, db
 from control.activity import exports_folder as activity_exports
 from control.site import Site
 
@@ -379,7 +379,11 @@ def _backup(site: Site, destination: Path, keep: int, say: Callable[[str], None]
     index_on = archive_index.recorded(site)
     if index_on == archive_index.POSTGRESQL:
         index = incoming / POSTGRESQL_INDEX_PART
-        _pg_dump(_archive_database_url(site), index, "the archive index")
+        try:
+            url = archive_index.database_url(site)
+        except archive_index.ArchiveIndexError as error:
+            raise BackupError(str(error)) from None
+        _pg_dump(url, index, "the archive index")
         say(f"  archive index: {index.stat().st_size / 1e6:.1f} MB (pg_dump of its PostgreSQL database)")
     else:
         index = incoming / SQLITE_INDEX_PART
@@ -451,13 +455,6 @@ def _pg_dump(url: str, target: Path, part: str) -> None:
     )
     if done.returncode:
         raise BackupError(f"pg_dump of {part} failed: {done.stderr.strip()}")
-
-
-def _archive_database_url(site: Site) -> str:
-    try:
-        return configs.archive_database_url(site)
-    except ValueError as error:
-        raise BackupError(str(error)) from None
 
 
 def _backup_stored_files(site: Site, index: Path, files: Path) -> tuple[int, int, int, int]:
@@ -668,8 +665,8 @@ def _archive_database_url_to_restore(site: Site) -> str:
     """The PostgreSQL database the archive's index is restored into; BackupError, saying what to
     set, if none is named."""
     try:
-        url = configs.archive_database_url(site)
-    except ValueError:
+        url = archive_index.database_url(site)
+    except archive_index.ArchiveIndexError:
         raise BackupError(
             "this backup's archive index is on PostgreSQL: set PACS_ARCHIVE_DATABASE_URL to an empty "
             "PostgreSQL database for it (or restore with the control plane's database on PostgreSQL, "
