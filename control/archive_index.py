@@ -88,6 +88,15 @@ def choose(site: Site, nodes: int) -> str:
     return POSTGRESQL
 
 
+def database_url(site: Site) -> str:
+    """The archive's PostgreSQL database (``configs.archive_database_url``); ArchiveIndexError,
+    saying what to set, when the installation names no PostgreSQL server."""
+    try:
+        return configs.archive_database_url(site)
+    except ValueError as error:
+        raise ArchiveIndexError(str(error)) from None
+
+
 def ensure_database(url: str) -> None:
     """Create the archive's PostgreSQL database if it is missing; ArchiveIndexError if it cannot be."""
     wanted = sa.engine.make_url(url)

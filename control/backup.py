@@ -1,9 +1,10 @@
 """Backups of an installation while it runs, and restoring one into an empty data directory.
 
 ``./pacs backup DEST`` writes a snapshot into ``DEST/snapshots/<UTC time>/``: the control plane's
-database (SQLite's online backup API, or ``pg_dump`` on PostgreSQL), the archive's index, the
-worklist, the settings' secrets and the activity log's exported files, each one file with its
-SHA-256 in the snapshot's ``manifest.json``. The stored files themselves go to ``DEST/files/``,
+database (SQLite's online backup API, or ``pg_dump`` on PostgreSQL), the archive's index (a copy
+of Orthanc's SQLite file, or ``pg_dump`` of its PostgreSQL database), the worklist, the settings'
+secrets and the activity log's exported files, each one file with its SHA-256 in the snapshot's
+``manifest.json``. The stored files themselves go to ``DEST/files/``,
 shared by every snapshot: Orthanc never changes a stored file once written, so each backup copies
 only the files that are not there yet. Every stored file is checked against the MD5 Orthanc keeps
 for it in its index, when it is copied and again when it is restored.
@@ -13,6 +14,11 @@ commits it to its index, then acknowledges the store: so the index is copied fir
 exactly the files that copy of the index names. Every study acknowledged before the backup started
 is in that index, and all of its files are on disk; files stored while the backup runs are left
 for the next one (their index rows are not in this copy either).
+
+An index on PostgreSQL (several archive nodes, see control.archive_index) is dumped by
+``pg_dump``, which reads the whole database in one snapshot while the nodes go on writing; the
+files to copy are then read from that dump itself (``pg_restore`` of its ``attachedfiles``
+table), so they are exactly the ones the restored index will name. Nothing needs to stand still.
 
 Orthanc 1.10.1 opens its SQLite index (``index`` in the storage folder) in exclusive locking mode,
 so no other process can read it while Orthanc runs, not even through SQLite's backup API. The
@@ -40,19 +46,23 @@ import signal
 import sqlite3
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
-from control import __version__, db
+from control import __version__, archive_index, db
 from control.activity import exports_folder as activity_exports
 from control.site import Site
 
-FORMAT = 1
+# Format 2 says where the archive's index is ("archive_index"); format 1 had it in SQLite always.
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 CHUNK = 1024 * 1024
 # Orthanc is held still for at most this long; the watchdog wakes it after that whatever happens.
 FREEZE_LIMIT = 120
@@ -60,6 +70,8 @@ FREEZE_LIMIT = 120
 # before the copy began: file times are coarse, and a write within the same tick would not show.
 QUIET_BEFORE_COPY = 1.0
 INDEX = "index"
+SQLITE_INDEX_PART = "orthanc-index.sqlite3"
+POSTGRESQL_INDEX_PART = "orthanc-index.pgdump"
 
 
 class BackupError(RuntimeError):
@@ -117,7 +129,13 @@ class StoredFile:
 
 
 def stored_files(index: Path) -> Iterator[StoredFile]:
-    """Every file an archive index names, with the size and MD5 Orthanc recorded for it."""
+    """Every file an archive index names, with the size and MD5 Orthanc recorded for it.
+
+    ``index`` is a snapshot's part: a copy of Orthanc's SQLite index, or a dump of its PostgreSQL one.
+    """
+    if index.name == POSTGRESQL_INDEX_PART:
+        yield from _dumped_stored_files(index)
+        return
     connection = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
     try:
         rows = connection.execute("SELECT uuid, compressedSize, compressedMD5 FROM AttachedFiles")
@@ -125,6 +143,46 @@ def stored_files(index: Path) -> Iterator[StoredFile]:
             yield StoredFile(uuid, int(size), md5 or "")
     finally:
         connection.close()
+
+
+def _dumped_stored_files(dump: Path) -> Iterator[StoredFile]:
+    """The rows of ``attachedfiles`` (Orthanc's PostgreSQL index plugin) in a custom-format dump.
+
+    ``pg_restore`` writes the table's data as PostgreSQL's COPY text: a header naming the columns,
+    one tab-separated line per row, then a line ``\\.``. Read as it comes, never all at once.
+    """
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(
+            [_pg_tool("pg_restore"), "--data-only", "--table=attachedfiles", "--file=-", str(dump)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+        assert process.stdout is not None
+        columns: list[str] | None = None
+        try:
+            for line in process.stdout:
+                if columns is None:
+                    if line.startswith("COPY ") and "attachedfiles" in line:
+                        columns = [name.strip() for name in line.split("(", 1)[1].split(")", 1)[0].split(",")]
+                        uuid, size, md5 = (
+                            columns.index(name) for name in ("uuid", "compressedsize", "compressedhash")
+                        )
+                    continue
+                if line == "\\.\n":
+                    break
+                values = line.rstrip("\n").split("\t")
+                yield StoredFile(values[uuid], int(values[size]), "" if values[md5] == "\\N" else values[md5])
+            process.stdout.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        if process.returncode or columns is None:
+            errors.seek(0)
+            told = errors.read().decode(errors="replace").strip() or "it holds no table attachedfiles"
+            raise BackupError(f"the archive index ({dump}) cannot be read as Orthanc's index: {told}")
 
 
 def _private_directory(path: Path) -> None:
@@ -302,14 +360,6 @@ def backup(site: Site, destination: Path, *, keep: int = 7, say: Callable[[str],
     destination = destination.resolve()
     if destination == site.data or site.data in destination.parents:
         raise BackupError("the backup must go outside the data directory (best: onto another disk)")
-    from control import archive_index
-
-    if archive_index.recorded(site) == archive_index.POSTGRESQL:
-        raise BackupError(
-            "this archive's index is on PostgreSQL, which ./pacs backup does not copy yet: back up "
-            "the archive's database with pg_dump first, then the data directory's orthanc/ folder "
-            "(README: Several nodes, Backups)"
-        )
     _private_directory(destination)
     with _locked(destination):
         return _backup(site, destination, keep, say)
@@ -327,10 +377,23 @@ def _backup(site: Site, destination: Path, keep: int, say: Callable[[str], None]
     parts.append(("control database", database.name))
     say(f"  control database: {database.stat().st_size / 1e6:.1f} MB")
 
-    index = incoming / "orthanc-index.sqlite3"
-    stood_still = copy_archive_index(site, index, incoming / ".raw")
+    index_on = archive_index.recorded(site)
+    if index_on == archive_index.POSTGRESQL:
+        index = incoming / POSTGRESQL_INDEX_PART
+        try:
+            url = archive_index.database_url(site)
+        except archive_index.ArchiveIndexError as error:
+            raise BackupError(str(error)) from None
+        _pg_dump(url, index, "the archive index")
+        say(f"  archive index: {index.stat().st_size / 1e6:.1f} MB (pg_dump of its PostgreSQL database)")
+    else:
+        index = incoming / SQLITE_INDEX_PART
+        stood_still = copy_archive_index(site, index, incoming / ".raw")
+        say(
+            f"  archive index: {index.stat().st_size / 1e6:.1f} MB "
+            f"(the archive stood still {stood_still:.2f} s)"
+        )
     parts.append(("archive index", index.name))
-    say(f"  archive index: {index.stat().st_size / 1e6:.1f} MB (the archive stood still {stood_still:.2f} s)")
 
     copied, present, copied_bytes, total_bytes = _backup_stored_files(site, index, destination / "files")
     say(
@@ -352,6 +415,7 @@ def _backup(site: Site, destination: Path, keep: int, say: Callable[[str], None]
         "portal_version": __version__,
         "source": str(site.data),
         "database": "sqlite" if database.suffix == ".sqlite3" else "postgresql",
+        "archive_index": index_on,
         "stored_files": {"count": copied + present, "bytes": total_bytes},
         "parts": [
             Part(part, file, sha256_of(incoming / file), (incoming / file).stat().st_size).__dict__
@@ -378,6 +442,12 @@ def _backup_database(site: Site, folder: Path) -> Path:
             source.close()
         return target
     target = folder / "control.pgdump"
+    _pg_dump(url, target, "the control database")
+    return target
+
+
+def _pg_dump(url: str, target: Path, part: str) -> None:
+    """``pg_dump`` of the database ``url`` names: one snapshot of it, however busy it is."""
     done = subprocess.run(
         [_pg_tool("pg_dump"), "--format=custom", "--no-owner", f"--file={target}"],
         env=_pg_environment(url),
@@ -385,8 +455,7 @@ def _backup_database(site: Site, folder: Path) -> Path:
         text=True,
     )
     if done.returncode:
-        raise BackupError(f"pg_dump failed: {done.stderr.strip()}")
-    return target
+        raise BackupError(f"pg_dump of {part} failed: {done.stderr.strip()}")
 
 
 def _backup_stored_files(site: Site, index: Path, files: Path) -> tuple[int, int, int, int]:
@@ -434,8 +503,9 @@ def _prune(destination: Path, keep: int, say: Callable[[str], None]) -> None:
     for leftover in (destination / "snapshots").glob(".incoming-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     wanted: set[str] = set()
-    for snapshot in snapshots(destination):
-        wanted.update(stored.uuid for stored in stored_files(snapshot / "orthanc-index.sqlite3"))
+    for folder in snapshots(destination):
+        index = find_snapshot(folder).part("archive index")
+        wanted.update(stored.uuid for stored in stored_files(index))
     removed = 0
     for path in (destination / "files").glob("*/*/*"):
         if path.name not in wanted:
@@ -473,8 +543,12 @@ def find_snapshot(source: Path) -> Snapshot:
         manifest["parts"]
     except (ValueError, KeyError, TypeError):
         raise BackupError(f"the backup's manifest ({folder / 'manifest.json'}) is damaged") from None
-    if manifest.get("format") != FORMAT:
-        raise BackupError(f"this backup has format {manifest.get('format')!r}; this portal reads {FORMAT}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise BackupError(
+            f"this backup has format {manifest.get('format')!r}; this portal reads "
+            + " and ".join(map(str, READABLE_FORMATS))
+        )
+    manifest.setdefault("archive_index", archive_index.SQLITE)
     return Snapshot(folder, files, manifest)
 
 
@@ -551,20 +625,33 @@ def restore(source: Path, site: Site, say: Callable[[str], None] = print) -> Sna
     snapshot = find_snapshot(source)
     made_with = snapshot.manifest.get("database")
     wanted = "sqlite" if site.database_url.startswith("sqlite") else "postgresql"
+    index_on_postgresql = snapshot.manifest["archive_index"] == archive_index.POSTGRESQL
     if made_with != wanted:
         raise BackupError(
             f"this backup's database is {made_with}, and this installation's is {wanted}: "
             + (
                 "set PACS_DATABASE_URL to an empty PostgreSQL database"
+                + (
+                    " (and the archive's index goes into the database of that name followed by "
+                    "_archive on the same server, which must be empty too, unless "
+                    "PACS_ARCHIVE_DATABASE_URL names another)"
+                    if index_on_postgresql
+                    else ""
+                )
                 if made_with == "postgresql"
                 else "unset PACS_DATABASE_URL to restore into SQLite"
             )
         )
+    index_url = _archive_database_url_to_restore(site) if index_on_postgresql else None
     check_parts(snapshot)
+    if made_with == "postgresql":
+        _refuse_unless_empty_database(site.database_url, "the database PACS_DATABASE_URL names")
+    if index_url is not None:
+        _ensure_empty_archive_database(index_url)
     staging = site.data.with_name(f".{site.data.name}.restoring")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _restore_into(snapshot, site, staging, say)
+        _restore_into(snapshot, site, staging, index_url, say)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -575,7 +662,60 @@ def restore(source: Path, site: Site, say: Callable[[str], None] = print) -> Sna
     return snapshot
 
 
-def _restore_into(snapshot: Snapshot, site: Site, staging: Path, say: Callable[[str], None]) -> None:
+def _archive_database_url_to_restore(site: Site) -> str:
+    """The PostgreSQL database the archive's index is restored into; BackupError, saying what to
+    set, if none is named."""
+    try:
+        url = archive_index.database_url(site)
+    except archive_index.ArchiveIndexError:
+        raise BackupError(
+            "this backup's archive index is on PostgreSQL: set PACS_ARCHIVE_DATABASE_URL to an empty "
+            "PostgreSQL database for it (or restore with the control plane's database on PostgreSQL, "
+            "PACS_DATABASE_URL, whose server then holds the index in a database of that name followed "
+            "by _archive)"
+        ) from None
+    chosen, control = sa.engine.make_url(url), sa.engine.make_url(site.database_url)
+    if (chosen.host, chosen.port, chosen.database) == (control.host, control.port, control.database):
+        raise BackupError(
+            "PACS_ARCHIVE_DATABASE_URL names the control plane's own database: the archive's index "
+            "needs a database of its own"
+        )
+    return url
+
+
+def _ensure_empty_archive_database(url: str) -> None:
+    """The archive's database created if missing (as ``./pacs up`` does); BackupError if it holds anything."""
+    try:
+        archive_index.ensure_database(url)
+    except archive_index.ArchiveIndexError as error:
+        raise BackupError(str(error)) from None
+    _refuse_unless_empty_database(url, _archive_database_named(url))
+
+
+def _archive_database_named(url: str) -> str:
+    """The archive's database as the admin named it (never with its password)."""
+    if os.environ.get("PACS_ARCHIVE_DATABASE_URL"):
+        return "the database PACS_ARCHIVE_DATABASE_URL names"
+    name = sa.engine.make_url(url).database
+    return f"the archive's database {name!r} (beside the one PACS_DATABASE_URL names)"
+
+
+def _refuse_unless_empty_database(url: str, named: str) -> None:
+    libpq = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        with psycopg.connect(libpq, connect_timeout=10) as connection:
+            (tables,) = connection.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+            ).fetchone()
+    except psycopg.Error as error:
+        raise BackupError(f"{named} does not answer: {str(error).strip().splitlines()[0]}") from None
+    if tables:
+        raise BackupError(f"{named} is not empty: restore into an empty one")
+
+
+def _restore_into(
+    snapshot: Snapshot, site: Site, staging: Path, index_url: str | None, say: Callable[[str], None]
+) -> None:
     staging.mkdir(parents=True)
     storage = staging / site.orthanc_storage.relative_to(site.data)
     count = total = 0
@@ -583,7 +723,9 @@ def _restore_into(snapshot: Snapshot, site: Site, staging: Path, say: Callable[[
     for stored in stored_files(index):
         total += _check_stored_file(snapshot, stored, storage)
         count += 1
-    shutil.copyfile(index, storage / INDEX)
+    storage.mkdir(parents=True, exist_ok=True)
+    if index_url is None:
+        shutil.copyfile(index, storage / INDEX)
     say(f"  stored files: {count} ({total / 1e6:.1f} MB), each matching the archive index")
     for part, folder, private in (
         ("worklist", site.worklists, False),
@@ -593,33 +735,40 @@ def _restore_into(snapshot: Snapshot, site: Site, staging: Path, say: Callable[[
         target = staging / folder.relative_to(site.data)
         (_private_directory if private else lambda path: path.mkdir(parents=True, exist_ok=True))(target)
         _untar(snapshot.part(part), target)
+    # Each database is restored in one transaction: one that fails is left empty.
+    if index_url is not None:
+        _pg_restore(index_url, index, "the archive index")
+        say("  archive index restored into its PostgreSQL database")
     if snapshot.manifest["database"] == "sqlite":
         target = staging / "control.sqlite3"
         shutil.copyfile(snapshot.part("control database"), target)
         target.chmod(0o600)
     else:
-        _restore_postgresql(site, snapshot.part("control database"))
+        try:
+            _pg_restore(site.database_url, snapshot.part("control database"), "the control database")
+        except BackupError as error:
+            if index_url is None:
+                raise
+            raise BackupError(
+                f"{error}. {_archive_database_named(index_url)} holds the restored index now: "
+                "drop it and create it again (empty) before restoring again"
+            ) from None
     say("  control database, worklist, secrets and activity exports restored")
 
 
-def _restore_postgresql(site: Site, dump: Path) -> None:
-    engine = db.make_engine(site.database_url)
-    try:
-        if sa.inspect(engine).get_table_names():
-            raise BackupError("the database PACS_DATABASE_URL names is not empty: restore into an empty one")
-    finally:
-        engine.dispose()
+def _pg_restore(url: str, dump: Path, part: str) -> None:
     done = subprocess.run(
         [
             _pg_tool("pg_restore"),
             "--no-owner",
             "--exit-on-error",
-            f"--dbname={sa.engine.make_url(site.database_url).database}",
+            "--single-transaction",
+            f"--dbname={sa.engine.make_url(url).database}",
             str(dump),
         ],
-        env=_pg_environment(site.database_url),
+        env=_pg_environment(url),
         capture_output=True,
         text=True,
     )
     if done.returncode:
-        raise BackupError(f"pg_restore failed: {done.stderr.strip()}")
+        raise BackupError(f"pg_restore of {part} failed: {done.stderr.strip()}")

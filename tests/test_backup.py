@@ -24,9 +24,11 @@ import pytest
 import requests
 import sqlalchemy as sa
 
+from bench.stack import free_ports, stack_environment
 from control import db
 
 from conftest import REPOSITORY, Stack, c_store, free_port, fresh_study, make_stack
+from samples import make_study, store_study
 
 pytestmark = pytest.mark.stack
 
@@ -357,3 +359,217 @@ def test_a_portal_on_postgresql_is_backed_up_with_pg_dump_and_restored(tmp_path:
         assert not (tmp_path / "again").exists()
     finally:
         server.stop()
+
+
+# ---- an archive whose index is on PostgreSQL: two nodes, as ./pacs up --nodes 2 runs them ----
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    from postgres import PostgresServer, binaries
+
+    if binaries() is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+    server = PostgresServer(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def backed_up_on_postgresql(postgres, tmp_path_factory: pytest.TempPathFactory):
+    """A portal of two archive nodes whose control plane and archive index are on PostgreSQL
+    (``pacs_source`` and ``pacs_source_archive``), backed up while a modality stores into node 1;
+    stopped once the backup is made."""
+    folder = tmp_path_factory.mktemp("postgresql-index")
+    source = make_stack(
+        folder / "data",
+        PACS_DATABASE_URL=with_password(postgres.create_database("pacs_source")),
+        PACS_NODES="2",
+    )
+    # The second node takes the ports after the first one's.
+    source.dicom_port, source.orthanc_port = free_ports(2), free_ports(2)
+    source.env.update(PACS_DICOM_PORT=str(source.dicom_port), PACS_ORTHANC_HTTP_PORT=str(source.orthanc_port))
+    source.start()
+    try:
+        assert (source.data / "run" / "orthanc-2.pid").exists()
+        assert "attachedfiles" in tables_in(postgres.url("pacs_source_archive"))
+        assert not (source.data / "orthanc" / "index").exists()
+        studies = [
+            store_study(source, make_study("Before^Backup", series=(("CT", 3), ("MR", 2)))),
+            store_study(source, make_study("Before^Second", series=(("CT", 2),))),
+        ]
+        link = source.pacs("token", studies[0].uid)
+        assert link.returncode == 0, link.stderr
+        modality = Modality(source)
+        modality.start()
+        while len(modality.acknowledged) < 3:
+            assert not modality.failures
+            time.sleep(0.2)
+        expected = stored_md5s(source)
+        started = time.monotonic()
+        made = source.pacs("backup", str(folder / "backup"))
+        finished = time.monotonic()
+        stored_during = len(modality.acknowledged)
+        while len(modality.acknowledged) < stored_during + 2 and not modality.failures:
+            time.sleep(0.2)
+        modality.stop.set()
+        modality.join(60)
+        assert made.returncode == 0, made.stdout + made.stderr
+        yield {
+            "folder": folder,
+            "backup": folder / "backup",
+            "source": source,
+            "studies": studies,
+            "expected": expected,
+            "acknowledged_before": [uid for at, uid in modality.acknowledged if at < started],
+            "stored_while": [uid for at, uid in modality.acknowledged if started <= at <= finished],
+            "modality": modality,
+            "link": link.stdout.strip(),
+            "output": made.stdout + made.stderr,
+        }
+    finally:
+        source.stop()
+
+
+# The test server trusts its clients whatever they send: a password that must never be shown.
+PASSWORD = "index-password-never-shown"
+
+
+def with_password(url: str) -> str:
+    return url.replace("postgres@", f"postgres:{PASSWORD}@", 1)
+
+
+def restore_on_postgresql(data: Path, backup: Path, **env: str) -> subprocess.CompletedProcess:
+    """``./pacs restore`` into ``data`` with the databases ``env`` names (none: SQLite)."""
+    environment = stack_environment(free_port(), free_port(), free_port(), **env)
+    return subprocess.run(
+        [sys.executable, "-m", "control", "--data", str(data), "restore", str(backup)],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def tables_in(url: str) -> list[str]:
+    engine = sa.create_engine(url)
+    try:
+        return sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_a_postgresql_index_is_backed_up_while_modalities_store(backed_up_on_postgresql) -> None:
+    backed = backed_up_on_postgresql
+    assert backed["modality"].failures == []
+    assert backed["stored_while"], "no store was acknowledged while the backup ran"
+    assert "archive index" in backed["output"] and "pg_dump" in backed["output"]
+    assert PASSWORD not in backed["output"]
+    assert not [
+        path
+        for path in backed["backup"].rglob("*")
+        if path.is_file() and PASSWORD.encode() in path.read_bytes()
+    ]
+    (snapshot,) = (backed["backup"] / "snapshots").iterdir()
+    manifest = json.loads((snapshot / "manifest.json").read_text())
+    assert manifest["archive_index"] == "postgresql"
+    assert {"control database", "archive index"} <= {part["name"] for part in manifest["parts"]}
+    # Exactly the files the dumped index names, as many as the archive held then or more.
+    assert manifest["stored_files"]["count"] >= len(backed["expected"])
+    assert len(list((backed["backup"] / "files").glob("*/*/*"))) == manifest["stored_files"]["count"]
+    assert {path.stat().st_mode & 0o777 for path in snapshot.iterdir()} == {0o600}
+    checked = pacs(backed["folder"] / "unused", "restore", "--check", str(backed["backup"]))
+    assert checked.returncode == 0, checked.stderr
+    assert f"all {manifest['stored_files']['count']} stored files" in checked.stdout
+
+
+def test_a_postgresql_index_is_restored_into_a_new_data_directory_and_database(
+    backed_up_on_postgresql, postgres
+) -> None:
+    backed = backed_up_on_postgresql
+    target = backed["folder"] / "restored"
+    target_url = postgres.create_database("pacs_restored")
+    # The index goes into pacs_restored_archive, which the restore creates as ./pacs up would.
+    restored = restore_on_postgresql(target, backed["backup"], PACS_DATABASE_URL=with_password(target_url))
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert PASSWORD not in restored.stdout + restored.stderr
+    assert "archive index restored" in restored.stdout
+    assert "attachedfiles" in tables_in(postgres.url("pacs_restored_archive"))
+    second = make_stack(target, PACS_DATABASE_URL=target_url)
+    for name, port in (
+        ("web_port", second.web_port),
+        ("dicom_port", second.dicom_port),
+        ("orthanc_http_port", second.orthanc_port),
+    ):
+        moved = second.pacs("config", "set", name, str(port))
+        assert moved.returncode == 0, moved.stderr
+    second.start()
+    try:
+        held = stored_md5s(second)
+        # Every store acknowledged before the backup began is there, with every instance of the
+        # studies stored before, byte for byte.
+        assert set(backed["acknowledged_before"]) <= set(held)
+        for uid, md5 in backed["expected"].items():
+            assert held.get(uid) == md5, f"instance {uid} is missing or differs after the restore"
+        # A signed-in user finds each study stored before the backup, through the portal.
+        session = second.sign_in()
+        for study in backed["studies"]:
+            rows = session.get(
+                f"{second.url}/query/studies", params={"patient_id": study.patient_id, "format": "json"}
+            ).json()["rows"]
+            assert len(rows) == 1, rows
+        # A patient's link made before the backup opens the same study.
+        token = backed["link"].split("?", 1)[1]
+        patient = requests.Session()
+        page = patient.get(f"{second.url}/token?{token}")
+        assert page.status_code == 200 and "Before" in page.text
+        viewer = patient.get(f"{second.url}/token/viewer?{token}", allow_redirects=False)
+        assert viewer.headers["Location"] == f"/viewer?StudyInstanceUIDs={backed['studies'][0].uid}"
+        # The restored portal stores into its own index, not the original's.
+        assert c_store(second, fresh_study("CT_small.dcm")) == 0
+    finally:
+        second.stop()
+
+
+def test_a_damaged_dump_of_the_index_is_refused_with_the_part_named(
+    backed_up_on_postgresql, postgres, tmp_path: Path
+) -> None:
+    copy = tmp_path / "backup"
+    shutil.copytree(backed_up_on_postgresql["backup"], copy)
+    (snapshot,) = (copy / "snapshots").iterdir()
+    victim = snapshot / "orthanc-index.pgdump"
+    content = bytearray(victim.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    victim.write_bytes(bytes(content))
+    target_url = postgres.create_database("pacs_damaged")
+    refused = restore_on_postgresql(tmp_path / "restored", copy, PACS_DATABASE_URL=target_url)
+    assert refused.returncode == 1
+    assert "the backup's archive index" in refused.stderr and "damaged" in refused.stderr, refused.stderr
+    assert "nothing was restored" in refused.stderr
+    assert not (tmp_path / "restored").exists()
+    assert tables_in(target_url) == []
+    checked = pacs(tmp_path / "restored", "restore", "--check", str(copy))
+    assert checked.returncode == 1 and "the backup's archive index" in checked.stderr
+
+
+def test_restoring_a_postgresql_index_says_which_databases_to_set(
+    backed_up_on_postgresql, postgres, tmp_path: Path
+) -> None:
+    backup = backed_up_on_postgresql["backup"]
+    told = restore_on_postgresql(tmp_path / "restored", backup)
+    assert told.returncode == 1
+    assert "set PACS_DATABASE_URL" in told.stderr and "PACS_ARCHIVE_DATABASE_URL" in told.stderr
+    # An index database that holds an archive already is refused before anything is written.
+    control_url = postgres.create_database("pacs_beside")
+    refused = restore_on_postgresql(
+        tmp_path / "restored",
+        backup,
+        PACS_DATABASE_URL=control_url,
+        PACS_ARCHIVE_DATABASE_URL=with_password(postgres.url("pacs_source_archive")),
+    )
+    assert refused.returncode == 1
+    assert "the database PACS_ARCHIVE_DATABASE_URL names is not empty" in refused.stderr
+    assert PASSWORD not in refused.stderr + refused.stdout
+    assert tables_in(control_url) == [] and not (tmp_path / "restored").exists()
