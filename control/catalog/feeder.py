@@ -46,7 +46,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,7 +255,7 @@ class Feeder:
         read: dict[str, StudyRow | None] = {
             change["ID"]: None for change in followed if change["ResourceType"] == "Study"
         }
-        read.update(self.read_studies(change["ID"] for change in followed))
+        read.update(read_studies(self.orthanc, (change["ID"] for change in followed)))
         with self.engine.begin() as connection:
             delta = self._write_read(connection, read)
             store.advance(
@@ -269,11 +269,6 @@ class Feeder:
                 caught_up=caught_up,
             )
         self._last_heartbeat = self.clock()
-
-    def read_studies(self, resources: Iterable[str]) -> dict[str, StudyRow | None]:
-        """The rows of the studies these studies, series or instances belong to, as the archive
-        holds them (None: gone while they were read)."""
-        return read_studies(self.orthanc, resources)
 
     def read_these(self, study_ids: list[str]) -> dict[str, StudyRow | None]:
         """The rows of these studies as the archive holds them (None: no longer there)."""

@@ -10,8 +10,9 @@ Rows are read many studies at a time with ``POST /tools/bulk-content`` (Orthanc 
 later), which describes a list of resources at the level asked: the studies of a list of
 studies, series or instances (each study once, ids the archive no longer holds left out), the
 series of a list of studies, or their instances. Three such reads make the rows of a page of
-the change log, where three GETs per study cost ten times as long on the archive's side while it
-stores (bench: the catalog's feeder lag). The instances of a large study are not listed: one
+the change log: three GETs for each of 300 one-instance studies took 3.2 s here, the three bulk
+reads 0.3 s, and the feeder, waiting on an Orthanc busy storing, fell behind the stores with the
+GETs (README: the catalog's figures). The instances of a large study are not listed: one
 ``/statistics`` costs less than their descriptions.
 """
 
