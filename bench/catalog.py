@@ -205,10 +205,8 @@ def run_stored(bench: Bench) -> None:
 # ---- 2. the catalog alone, rows written straight into its table ---------------------------------
 
 
-def synthetic_study(
-    index: int, page_group: int
-) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Orthanc's answers for a made-up study (the study, its series, its statistics): patients of
+def synthetic_study(index: int, page_group: int) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """Orthanc's answers for a made-up study (the study, its series) and its size: patients of
     one to four studies, names and dates as in ``bench.data.small_study``, the first
     ``page_group`` studies the ``PAGE-*`` group."""
     chance = random.Random(index)
@@ -247,7 +245,7 @@ def synthetic_study(
             "Instances": ["i"] * chance.randint(1, 400),
         }
     ]
-    return study, series, {"DicomUncompressedSize": str(chance.randint(10**5, 5 * 10**8))}
+    return study, series, chance.randint(10**5, 5 * 10**8)
 
 
 def secondary_definitions(connection: sa.Connection) -> list[str]:

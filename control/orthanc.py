@@ -22,7 +22,7 @@ from urllib3.util.retry import Retry
 
 STREAM_CHUNK = 256 * 1024
 # POSTs of Orthanc's API that change nothing, so that sending one twice is harmless.
-SEARCHES = frozenset({"/tools/find", "/tools/lookup"})
+SEARCHES = frozenset({"/tools/find", "/tools/lookup", "/tools/bulk-content"})
 # GETs are sent again once when their pooled connection turns out closed (Orthanc 1.10.1 closes
 # idle ones after a second); so are the searches, POSTs that only read. A stored file is sent
 # again only when its connection could not be made: then nothing reached Orthanc.

@@ -187,7 +187,12 @@ def test_a_series_added_a_moment_ago_shows_on_its_patients_page_before_the_feede
     assert patient["source"] == "archive" and patient["rows"][0]["series_count"] == 2
     stack.wait_for_catalog()
     again = search(session, stack, patient_id="CAT-LATE-SERIES")
-    assert again["source"] == "catalog" and again["rows"][0]["modalities"] == ["CT", "MR"]
+    (row,) = again["rows"]
+    assert again["source"] == "catalog" and row["modalities"] == ["CT", "MR"]
+    # The series came alone, its study known to the feeder only through it; the size is that of
+    # both series' files, as the archive counts it.
+    statistics = stack.orthanc().get(f"{stack.orthanc_url}/studies/{before['id']}/statistics").json()
+    assert (row["instances_count"], row["size"]) == (2, int(statistics["DicomUncompressedSize"]))
 
 
 def test_a_study_deleted_from_the_archive_leaves_the_catalog(stack: Stack) -> None:

@@ -11,7 +11,6 @@ changed: a sweep or a rebuild does that.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -19,12 +18,11 @@ import sqlalchemy.dialects.postgresql
 import sqlalchemy.dialects.sqlite
 
 from control.catalog import store, tables
-from control.catalog.rows import read_study
+from control.catalog.rows import read_studies
 from control.orthanc import Orthanc
 
 PAGE = 10_000
 SHOWN = 50  # differences listed of each kind; all are counted
-READERS = 4
 
 
 @dataclass
@@ -123,37 +121,32 @@ def _compare_rows(
     held = tables.modalities.c
     last_id = 0
     total = findings.catalog_studies
-    with ThreadPoolExecutor(READERS) as pool:
-        while True:
-            rows = connection.execute(
-                sa.select(studies.c.id, *columns)
-                .where(studies.c.id > last_id)
-                .order_by(studies.c.id)
-                .limit(200)
-            ).all()
-            if not rows:
-                return
-            last_id = rows[-1].id
-            stored_modalities: dict[int, set[str]] = {}
-            for study_row, modality in connection.execute(
-                sa.select(held.study_row, held.modality).where(held.study_row.in_([row.id for row in rows]))
-            ):
-                stored_modalities.setdefault(study_row, set()).add(modality)
-            read = pool.map(lambda row: read_study(orthanc, row.study_id), rows)
-            for row, fresh in zip(rows, read, strict=True):
-                findings.compared_rows += 1
-                if fresh is None:
-                    continue  # gone from the archive: counted as extra above, or deleted meanwhile
-                differing = [
-                    column.name
-                    for column in columns
-                    if getattr(row, column.name) != fresh.values[column.name]
-                ]
-                if set(fresh.modalities) != stored_modalities.get(row.id, set()):
-                    differing.append("modalities (searched)")
-                if differing:
-                    findings.differing_count += 1
-                    if len(findings.differing) < SHOWN:
-                        findings.differing.append((row.study_id, differing))
-            if progress:
-                progress(findings.compared_rows, total)
+    while True:
+        rows = connection.execute(
+            sa.select(studies.c.id, *columns).where(studies.c.id > last_id).order_by(studies.c.id).limit(200)
+        ).all()
+        if not rows:
+            return
+        last_id = rows[-1].id
+        stored_modalities: dict[int, set[str]] = {}
+        for study_row, modality in connection.execute(
+            sa.select(held.study_row, held.modality).where(held.study_row.in_([row.id for row in rows]))
+        ):
+            stored_modalities.setdefault(study_row, set()).add(modality)
+        read = read_studies(orthanc, [row.study_id for row in rows])
+        for row in rows:
+            fresh = read.get(row.study_id)
+            findings.compared_rows += 1
+            if fresh is None:
+                continue  # gone from the archive: counted as extra above, or deleted meanwhile
+            differing = [
+                column.name for column in columns if getattr(row, column.name) != fresh.values[column.name]
+            ]
+            if set(fresh.modalities) != stored_modalities.get(row.id, set()):
+                differing.append("modalities (searched)")
+            if differing:
+                findings.differing_count += 1
+                if len(findings.differing) < SHOWN:
+                    findings.differing.append((row.study_id, differing))
+        if progress:
+            progress(findings.compared_rows, total)

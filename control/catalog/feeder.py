@@ -12,11 +12,12 @@ number applied, which the state row keeps. A batch's studies are read whole from
 (``control.catalog.rows``) and written in one transaction with the new S, through a compare-and-
 set (``control.catalog.store``): a feeder killed mid-batch has written nothing, and its successor
 starts from the same S; two feeders never both apply a batch. Which changes matter: a new,
-modified or anonymized study, series or instance (its study is read again). The study of a new
-series or instance is known without asking when the batch read that study already (its series
-and instances come with it), which is the case for the usual store; else ``/series/{id}/study``
-or ``/instances/{id}/study`` says. Patients' changes do not touch a study's row, and "stable"
-changes say nothing new (the instances were followed as they came).
+modified or anonymized study, series or instance (its study is read again). The studies of a
+batch are read together, each once however many of its changes the batch holds: the archive
+says which study each series or instance belongs to in the same bulk read that describes the
+studies. Patients' changes do not touch a study's row, and "stable" changes say nothing new (the
+instances were followed as they came). A batch applied, the log is read again at once: what was
+stored meanwhile waits for no poll.
 
 **Gaps.** Sequence numbers have gaps: Orthanc 1.10.1 removes a deleted resource's changes from the
 log, and with several Orthancs on one PostgreSQL index a change can become visible after a later
@@ -32,9 +33,9 @@ table in pages, the database compares them with the catalog's, rows the archive 
 go, studies the catalog lacks are read. Meanwhile the pages ask the archive instead.
 
 **Building** (a new catalog, or ``./pacs catalog rebuild``) reads every study of the archive (its
-``/studies?expand`` pages and each study's series and statistics), writes the rows, removes those
-of studies gone, then resumes the log from where it ended when the build began: what changed
-during the build is read again.
+``/studies?expand`` pages, and the series and sizes of each page's studies), writes the rows,
+removes those of studies gone, then resumes the log from where it ended when the build began:
+what changed during the build is read again.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +57,7 @@ import sqlalchemy.dialects.sqlite
 from control import db
 from control.catalog import store, tables
 from control.catalog.lock import FeedLock
-from control.catalog.rows import StudyRow, read_study
+from control.catalog.rows import StudyRow, read_studies, rows_of
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 
 log = logging.getLogger("pacs.catalog")
@@ -67,7 +67,6 @@ POLL_SECONDS = 0.25  # between reads of the log when there was nothing new
 HEARTBEAT_SECONDS = 1.0  # the state row's heartbeat is written at most this often while idle
 GAP_GRACE = 3.0  # seconds a gap in the log is waited for (see the module's notes)
 COUNT_CHECK_SECONDS = 3.0  # the least time between two comparisons of study counts
-READERS = 8  # studies read from the archive at once (its HTTP server has 50 threads)
 SWEEP_PAGE = 10_000  # study ids listed at once when sweeping
 BUILD_PAGE = 200  # studies read at once when building
 
@@ -143,7 +142,6 @@ class Feeder:
         self._last_count_check = 0.0
         self._count_check_seconds = COUNT_CHECK_SECONDS
         self._archive_reachable = True
-        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="catalog-reader")
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -191,7 +189,6 @@ class Feeder:
                 pause = 5.0
             stop.wait(pause)
         self.lock.release()
-        self._readers.shutdown()
         log.info("catalog feeder %s stopped", self.name)
 
     def _claim(self) -> None:
@@ -234,7 +231,8 @@ class Feeder:
             self._heartbeat()
         if self.clock() - self._last_count_check >= self._count_check_seconds:
             self.check_counts()
-        return POLL_SECONDS
+        # What was stored while this batch was read is asked for at once, not a poll later.
+        return 0.0 if ready else POLL_SECONDS
 
     def _heartbeat(self) -> None:
         now = self.clock()
@@ -252,24 +250,12 @@ class Feeder:
         followed = [
             change for change in changes if change["ChangeType"] in FOLLOWED.get(change["ResourceType"], ())
         ]
-        read = self.read_studies(dict.fromkeys(c["ID"] for c in followed if c["ResourceType"] == "Study"))
-        known = {resource for row in read.values() if row for resource in (*row.series, *row.instances)}
-        for change in followed:
-            level, resource = change["ResourceType"], change["ID"]
-            if level == "Study" or resource in known:
-                continue
-            try:
-                study = self.orthanc.get_json(
-                    f"/{'series' if level == 'Series' else 'instances'}/{resource}/study"
-                )
-            except OrthancError as error:
-                if error.status != 404:
-                    raise
-                continue  # deleted since: its study is read again if it changed, or swept
-            if study["ID"] not in read:
-                row = read[study["ID"]] = read_study(self.orthanc, study["ID"], study)
-                if row:
-                    known.update(row.series, row.instances)
+        # A study named by a change and no longer in the archive goes; a series or instance no
+        # longer there names no study (its study is read again if it changed, or swept).
+        read: dict[str, StudyRow | None] = {
+            change["ID"]: None for change in followed if change["ResourceType"] == "Study"
+        }
+        read.update(read_studies(self.orthanc, (change["ID"] for change in followed)))
         with self.engine.begin() as connection:
             delta = self._write_read(connection, read)
             store.advance(
@@ -284,21 +270,9 @@ class Feeder:
             )
         self._last_heartbeat = self.clock()
 
-    def read_studies(
-        self, study_ids: Iterable[str], expanded: dict[str, dict[str, Any]] | None = None
-    ) -> dict[str, StudyRow | None]:
-        """The rows of these studies as the archive holds them (None: no longer there), read a few
-        at a time."""
-        wanted = list(study_ids)
-        expanded = expanded or {}
-        if len(wanted) <= 1:
-            return {
-                study_id: read_study(self.orthanc, study_id, expanded.get(study_id)) for study_id in wanted
-            }
-        found = self._readers.map(
-            lambda study_id: read_study(self.orthanc, study_id, expanded.get(study_id)), wanted
-        )
-        return dict(zip(wanted, found, strict=True))
+    def read_these(self, study_ids: list[str]) -> dict[str, StudyRow | None]:
+        """The rows of these studies as the archive holds them (None: no longer there)."""
+        return dict.fromkeys(study_ids) | read_studies(self.orthanc, study_ids)
 
     # ---- deletions ----------------------------------------------------------------------------
 
@@ -340,13 +314,13 @@ class Feeder:
         removed = added = 0
         # Rows the archive's pages did not list: gone, or stored after their page was listed.
         while found := self._first_ids(extra):
-            read = self.read_studies(found)
+            read = self.read_these(found)
             with self.engine.begin() as connection:
                 self._write_read(connection, read)
                 self._note_swept(connection, [study_id for study_id, row in read.items() if row])
             removed += sum(1 for row in read.values() if row is None)
         while found := self._first_ids(missing):
-            read = self.read_studies(found)
+            read = self.read_these(found)
             with self.engine.begin() as connection:
                 self._write_read(connection, read)
                 gone = [study_id for study_id, row in read.items() if row is None]
@@ -407,7 +381,7 @@ class Feeder:
             page = self.orthanc.get_json(
                 "/studies", params={"expand": "", "since": str(since), "limit": str(BUILD_PAGE)}
             )
-            read = self.read_studies([study["ID"] for study in page], {study["ID"]: study for study in page})
+            read = rows_of(self.orthanc, page)
             with self.engine.begin() as connection:
                 self._write_read(connection, read, generation)
                 done += len(page)
@@ -421,7 +395,7 @@ class Feeder:
         unseen = sa.select(tables.studies.c.study_id).where(tables.studies.c.swept != generation)
         while found := self._first_ids(unseen):
             with self.engine.begin() as connection:
-                self._write_read(connection, self.read_studies(found), generation)
+                self._write_read(connection, self.read_these(found), generation)
         with self.engine.begin() as connection:
             self._end(connection, generation, applied_seq=resume_at, built_at=db.utcnow(), message="")
         log.info("catalog built in %.1f s: %s studies", time.monotonic() - started, done)

@@ -3,16 +3,32 @@
 A row is read whole from what Orthanc answers now (never patched from a change's details), so that
 reading it again is harmless and a rebuild gives the very rows the feeder wrote: the study (its
 tags and the patient's tags as stored with it), its series (modalities, instance counts) and its
-statistics (the size of its DICOM files). Three GETs, about 0.5 ms each on the archive's side.
+instances' sizes (the size of its DICOM files, what ``/studies/{id}/statistics`` calls
+``DicomUncompressedSize``).
+
+Rows are read many studies at a time with ``POST /tools/bulk-content`` (Orthanc 1.9.4 and
+later), which describes a list of resources at the level asked: the studies of a list of
+studies, series or instances (each study once, ids the archive no longer holds left out), the
+series of a list of studies, or their instances. Three such reads make the rows of a page of
+the change log: three GETs for each of 300 one-instance studies took 3.2 s here, the three bulk
+reads 0.3 s, and the feeder, waiting on an Orthanc busy storing, fell behind the stores with the
+GETs (README: the catalog's figures). The instances of a large study are not listed: one
+``/statistics`` costs less than their descriptions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from control.catalog.names import fold
 from control.orthanc import Orthanc, OrthancError
+
+BULK = "/tools/bulk-content"
+BULK_RESOURCES = 200  # resources named in one bulk read
+BULK_INSTANCES = 5000  # instances described in one answer at most (about 0.7 kB each)
+LARGE_STUDY = 1000  # instances beyond which a study's size is read from its statistics
 
 
 @dataclass(frozen=True)
@@ -21,18 +37,14 @@ class StudyRow:
 
     values: dict[str, Any]
     modalities: tuple[str, ...]
-    # The archive's ids of its series and instances: not columns, but what tells the feeder which
-    # study a new series or instance belongs to without asking the archive.
-    series: tuple[str, ...]
-    instances: frozenset[str]
 
     @property
     def study_id(self) -> str:
         return self.values["study_id"]
 
 
-def row_from(study: dict[str, Any], series: list[dict[str, Any]], statistics: dict[str, Any]) -> StudyRow:
-    """The row of a study from Orthanc's answers for it, its series and its statistics."""
+def row_from(study: dict[str, Any], series: list[dict[str, Any]], size: int) -> StudyRow:
+    """The row of a study from Orthanc's answers for it and its series, and the size of its files."""
     tags = study.get("MainDicomTags", {})
     patient = study.get("PatientMainDicomTags", {})
     held = sorted({item["MainDicomTags"].get("Modality") or "" for item in series} - {""})
@@ -62,33 +74,97 @@ def row_from(study: dict[str, Any], series: list[dict[str, Any]], statistics: di
         "modalities": "\\".join(held),
         "series_count": len(series),
         "instance_count": sum(len(item.get("Instances", ())) for item in series),
-        "size": int(statistics.get("DicomUncompressedSize") or statistics.get("UncompressedSize") or 0),
+        "size": size,
         "last_update": study.get("LastUpdate") or "",
     }
-    return StudyRow(
-        values,
-        tuple(sorted({fold(modality) for modality in held})),
-        tuple(item["ID"] for item in series),
-        frozenset(instance for item in series for instance in item.get("Instances", ())),
-    )
+    return StudyRow(values, tuple(sorted({fold(modality) for modality in held})))
 
 
-def read_study(orthanc: Orthanc, study_id: str, study: dict[str, Any] | None = None) -> StudyRow | None:
-    """The row of a study as the archive holds it now; None when the archive no longer has it.
+def describe(orthanc: Orthanc, resources: Iterable[str], level: str) -> list[dict[str, Any]]:
+    """Orthanc's descriptions at ``level`` of what ``resources`` (ids of any level) name or hold."""
+    found: list[dict[str, Any]] = []
+    for part in _parts(list(dict.fromkeys(resources)), BULK_RESOURCES):
+        found.extend(orthanc.post_json(BULK, {"Resources": part, "Level": level}))
+    return found
 
-    ``study`` is Orthanc's answer for the study when the caller has it already (a page of
-    ``/studies?expand``), which saves a call.
-    """
-    try:
-        if study is None:
-            study = orthanc.get_json(f"/studies/{study_id}")
-        series = orthanc.get_json(f"/studies/{study_id}/series")
-        statistics = orthanc.get_json(f"/studies/{study_id}/statistics")
-    except OrthancError as error:
-        if error.status == 404:
-            return None
-        raise
-    return row_from(study, series, statistics)
+
+def read_studies(orthanc: Orthanc, resources: Iterable[str]) -> dict[str, StudyRow | None]:
+    """The rows of the studies that these studies, series or instances belong to, as the archive
+    holds them now. A study the archive no longer holds is not in the answer (None: it went while
+    it was read)."""
+    return rows_of(orthanc, describe(orthanc, resources, "Study"))
+
+
+def read_study(orthanc: Orthanc, study_id: str) -> StudyRow | None:
+    """The row of a study as the archive holds it now; None when the archive no longer has it."""
+    return read_studies(orthanc, [study_id]).get(study_id)
+
+
+def rows_of(orthanc: Orthanc, studies: list[dict[str, Any]]) -> dict[str, StudyRow | None]:
+    """The rows of studies from Orthanc's answers for them (a page of ``/studies?expand``, or a
+    bulk read): their series and sizes read now. None for a study gone meanwhile (a study
+    without series is one Orthanc has just deleted)."""
+    series: dict[str, list[dict[str, Any]]] = {study["ID"]: [] for study in studies}
+    for item in describe(orthanc, series, "Series"):
+        series[item["ParentStudy"]].append(item)
+    sizes = _sizes(orthanc, {study_id: held for study_id, held in series.items() if held})
+    return {
+        study["ID"]: row_from(study, series[study["ID"]], sizes[study["ID"]])
+        if study["ID"] in sizes
+        else None
+        for study in studies
+    }
+
+
+def _sizes(orthanc: Orthanc, series: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """The size of each study's DICOM files (those of the instances its series list), by study;
+    a study gone meanwhile is left out."""
+    sizes: dict[str, int] = {}
+    study_of = {
+        instance: study_id
+        for study_id, held in series.items()
+        for item in held
+        for instance in item["Instances"]
+    }
+    counts = {study_id: sum(len(item["Instances"]) for item in held) for study_id, held in series.items()}
+    small = [study_id for study_id, count in counts.items() if count <= LARGE_STUDY]
+    for study_id in counts.keys() - set(small):
+        try:
+            statistics = orthanc.get_json(f"/studies/{study_id}/statistics")
+        except OrthancError as error:
+            if error.status != 404:
+                raise
+            continue
+        sizes[study_id] = int(
+            statistics.get("DicomUncompressedSize") or statistics.get("UncompressedSize") or 0
+        )
+    for part in _instance_parts(small, counts):
+        for instance in describe(orthanc, part, "Instance"):
+            # An instance stored after its series was read is counted when its change is applied;
+            # a study none of whose instances is left has gone.
+            study_id = study_of.get(instance["ID"])
+            if study_id:
+                sizes[study_id] = sizes.get(study_id, 0) + int(instance.get("FileSize") or 0)
+    return sizes
+
+
+def _instance_parts(study_ids: list[str], counts: dict[str, int]) -> Iterator[list[str]]:
+    """``study_ids`` in groups of at most ``BULK_INSTANCES`` instances together."""
+    part: list[str] = []
+    held = 0
+    for study_id in study_ids:
+        if part and held + counts[study_id] > BULK_INSTANCES:
+            yield part
+            part, held = [], 0
+        part.append(study_id)
+        held += counts[study_id]
+    if part:
+        yield part
+
+
+def _parts(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def as_orthanc_study(row: Any) -> dict[str, Any]:
