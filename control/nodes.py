@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
 import urllib3
+from urllib3.util.retry import Retry
 
 from control import configs
 from control.orthanc import (
@@ -149,7 +150,7 @@ class Archive:
         assert failure is not None
         raise failure
 
-    def _write(self, call: Callable[[Orthanc], T], *, rewind: Callable[[], None], idempotent: bool) -> T:
+    def _write(self, call: Callable[[Orthanc], T], *, rewind: Callable[[], object], idempotent: bool) -> T:
         """``call`` on the writer; sent again when busy (503) or, as far as safe, when its node fails."""
         attempts = 0
         busy = 0
@@ -179,12 +180,21 @@ class Archive:
     # The methods of Orthanc's client that the control plane uses.
 
     def request(
-        self, method: str, path: str, body: bytes | None = None, **options: Any
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+        retries: Retry | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """A call answered whole: a GET is a read; anything else goes to the writer."""
 
         def call(orthanc: Orthanc) -> urllib3.BaseHTTPResponse:
-            return orthanc.request(method, path, body, **options)
+            return orthanc.request(
+                method, path, body, content_type=content_type, timeout=timeout, retries=retries
+            )
 
         if method == "GET":
             return self._read(call)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlencode
 
 import urllib3
@@ -76,6 +76,60 @@ class OrthancRefused(OrthancError):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(status, reason)
         self.reason = reason
+
+
+class ArchiveClient(Protocol):
+    """What code that reads from or stores into "the archive" may ask of it: the methods that one
+    node's ``Orthanc`` client and the nodes behind one archive (``control.nodes.Archive``) both offer."""
+
+    @property
+    def url(self) -> str: ...
+
+    # A cache may key on the client (control.query.finder keeps each study's modalities).
+    def __hash__(self) -> int: ...
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+        retries: Retry | None = None,
+    ) -> urllib3.BaseHTTPResponse: ...
+
+    def get_json(
+        self, path: str, *, params: dict[str, str] | None = None, timeout: float | None = None
+    ) -> Any: ...
+
+    def post_json(self, path: str, body: Any, *, timeout: float | None = None) -> Any: ...
+
+    def lookup(self, text: str) -> list[dict[str, Any]]: ...
+
+    def get_text(self, path: str) -> str: ...
+
+    def open_raw(self, path: str, headers: dict[str, str] | None = None) -> urllib3.BaseHTTPResponse: ...
+
+    def system(self) -> dict[str, Any]: ...
+
+    def find(
+        self, level: str, query: dict[str, str], *, expand: bool = False, limit: int = FIND_LIMIT
+    ) -> list[Any]: ...
+
+    def find_studies(self, query: dict[str, str], limit: int = FIND_LIMIT) -> list[str]: ...
+
+    def instance_file(self, instance_id: str) -> bytes: ...
+
+    def stream_instance_file(self, instance_id: str) -> Iterator[bytes]: ...
+
+    def transcoded_instance(self, instance_id: str, transfer_syntax: str) -> bytes: ...
+
+    def store_instance(self, body: bytes | BinaryIO, size: int) -> dict[str, Any]: ...
+
+    def create_dicom(self, body: BinaryIO) -> dict[str, Any]: ...
+
+    def modalities(self) -> dict[str, dict[str, Any]]: ...
 
 
 class Orthanc:

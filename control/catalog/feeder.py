@@ -58,7 +58,7 @@ from control import db
 from control.catalog import store, tables
 from control.catalog.lock import FeedLock
 from control.catalog.rows import StudyRow, read_study
-from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
+from control.orthanc import ArchiveClient, OrthancError, OrthancUnavailable
 
 log = logging.getLogger("pacs.catalog")
 
@@ -128,7 +128,7 @@ class Feeder:
     def __init__(
         self,
         engine: sa.Engine,
-        orthanc: Orthanc,
+        orthanc: ArchiveClient,
         *,
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from control.catalog.names import fold
-from control.orthanc import Orthanc, OrthancError
+from control.orthanc import ArchiveClient, OrthancError
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def row_from(study: dict[str, Any], series: list[dict[str, Any]], statistics: di
     )
 
 
-def read_study(orthanc: Orthanc, study_id: str, study: dict[str, Any] | None = None) -> StudyRow | None:
+def read_study(orthanc: ArchiveClient, study_id: str, study: dict[str, Any] | None = None) -> StudyRow | None:
     """The row of a study as the archive holds it now; None when the archive no longer has it.
 
     ``study`` is Orthanc's answer for the study when the caller has it already (a page of

@@ -65,7 +65,7 @@ from isal import isal_zlib
 from pydicom.fileset import FileSet
 from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, stream_zip
 
-from control.orthanc import STREAM_CHUNK, Orthanc, OrthancError, OrthancUnavailable
+from control.orthanc import STREAM_CHUNK, ArchiveClient, OrthancError, OrthancUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class _Read:
 class _Reader:
     """Reads the members' files from Orthanc a few ahead of the zip, in order, on threads."""
 
-    def __init__(self, orthanc: Orthanc, plan: ZipPlan) -> None:
+    def __init__(self, orthanc: ArchiveClient, plan: ZipPlan) -> None:
         self.orthanc = orthanc
         self.plan = plan
         transcoding = plan.transcode is not None
@@ -291,7 +291,9 @@ class _Dicomdir:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def zip_bytes(orthanc: Orthanc, plan: ZipPlan, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+def zip_bytes(
+    orthanc: ArchiveClient, plan: ZipPlan, start: int = 0, stop: int | None = None
+) -> Iterator[bytes]:
     """The zip's bytes from ``start`` up to ``stop`` (its end when None), as they are made.
 
     Raises ``ZipBroken`` (or ``OrthancUnavailable``) when the zip cannot be finished; closing the

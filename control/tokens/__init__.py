@@ -45,7 +45,7 @@ from wtforms.validators import DataRequired, Length
 from control import db, network, services
 from control.activity import Action, Outcome, record_activity
 from control.errors import error_response, wants_json
-from control.orthanc import Orthanc, OrthancError, error_for
+from control.orthanc import ArchiveClient, OrthancError, error_for
 from control.tokens import grants, shared, store
 
 bp = Blueprint("tokens", __name__)
@@ -71,7 +71,7 @@ class StudyView:
     reports: tuple[tuple[str, str], ...] = ()
 
 
-def study_facts(orthanc: Orthanc, orthanc_id: str) -> tuple[store.StudyFacts, StudyView]:
+def study_facts(orthanc: ArchiveClient, orthanc_id: str) -> tuple[store.StudyFacts, StudyView]:
     """Read a study from Orthanc, for the token store and for the page."""
     study = orthanc.get_json(f"/studies/{orthanc_id}")
     series = orthanc.get_json(f"/studies/{orthanc_id}/series")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from control import formatting
-from control.orthanc import Orthanc, OrthancRefused, OrthancUnavailable
+from control.orthanc import ArchiveClient, OrthancRefused, OrthancUnavailable
 from control.uploads import archive, hl7orders, worklist
 from control.uploads.dicom import HEAD_SIZE, Kind, NotForTheArchive, check_dicom, sniff
 
@@ -107,7 +107,7 @@ class DiskGuard:
 class Upload:
     """Everything one upload request needs, and what it did."""
 
-    orthanc: Orthanc
+    orthanc: ArchiveClient
     worklists: Path
     zip_limits: archive.ZipLimits
     disk: DiskGuard
