@@ -190,8 +190,10 @@ class Finder:
         """Matching studies ``offset`` to ``offset + limit``, newest first."""
         everything = self._small_answer(search)
         if everything is not None:
-            rows = newest_first(everything)
-            return Page(rows[offset : offset + limit], offset, limit, len(rows), offset + limit < len(rows))
+            ordered = newest_first(everything)
+            return Page(
+                ordered[offset : offset + limit], offset, limit, len(ordered), offset + limit < len(ordered)
+            )
         total = self._count(search, "Study", COUNT_LIMIT + 1)
         known = total <= COUNT_LIMIT
         wanted = offset + limit
@@ -346,7 +348,7 @@ class Finder:
         tomorrow = self.today + dt.timedelta(days=1)
         if last is None or last >= tomorrow:
             future = Window(
-                dicom_date(max(tomorrow, first) if first else tomorrow), last and dicom_date(last)
+                dicom_date(max(tomorrow, first) if first else tomorrow), dicom_date(last) if last else None
             )
             yield future, self._count_window(search, future)
         top = min(last, self.today) if last else self.today

@@ -305,7 +305,10 @@ def zip_bytes(
         for chunk in stream_zip(
             _member_files(reader, plan),
             chunk_size=STREAM_CHUNK,
-            get_compressobj=lambda: isal_zlib.compressobj(DEFLATE_LEVEL, isal_zlib.DEFLATED, -15),
+            # stream_zip names zlib's class, though any object with its compress and flush will do.
+            get_compressobj=lambda: isal_zlib.compressobj(  # type: ignore[arg-type, return-value]
+                DEFLATE_LEVEL, isal_zlib.DEFLATED, -15
+            ),
         ):
             end = position + len(chunk)
             if end > start:
