@@ -25,7 +25,7 @@ import threading
 import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import sqlalchemy as sa
 from flask import has_request_context, request
@@ -250,6 +250,15 @@ def details(detail: str, *, listed: bool = False) -> list[tuple[str, str]]:
 
 # One statement, compiled once, for every event; it answers the new row's id.
 _INSERT = db.activity.insert().returning(db.activity.c.id)
+
+
+class EventColumns(TypedDict, total=False):
+    """The columns of an event that say whose it is and what it is about (see record_activity)."""
+
+    token_id: str
+    patient: str
+    patient_id: str
+    study: str
 
 
 def record_activity(

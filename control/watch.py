@@ -229,7 +229,7 @@ class ArchiveWatch:
         complete = chunk[: chunk.rfind(b"\n") + 1] if len(chunk) < MOST_READ else chunk
         lines = complete.decode("utf-8", errors="replace").splitlines()
         for call in refused_calls(lines, db.utcnow()):
-            detail = {"aet": call.aet, "request": call.request}
+            detail: dict[str, Any] = {"aet": call.aet, "request": call.request}
             if call.reason:
                 detail["reason"] = call.reason
             if path.name != "orthanc.log":
