@@ -156,7 +156,9 @@ def _untar(archive_path: Path, folder: Path) -> None:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.extractfile(member) as source, target.open("wb") as written:
+            source = archive.extractfile(member)
+            assert source is not None  # a file member has its bytes
+            with source, target.open("wb") as written:
                 shutil.copyfileobj(source, written, CHUNK)
             target.chmod(member.mode & 0o700 or 0o600)
 
@@ -370,7 +372,12 @@ def _backup_database(site: Site, folder: Path) -> Path:
     url = site.database_url
     if url.startswith("sqlite"):
         target = folder / "control.sqlite3"
-        source = sqlite3.connect(sa.engine.make_url(url).database, timeout=30)
+        database = sa.engine.make_url(url).database
+        if not database:
+            raise BackupError(
+                "the control plane's database is in memory (PACS_DATABASE_URL): nothing to back up"
+            )
+        source = sqlite3.connect(database, timeout=30)
         try:
             _sqlite_copy(source, target)
         finally:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypeVar
+from typing import IO, Any, TypeVar
 
 import urllib3
 from urllib3.util.retry import Retry
@@ -270,7 +270,7 @@ class Archive:
                 if tried >= len(self.nodes):
                     raise
 
-    def store_instance(self, body: bytes | BinaryIO, size: int) -> dict[str, Any]:
+    def store_instance(self, body: bytes | IO[bytes], size: int) -> dict[str, Any]:
         """Store one DICOM file on the writer (see the module for what is sent again)."""
         start = body.tell() if not isinstance(body, bytes) else 0
 
@@ -280,7 +280,7 @@ class Archive:
 
         return self._write(lambda orthanc: orthanc.store_instance(body, size), rewind=rewind, idempotent=True)
 
-    def create_dicom(self, body: BinaryIO) -> dict[str, Any]:
+    def create_dicom(self, body: IO[bytes]) -> dict[str, Any]:
         """``POST /tools/create-dicom`` on the writer: sent again when busy, or when no connection
         could be made, never when a node failed after taking it (it makes new UIDs each time)."""
         start = body.tell()

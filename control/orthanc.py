@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from typing import Any, BinaryIO, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import urlencode
 
 import urllib3
@@ -125,9 +125,9 @@ class ArchiveClient(Protocol):
 
     def transcoded_instance(self, instance_id: str, transfer_syntax: str) -> bytes: ...
 
-    def store_instance(self, body: bytes | BinaryIO, size: int) -> dict[str, Any]: ...
+    def store_instance(self, body: bytes | IO[bytes], size: int) -> dict[str, Any]: ...
 
-    def create_dicom(self, body: BinaryIO) -> dict[str, Any]: ...
+    def create_dicom(self, body: IO[bytes]) -> dict[str, Any]: ...
 
     def modalities(self) -> dict[str, dict[str, Any]]: ...
 
@@ -155,7 +155,7 @@ class Orthanc:
         self,
         method: str,
         path: str,
-        body: bytes | BinaryIO | None = None,
+        body: bytes | IO[bytes] | None = None,
         *,
         content_type: str = "application/json",
         timeout: float | None = None,
@@ -177,7 +177,7 @@ class Orthanc:
         self,
         method: str,
         path: str,
-        body: bytes | BinaryIO | None = None,
+        body: bytes | IO[bytes] | None = None,
         *,
         content_type: str = "application/json",
         timeout: float | None = None,
@@ -304,7 +304,7 @@ class Orthanc:
         modify = f"/instances/{instance_id}/modify"
         return self.request("POST", modify, json.dumps(body).encode(), retries=SEARCH_RETRY).data
 
-    def store_instance(self, body: bytes | BinaryIO, size: int) -> dict[str, Any]:
+    def store_instance(self, body: bytes | IO[bytes], size: int) -> dict[str, Any]:
         """Store one DICOM file of ``size`` bytes (bytes, or a binary file at its start); Orthanc's answer.
 
         ``Status`` is ``Success`` or ``AlreadyStored``. A refusal raises OrthancRefused with Orthanc's
@@ -328,7 +328,7 @@ class Orthanc:
             raise OrthancRefused(response.status, str(reason))
         return answer
 
-    def create_dicom(self, body: BinaryIO) -> dict[str, Any]:
+    def create_dicom(self, body: IO[bytes]) -> dict[str, Any]:
         """``POST /tools/create-dicom`` with a JSON body given as a binary file (see control.uploads.pdf)."""
         return json.loads(self.request("POST", "/tools/create-dicom", body).data)
 
@@ -354,6 +354,6 @@ def error_for(status: int, message: str) -> OrthancError | OrthancBusy:
     return OrthancBusy(message) if status == 503 else OrthancError(status, message)
 
 
-def _length_left(file: BinaryIO) -> int:
+def _length_left(file: IO[bytes]) -> int:
     """How many bytes of ``file`` lie after where it stands."""
     return os.fstat(file.fileno()).st_size - file.tell()

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import sqlalchemy as sa
 
@@ -244,7 +244,7 @@ class Site:
 
 
 @contextlib.contextmanager
-def replacing(path: Path) -> Iterator[BinaryIO]:
+def replacing(path: Path) -> Iterator[IO[bytes]]:
     """A new file, readable by the service only, that takes ``path``'s place once it is written
     whole and on disk: readers see the old file or the new one, never a part. If writing fails,
     ``path`` stays as it was and the new file goes. (Its temporary name ends in ``.tmp``, which

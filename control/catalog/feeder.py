@@ -373,6 +373,7 @@ class Feeder:
         """Add ids to the sweep's scratch table (an id listed twice, by pages that shifted, once)."""
         if not study_ids:
             return
+        insert: sa.Insert
         if connection.dialect.name == "postgresql":
             insert = sa.dialects.postgresql.insert(tables.sweep).on_conflict_do_nothing()
         else:
