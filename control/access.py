@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 
 from flask import Flask, abort, flash, g, redirect, request, url_for
+from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
 from control.activity import Action, Outcome, record_activity
@@ -63,7 +64,7 @@ def audience_of(endpoint: str | None) -> Audience | None:
     return RULES.get(f"{blueprint}.*") if blueprint else None
 
 
-def enforce() -> object | None:
+def enforce() -> ResponseReturnValue | None:
     """Before every request: let it through, send it to sign-in, or refuse it."""
     if request.endpoint is None:
         return None  # no such page: the 404 handler answers

@@ -165,8 +165,9 @@ def create_user(
     taken = connection.execute(sa.select(db.users.c.id).where(db.users.c.username_key == key)).first()
     if taken:
         raise AccountError(f"The username {username!r} is taken.", "username")
-    result = connection.execute(
-        db.users.insert().values(
+    created = connection.execute(
+        db.users.insert()
+        .values(
             username=username,
             username_key=key,
             real_name=real_name,
@@ -177,8 +178,9 @@ def create_user(
             password_problem="",
             created_at=db.utcnow(),
         )
-    )
-    return get_user(connection, result.inserted_primary_key[0])
+        .returning(*db.users.c)
+    ).one()
+    return row_to_user(created)
 
 
 def get_user(connection: sa.Connection, user_id: int) -> User | None:
@@ -201,7 +203,7 @@ def authenticate(connection: sa.Connection, username: str, password: str) -> Use
         verified = row is not None
     except (VerificationError, InvalidHashError):
         verified = False
-    if not verified or not row.is_active:
+    if row is None or not verified or not row.is_active:
         return None
     changes = {}
     if _hasher.check_needs_rehash(stored_hash):
@@ -350,18 +352,21 @@ def rename(connection: sa.Connection, user_id: int, new_username: str) -> None:
 
 def set_password(
     connection: sa.Connection, user_id: int, password: str, confirmation: str | None = None
-) -> None:
-    """Set a new password and end the account's sessions: whoever knew the old one is out."""
+) -> User:
+    """Set a new password and end the account's sessions: whoever knew the old one is out.
+    Returns the account as it is now."""
     user = get_user(connection, user_id)
     if user is None:
         raise AccountError("There is no such user.")
     check_new_password(connection, password, user.username, confirmation)
-    connection.execute(
+    changed = connection.execute(
         db.users.update()
         .where(db.users.c.id == user_id)
         .values(password_hash=hash_password(password), password_problem="")
-    )
+        .returning(*db.users.c)
+    ).one()
     end_all_sessions(connection, user_id)
+    return row_to_user(changed)
 
 
 def delete_user(connection: sa.Connection, user_id: int, acting_user_id: int) -> None:

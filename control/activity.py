@@ -25,7 +25,7 @@ import threading
 import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import sqlalchemy as sa
 from flask import has_request_context, request
@@ -248,7 +248,17 @@ def details(detail: str, *, listed: bool = False) -> list[tuple[str, str]]:
     ]
 
 
-_INSERT = db.activity.insert()  # one statement, compiled once, for every event
+# One statement, compiled once, for every event; it answers the new row's id.
+_INSERT = db.activity.insert().returning(db.activity.c.id)
+
+
+class EventColumns(TypedDict, total=False):
+    """The columns of an event that say whose it is and what it is about (see record_activity)."""
+
+    token_id: str
+    patient: str
+    patient_id: str
+    study: str
 
 
 def record_activity(
@@ -274,6 +284,7 @@ def record_activity(
     Events seen outside a request (a modality's refused call, read from the archive's log) give
     their ``client_address`` and the time ``at`` which they happened (naive UTC) themselves.
     """
+    action_name, outcome_name = str(action), str(outcome)
     user_agent = ""
     if has_request_context():
         client_address = request.remote_addr or ""
@@ -283,8 +294,8 @@ def record_activity(
             username = username or current_user.username
     row = {
         "at": at or db.utcnow(),
-        "action": str(action),
-        "outcome": str(outcome),
+        "action": action_name,
+        "outcome": outcome_name,
         "user_id": user_id,
         "username": (username or "")[:64],
         "token_id": token_id,
@@ -295,11 +306,11 @@ def record_activity(
         "study": study[:100],
         "detail": json.dumps(detail, ensure_ascii=False, default=str),
     }
-    metrics.count_event(row["action"], row["outcome"])
+    metrics.count_event(action_name, outcome_name)
     if connection is not None:
-        return connection.execute(_INSERT, row).inserted_primary_key[0]
+        return connection.execute(_INSERT, row).scalar_one()
     with services.engine().begin() as own_connection:
-        return own_connection.execute(_INSERT, row).inserted_primary_key[0]
+        return own_connection.execute(_INSERT, row).scalar_one()
 
 
 def update_activity(
@@ -345,7 +356,8 @@ class ActivityFilter:
 
     def conditions(self, time_zone: str) -> list[sa.ColumnElement[bool]]:
         table = db.activity
-        token_id, outcome = table.c.token_id, table.c.outcome
+        token_id: sa.ColumnElement[str] = table.c.token_id
+        outcome: sa.ColumnElement[str] = table.c.outcome
         if self.patient or self.study:
             # A patient or a study is a few rows found by its own index (0009) and then sorted;
             # SQLite would rather walk the list's index in time order (no sort) and test every
@@ -439,7 +451,7 @@ def refused_by_address(
     )
     # One pass over the refused rows (their partial index, in address order); the groups, one per
     # address, are few enough to count and order here rather than group everything twice.
-    groups = connection.execute(grouped).all()
+    groups = list(connection.execute(grouped).all())
     groups.sort(key=lambda group: (-group.last_at.timestamp(), group.client_address))
     return len(groups), groups[offset : offset + limit]
 

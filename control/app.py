@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 from flask import Flask, g, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from control import __version__, access, errors, formatting, nodes, services
@@ -44,7 +45,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         MAX_FORM_MEMORY_SIZE=64 * 1024,
     )
     app.config.from_mapping(config or {})
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    # Answers keep the order their code gives (Flask would sort the keys).
+    json_provider = DefaultJSONProvider(app)
+    json_provider.sort_keys = False
+    app.json = json_provider
     app.session_interface = SiteSessionInterface()
 
     settings = site.load_settings()
@@ -65,10 +69,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     )
 
     # Caddy is the only listener and the only client of this app: trust its one forwarded hop.
-    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]  # Flask's way to add middleware
     # The viewer's frames, and Caddy's questions about its other requests, are answered before
     # Flask when the answer is plainly yes (see the module).
-    app.wsgi_app = QuickGate(app.wsgi_app, app)  # type: ignore[method-assign]
+    app.wsgi_app = QuickGate(app.wsgi_app, app)  # type: ignore[method-assign]  # Flask's way to add middleware
 
     csrf.init_app(app)
     login_manager.init_app(app)
@@ -76,7 +80,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from control import admin, auth, desktop, dicomweb, metrics, public, query, tokens, uploads, viewer
 
     # Outermost, so that the gate's quick answers are counted too (control.metrics).
-    app.wsgi_app = metrics.Counting(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = metrics.Counting(app.wsgi_app)  # type: ignore[method-assign]  # Flask's way to add middleware
 
     app.register_blueprint(public.bp)
     app.register_blueprint(auth.bp)

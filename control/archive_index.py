@@ -106,6 +106,8 @@ def ensure_database(url: str) -> None:
     except psycopg.OperationalError as error:
         if "does not exist" not in str(error):
             raise ArchiveIndexError(f"the archive's database does not answer: {_first_line(error)}") from None
+    if not wanted.database:
+        raise ArchiveIndexError("the archive's database URL names no database to create")
     server = wanted.set(database="postgres").render_as_string(hide_password=False)
     try:
         with psycopg.connect(server, connect_timeout=10, autocommit=True) as connection:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 
@@ -129,11 +129,16 @@ def _follow_the_new_change_log(site: Site) -> None:
 
 def _instances_in(url: str) -> int:
     with psycopg.connect(url, connect_timeout=10) as connection:
-        exists = connection.execute("SELECT to_regclass('public.resources') IS NOT NULL").fetchone()[0]
-        if not exists:
+        if not _value(connection, "SELECT to_regclass('public.resources') IS NOT NULL"):
             return 0
         # Orthanc's resource types: 4 is an instance.
-        return connection.execute("SELECT COUNT(*) FROM resources WHERE resourcetype = 4").fetchone()[0]
+        return _value(connection, "SELECT COUNT(*) FROM resources WHERE resourcetype = 4")
+
+
+def _value(connection: psycopg.Connection, query: LiteralString) -> Any:
+    """The one value of a query's one row (a count, a test)."""
+    [(value,)] = connection.execute(query).fetchall()
+    return value
 
 
 def _size_of(folder: Path) -> int:

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from control.orthanc import Orthanc, OrthancError
+from control.orthanc import ArchiveClient, OrthancError
 
 MAX_AGE = 60.0
 Version = tuple[int, ...]
@@ -94,7 +94,7 @@ class ArchiveVersions:
     ``current()`` raises ``OrthancUnavailable`` while the archive does not answer.
     """
 
-    def __init__(self, orthanc: Orthanc, max_age: float = MAX_AGE) -> None:
+    def __init__(self, orthanc: ArchiveClient, max_age: float = MAX_AGE) -> None:
         self.orthanc = orthanc
         self.max_age = max_age
         self._known: tuple[float, ArchiveVersion] | None = None

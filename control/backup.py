@@ -214,7 +214,9 @@ def _untar(archive_path: Path, folder: Path) -> None:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.extractfile(member) as source, target.open("wb") as written:
+            source = archive.extractfile(member)
+            assert source is not None  # a file member has its bytes
+            with source, target.open("wb") as written:
                 shutil.copyfileobj(source, written, CHUNK)
             target.chmod(member.mode & 0o700 or 0o600)
 
@@ -435,7 +437,12 @@ def _backup_database(site: Site, folder: Path) -> Path:
     url = site.database_url
     if url.startswith("sqlite"):
         target = folder / "control.sqlite3"
-        source = sqlite3.connect(sa.engine.make_url(url).database, timeout=30)
+        database = sa.engine.make_url(url).database
+        if not database:
+            raise BackupError(
+                "the control plane's database is in memory (PACS_DATABASE_URL): nothing to back up"
+            )
+        source = sqlite3.connect(database, timeout=30)
         try:
             _sqlite_copy(source, target)
         finally:
@@ -704,9 +711,10 @@ def _refuse_unless_empty_database(url: str, named: str) -> None:
     libpq = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     try:
         with psycopg.connect(libpq, connect_timeout=10) as connection:
-            (tables,) = connection.execute(
+            counted = connection.execute(
                 "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
             ).fetchone()
+            tables = counted[0] if counted else 0
     except psycopg.Error as error:
         raise BackupError(f"{named} does not answer: {str(error).strip().splitlines()[0]}") from None
     if tables:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
@@ -22,8 +23,11 @@ from control.network import local_address
 from control.runtime import configs, files, logs, stack, unixhttp
 from control.site import REPOSITORY, Site, SiteError
 
+if TYPE_CHECKING:
+    from control.nodes import Archive
 
-def _fail(message: str) -> None:
+
+def _fail(message: str) -> NoReturn:
     click.echo(f"pacs: {message}", err=True)
     sys.exit(1)
 
@@ -593,7 +597,7 @@ def catalog() -> None:
     """The study catalog the query pages search: feed, rebuild, check."""
 
 
-def _archive_client(site: Site):
+def _archive_client(site: Site) -> Archive:
     """The archive's client, as the running portal has it: every node (control.nodes)."""
     from control import nodes
 

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, Request, g, request
+from flask import Flask, Request, Response, g, request
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from werkzeug.wrappers import Response
 
 from control import services
 
@@ -56,9 +55,11 @@ class SiteSessionInterface(SecureCookieSessionInterface):
 
     def serializer_for(self, app: Flask, secure: bool) -> URLSafeTimedSerializer:
         """The signer of the session cookie over https (``secure``) or http."""
+        if not app.secret_key:
+            raise RuntimeError("the control plane has no SECRET_KEY")  # create_app always sets one
         keys: list[str | bytes] = [*(app.config["SECRET_KEY_FALLBACKS"] or ()), app.secret_key]
         return URLSafeTimedSerializer(
-            keys,  # type: ignore[arg-type]
+            keys,  # type: ignore[arg-type]  # itsdangerous takes str and bytes keys mixed but annotates one kind
             salt=SECURE_SALT if secure else self.salt,
             serializer=self.serializer,
             signer_kwargs={"key_derivation": self.key_derivation, "digest_method": self.digest_method},

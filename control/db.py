@@ -172,31 +172,34 @@ def migrate(engine: sa.Engine) -> None:
         current = MigrationContext.configure(connection).get_current_revision()
     if current == head:
         return
-    copy = _copy_before_upgrade(engine, current)
+    saved = _copy_before_upgrade(engine, current)
     try:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     except Exception as error:
         engine.dispose()
-        if copy:
-            _copy_sqlite(copy, Path(engine.url.database))
+        if saved:
+            database, copy = saved
+            _copy_sqlite(copy, database)
             copy.unlink()
         raise MigrationError(
             f"the database could not be upgraded from schema {current} to {head}, and was left as it "
             f"was (nothing is lost; the previous version of the portal still runs on it): {error}"
         ) from error
-    if copy:
-        copy.unlink()
+    if saved:
+        saved[1].unlink()
 
 
-def _copy_before_upgrade(engine: sa.Engine, current: str | None) -> Path | None:
-    if engine.dialect.name != "sqlite" or current is None:
+def _copy_before_upgrade(engine: sa.Engine, current: str | None) -> tuple[Path, Path] | None:
+    """The SQLite database file and a copy of it made before an upgrade (None for PostgreSQL, for a
+    database that has no schema yet, and for one in memory)."""
+    if engine.dialect.name != "sqlite" or current is None or not engine.url.database:
         return None
     database = Path(engine.url.database)
     copy = database.with_name(f"{database.name}.before-upgrade-{current}")
     _copy_sqlite(database, copy)
-    return copy
+    return database, copy
 
 
 def _copy_sqlite(source: Path, target: Path) -> None:

@@ -30,9 +30,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypeVar
+from typing import IO, Any, TypeVar
 
 import urllib3
+from urllib3.util.retry import Retry
 
 from control.orthanc import (
     FIND_LIMIT,
@@ -149,7 +150,7 @@ class Archive:
         assert failure is not None
         raise failure
 
-    def _write(self, call: Callable[[Orthanc], T], *, rewind: Callable[[], None], idempotent: bool) -> T:
+    def _write(self, call: Callable[[Orthanc], T], *, rewind: Callable[[], object], idempotent: bool) -> T:
         """``call`` on the writer; sent again when busy (503) or, as far as safe, when its node fails."""
         attempts = 0
         busy = 0
@@ -179,12 +180,21 @@ class Archive:
     # The methods of Orthanc's client that the control plane uses.
 
     def request(
-        self, method: str, path: str, body: bytes | None = None, **options: Any
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+        retries: Retry | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """A call answered whole: a GET is a read; anything else goes to the writer."""
 
         def call(orthanc: Orthanc) -> urllib3.BaseHTTPResponse:
-            return orthanc.request(method, path, body, **options)
+            return orthanc.request(
+                method, path, body, content_type=content_type, timeout=timeout, retries=retries
+            )
 
         if method == "GET":
             return self._read(call)
@@ -260,7 +270,7 @@ class Archive:
                 if tried >= len(self.nodes):
                     raise
 
-    def store_instance(self, body: bytes | BinaryIO, size: int) -> dict[str, Any]:
+    def store_instance(self, body: bytes | IO[bytes], size: int) -> dict[str, Any]:
         """Store one DICOM file on the writer (see the module for what is sent again)."""
         start = body.tell() if not isinstance(body, bytes) else 0
 
@@ -270,7 +280,7 @@ class Archive:
 
         return self._write(lambda orthanc: orthanc.store_instance(body, size), rewind=rewind, idempotent=True)
 
-    def create_dicom(self, body: BinaryIO) -> dict[str, Any]:
+    def create_dicom(self, body: IO[bytes]) -> dict[str, Any]:
         """``POST /tools/create-dicom`` on the writer: sent again when busy, or when no connection
         could be made, never when a node failed after taking it (it makes new UIDs each time)."""
         start = body.tell()

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import IO, Any, Protocol
 from urllib.parse import urlencode
 
 import urllib3
@@ -78,6 +78,60 @@ class OrthancRefused(OrthancError):
         self.reason = reason
 
 
+class ArchiveClient(Protocol):
+    """What code that reads from or stores into "the archive" may ask of it: the methods that one
+    node's ``Orthanc`` client and the nodes behind one archive (``control.nodes.Archive``) both offer."""
+
+    @property
+    def url(self) -> str: ...
+
+    # A cache may key on the client (control.query.finder keeps each study's modalities).
+    def __hash__(self) -> int: ...
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+        retries: Retry | None = None,
+    ) -> urllib3.BaseHTTPResponse: ...
+
+    def get_json(
+        self, path: str, *, params: dict[str, str] | None = None, timeout: float | None = None
+    ) -> Any: ...
+
+    def post_json(self, path: str, body: Any, *, timeout: float | None = None) -> Any: ...
+
+    def lookup(self, text: str) -> list[dict[str, Any]]: ...
+
+    def get_text(self, path: str) -> str: ...
+
+    def open_raw(self, path: str, headers: dict[str, str] | None = None) -> urllib3.BaseHTTPResponse: ...
+
+    def system(self) -> dict[str, Any]: ...
+
+    def find(
+        self, level: str, query: dict[str, str], *, expand: bool = False, limit: int = FIND_LIMIT
+    ) -> list[Any]: ...
+
+    def find_studies(self, query: dict[str, str], limit: int = FIND_LIMIT) -> list[str]: ...
+
+    def instance_file(self, instance_id: str) -> bytes: ...
+
+    def stream_instance_file(self, instance_id: str) -> Iterator[bytes]: ...
+
+    def transcoded_instance(self, instance_id: str, transfer_syntax: str) -> bytes: ...
+
+    def store_instance(self, body: bytes | IO[bytes], size: int) -> dict[str, Any]: ...
+
+    def create_dicom(self, body: IO[bytes]) -> dict[str, Any]: ...
+
+    def modalities(self) -> dict[str, dict[str, Any]]: ...
+
+
 class Orthanc:
     """A small client for the parts of Orthanc's REST API the portal uses."""
 
@@ -101,7 +155,7 @@ class Orthanc:
         self,
         method: str,
         path: str,
-        body: bytes | BinaryIO | None = None,
+        body: bytes | IO[bytes] | None = None,
         *,
         content_type: str = "application/json",
         timeout: float | None = None,
@@ -123,7 +177,7 @@ class Orthanc:
         self,
         method: str,
         path: str,
-        body: bytes | BinaryIO | None = None,
+        body: bytes | IO[bytes] | None = None,
         *,
         content_type: str = "application/json",
         timeout: float | None = None,
@@ -250,7 +304,7 @@ class Orthanc:
         modify = f"/instances/{instance_id}/modify"
         return self.request("POST", modify, json.dumps(body).encode(), retries=SEARCH_RETRY).data
 
-    def store_instance(self, body: bytes | BinaryIO, size: int) -> dict[str, Any]:
+    def store_instance(self, body: bytes | IO[bytes], size: int) -> dict[str, Any]:
         """Store one DICOM file of ``size`` bytes (bytes, or a binary file at its start); Orthanc's answer.
 
         ``Status`` is ``Success`` or ``AlreadyStored``. A refusal raises OrthancRefused with Orthanc's
@@ -274,7 +328,7 @@ class Orthanc:
             raise OrthancRefused(response.status, str(reason))
         return answer
 
-    def create_dicom(self, body: BinaryIO) -> dict[str, Any]:
+    def create_dicom(self, body: IO[bytes]) -> dict[str, Any]:
         """``POST /tools/create-dicom`` with a JSON body given as a binary file (see control.uploads.pdf)."""
         return json.loads(self.request("POST", "/tools/create-dicom", body).data)
 
@@ -300,6 +354,6 @@ def error_for(status: int, message: str) -> OrthancError | OrthancBusy:
     return OrthancBusy(message) if status == 503 else OrthancError(status, message)
 
 
-def _length_left(file: BinaryIO) -> int:
+def _length_left(file: IO[bytes]) -> int:
     """How many bytes of ``file`` lie after where it stands."""
     return os.fstat(file.fileno()).st_size - file.tell()

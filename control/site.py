@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import sqlalchemy as sa
 
@@ -165,22 +165,25 @@ class Site:
         """Take every permission from others (and from the group, unless it is the site's group)."""
         private = {str(path) for path in self.private_directories}
         for folder, directories, files in os.walk(top):
-            shared = group is not None and not any(
-                folder == path or folder.startswith(path + os.sep) for path in private
+            shared_with = (
+                group
+                if group is not None
+                and not any(folder == path or folder.startswith(path + os.sep) for path in private)
+                else None
             )
             for name in [folder, *(os.path.join(folder, file) for file in files)]:
                 info = os.lstat(name)
                 if stat.S_ISLNK(info.st_mode):
                     continue
                 mode = stat.S_IMODE(info.st_mode) & 0o700
-                if shared:
+                if shared_with is not None:
                     # The group may read (and enter) what the owner may; folders hand it down.
                     mode |= (mode & 0o500) >> 3
                     if stat.S_ISDIR(info.st_mode):
                         mode |= stat.S_ISGID
                 try:
-                    if shared and info.st_gid != group:
-                        os.chown(name, -1, group, follow_symlinks=False)
+                    if shared_with is not None and info.st_gid != shared_with:
+                        os.chown(name, -1, shared_with, follow_symlinks=False)
                     os.chmod(name, mode)
                 except PermissionError:
                     raise SiteError(
@@ -241,7 +244,7 @@ class Site:
 
 
 @contextlib.contextmanager
-def replacing(path: Path) -> Iterator[BinaryIO]:
+def replacing(path: Path) -> Iterator[IO[bytes]]:
     """A new file, readable by the service only, that takes ``path``'s place once it is written
     whole and on disk: readers see the old file or the new one, never a part. If writing fails,
     ``path`` stays as it was and the new file goes. (Its temporary name ends in ``.tmp``, which

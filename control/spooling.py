@@ -20,7 +20,7 @@ import select
 import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from control.orthanc import STREAM_CHUNK
 
@@ -47,7 +47,7 @@ def client_gone(environ: dict[str, Any]) -> Callable[[], bool]:
     return gone
 
 
-def spool(chunks: Iterable[bytes], gone: Callable[[], bool]) -> tuple[BinaryIO, int]:
+def spool(chunks: Iterable[bytes], gone: Callable[[], bool]) -> tuple[IO[bytes], int]:
     """``chunks`` written to an anonymous temporary file: the file (at its start) and its size.
 
     Raises ``ClientGone`` as soon as ``gone`` says so; anything ``chunks`` raises goes on up. The
@@ -70,7 +70,7 @@ def spool(chunks: Iterable[bytes], gone: Callable[[], bool]) -> tuple[BinaryIO, 
     return spooled, size
 
 
-def read_back(spooled: BinaryIO) -> Iterator[bytes]:
+def read_back(spooled: IO[bytes]) -> Iterator[bytes]:
     """A spooled file in ``STREAM_CHUNK`` blocks; closed (and removed) at the end or when left."""
     try:
         while block := spooled.read(STREAM_CHUNK):

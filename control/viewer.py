@@ -80,6 +80,7 @@ def _extract_plain(archive: tarfile.TarFile, member: tarfile.TarInfo, into: Path
     elif member.isfile():
         target.parent.mkdir(parents=True, exist_ok=True)
         source = archive.extractfile(member)
+        assert source is not None  # a file member has its bytes
         with source, target.open("wb") as output:
             shutil.copyfileobj(source, output, 1 << 20)
 

@@ -52,7 +52,7 @@ import sqlalchemy as sa
 
 from control import db
 from control.activity import Action, Outcome, record_activity
-from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
+from control.orthanc import ArchiveClient, OrthancError, OrthancUnavailable
 from control.site import Site
 from control.tokens import shared
 
@@ -129,7 +129,7 @@ def _reason(orthanc_says: str) -> str:
 class ArchiveWatch:
     """Reads what Orthanc logged since the last reading and records it (see the module)."""
 
-    def __init__(self, site: Site, orthanc: Orthanc, interval: float = INTERVAL) -> None:
+    def __init__(self, site: Site, orthanc: ArchiveClient, interval: float = INTERVAL) -> None:
         self.site = site
         self.orthanc = orthanc
         self.interval = interval
@@ -229,7 +229,7 @@ class ArchiveWatch:
         complete = chunk[: chunk.rfind(b"\n") + 1] if len(chunk) < MOST_READ else chunk
         lines = complete.decode("utf-8", errors="replace").splitlines()
         for call in refused_calls(lines, db.utcnow()):
-            detail = {"aet": call.aet, "request": call.request}
+            detail: dict[str, Any] = {"aet": call.aet, "request": call.request}
             if call.reason:
                 detail["reason"] = call.reason
             if path.name != "orthanc.log":

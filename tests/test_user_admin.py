@@ -107,6 +107,18 @@ def test_a_rename_and_a_new_password_take_effect_and_are_logged_once(app, client
     assert auth.login("m.grey", new_key).status_code == 302
 
 
+def test_a_new_password_sent_without_its_confirmation_field_is_refused(app, client, auth) -> None:
+    # A script's post, not a browser's: the confirmation field is missing altogether.
+    grey = add_user(app, "grey", PASSPHRASE)
+    auth.login()
+    page = f"/admin/users/{grey.id}/credentials"
+    response = auth.submit(page, data={"username": "grey", "password": "an unconfirmed passphrase"})
+    assert field_error(response.text, "confirm") == "The password and its confirmation differ."
+    assert activity_rows(app, action="user-changed") == []
+    auth.logout()
+    assert auth.login("grey", PASSPHRASE).status_code == 302
+
+
 def test_the_last_admin_keeps_their_rights_and_nobody_deletes_themselves(app, client, auth) -> None:
     auth.login()
     admin = users_of(app)["admin"]

@@ -15,6 +15,7 @@ import datetime as dt
 import io
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from flask import (
@@ -142,7 +143,8 @@ def new_user():
                     can_upload=created.can_upload,
                 )
         except AccountError as error:
-            getattr(form, error.field, form.username).errors.append(str(error))
+            field = getattr(form, error.field, form.username)
+            field.errors = [*field.errors, str(error)]
         else:
             flash(f"Created the account {created.username}.", "info")
             return redirect(url_for("admin.users"))
@@ -220,14 +222,14 @@ def credentials(user_id: int):
                     raise AccountError(
                         "Nothing to change: type a new username or a new password.", "username"
                     )
-                detail = (
-                    {"old_username": user.username, "new_username": new_name} if "username" in changed else {}
-                )
+                renamed = {"old_username": user.username, "new_username": new_name}
+                detail: dict[str, Any] = renamed if "username" in changed else {}
                 record_activity(
                     Action.USER_CHANGED, connection=connection, account=new_name, changed=changed, **detail
                 )
         except AccountError as error:
-            getattr(form, error.field, form.username).errors.append(str(error))
+            field = getattr(form, error.field, form.username)
+            field.errors = [*field.errors, str(error)]
         else:
             flash(f"Changed the {' and '.join(changed)} of {new_name}.", "info")
             return redirect(url_for("admin.users"))

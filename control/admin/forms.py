@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import BooleanField, DateField, PasswordField, StringField, SubmitField, TextAreaField
+from wtforms import BooleanField, DateField, StringField, SubmitField
 from wtforms.validators import DataRequired, Length, Optional, Regexp
+
+from control.fields import SecretField, TextAreaText, TextField
 
 
 def _trimmed(value: str | None) -> str:
@@ -13,9 +15,9 @@ def _trimmed(value: str | None) -> str:
 
 
 class ContactForm(FlaskForm):
-    real_name = StringField("Real name", validators=[Length(max=200)], filters=[_trimmed])
-    phone = StringField("Phone", validators=[Length(max=100)], filters=[_trimmed])
-    email = StringField(
+    real_name = TextField("Real name", validators=[Length(max=200)], filters=[_trimmed])
+    phone = TextField("Phone", validators=[Length(max=100)], filters=[_trimmed])
+    email = TextField(
         "E-mail",
         filters=[_trimmed],
         validators=[
@@ -24,22 +26,22 @@ class ContactForm(FlaskForm):
             Length(max=200),
         ],
     )
-    notes = TextAreaField("Notes", validators=[Length(max=2000)], filters=[_trimmed])
+    notes = TextAreaText("Notes", validators=[Length(max=2000)], filters=[_trimmed])
 
 
 class NewUserForm(ContactForm):
-    username = StringField("Username", validators=[DataRequired(), Length(max=64)], filters=[_trimmed])
+    username = TextField("Username", validators=[DataRequired(), Length(max=64)], filters=[_trimmed])
     # The help under the password fields says the site's rules: the views fill it in.
-    password = PasswordField("Password", validators=[DataRequired(), Length(max=1024)])
-    confirm = PasswordField("Confirm password", validators=[DataRequired(), Length(max=1024)])
+    password = SecretField("Password", validators=[DataRequired(), Length(max=1024)])
+    confirm = SecretField("Confirm password", validators=[DataRequired(), Length(max=1024)])
     is_admin = BooleanField("Admin (manages users, settings and activity)")
     can_upload = BooleanField("Can upload files (DICOM, zips of DICOM, HL7 orders, PDF reports)")
 
 
 class CredentialsForm(FlaskForm):
-    username = StringField("Username", validators=[DataRequired(), Length(max=64)], filters=[_trimmed])
-    password = PasswordField("New password", validators=[Length(max=1024)])
-    confirm = PasswordField("Confirm new password", validators=[Length(max=1024)])
+    username = TextField("Username", validators=[DataRequired(), Length(max=64)], filters=[_trimmed])
+    password = SecretField("New password", validators=[Length(max=1024)])
+    confirm = SecretField("Confirm new password", validators=[Length(max=1024)])
 
 
 class ActivityFilterForm(FlaskForm):

@@ -13,13 +13,14 @@ from urllib.parse import urlsplit
 from flask import Blueprint, flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_user, logout_user
 from flask_wtf import FlaskForm
-from wtforms import HiddenField, PasswordField, StringField
+from wtforms import HiddenField
 from wtforms.validators import DataRequired, Length
 
 from control import accounts, services
 from control.activity import Action, Outcome, record_activity
 from control.auth import sessions, throttle
 from control.auth.sessions import SignedInUser
+from control.fields import SecretField, TextField
 
 bp = Blueprint("auth", __name__)
 
@@ -37,8 +38,8 @@ LOCKED_MESSAGES = {
 
 
 class SignInForm(FlaskForm):
-    username = StringField("Username", validators=[DataRequired(), Length(max=64)])
-    password = PasswordField("Password", validators=[DataRequired(), Length(max=1024)])
+    username = TextField("Username", validators=[DataRequired(), Length(max=64)])
+    password = SecretField("Password", validators=[DataRequired(), Length(max=1024)])
     next = HiddenField()
 
 
@@ -72,13 +73,14 @@ def login():
     password_problem = None
     with engine.begin() as connection:
         verdict = throttle.check(connection, typed_name, client_address)
-        if verdict.locked:
+        lock = verdict.lock
+        if lock is not None:
             record_activity(
                 Action.LOCKED_OUT,
                 Outcome.REFUSED,
                 username=typed_name,
                 connection=connection,
-                lock=str(verdict.lock.kind),
+                lock=str(lock.kind),
             )
         else:
             account = accounts.authenticate(connection, typed_name, form.password.data)
@@ -92,11 +94,9 @@ def login():
                 record_activity(
                     Action.SIGN_IN, user_id=account.id, username=account.username, connection=connection
                 )
-    if verdict.locked:
-        minutes = max(1, math.ceil(verdict.retry_after.total_seconds() / 60))
-        flash(
-            LOCKED_MESSAGES[verdict.lock.kind].format(minutes=minutes, s="s" if minutes > 1 else ""), "error"
-        )
+    if lock is not None:
+        minutes = max(1, math.ceil((lock.until - verdict.now).total_seconds() / 60))
+        flash(LOCKED_MESSAGES[lock.kind].format(minutes=minutes, s="s" if minutes > 1 else ""), "error")
         return render_template("auth/login.html", form=form), 429
     if account is None:
         throttle.slow_down(verdict)
@@ -115,9 +115,9 @@ def login():
 
 
 class OwnPasswordForm(FlaskForm):
-    current = PasswordField("Current password", validators=[DataRequired(), Length(max=1024)])
-    password = PasswordField("New password", validators=[DataRequired(), Length(max=1024)])
-    confirm = PasswordField("Confirm new password", validators=[DataRequired(), Length(max=1024)])
+    current = SecretField("Current password", validators=[DataRequired(), Length(max=1024)])
+    password = SecretField("New password", validators=[DataRequired(), Length(max=1024)])
+    confirm = SecretField("Confirm new password", validators=[DataRequired(), Length(max=1024)])
 
 
 @bp.route("/account/password", methods=["GET", "POST"])
@@ -129,14 +129,16 @@ def own_password():
         renewed = None
         with services.engine().begin() as connection:
             if accounts.authenticate(connection, user.username, form.current.data) is None:
-                form.current.errors.append("This is not your current password.")
+                form.current.errors = [*form.current.errors, "This is not your current password."]
             else:
                 try:
-                    accounts.set_password(connection, user.id, form.password.data, form.confirm.data)
+                    account = accounts.set_password(
+                        connection, user.id, form.password.data, form.confirm.data
+                    )
                 except accounts.AccountError as error:
-                    getattr(form, error.field or "password").errors.append(str(error))
+                    field = getattr(form, error.field or "password")
+                    field.errors = [*field.errors, str(error)]
                 else:
-                    account = accounts.get_user(connection, user.id)
                     renewed = sessions.start_session(connection, account, request.remote_addr or "")
                     record_activity(
                         Action.USER_CHANGED,

@@ -73,14 +73,6 @@ class Verdict:
     now: dt.datetime
 
     @property
-    def locked(self) -> bool:
-        return self.lock is not None
-
-    @property
-    def retry_after(self) -> dt.timedelta | None:
-        return self.lock.until - self.now if self.lock else None
-
-    @property
     def delay(self) -> float:
         """Seconds to wait before answering, growing with the failures."""
         count = max(self.pair_failures, self.address_failures // 4)
@@ -152,18 +144,34 @@ def check(connection: sa.Connection, username: str, client_address: str) -> Verd
     from_address = _condition(None, client_address)
     pair_failures = _count(connection, pair, now - PAIR_WINDOW)
     address_failures = _count(connection, from_address, now - PAIR_WINDOW)
-    locks = []
+    locks: list[Lock] = []
+
+    def add_lock(
+        kind: LockKind,
+        account_key: str,
+        address: str,
+        count: int,
+        condition: list,
+        window: dt.timedelta,
+        limit: int,
+    ) -> None:
+        # None when the failures were forgotten meanwhile (a sign-in of the owner): no lock.
+        until = _lock_end(connection, condition, window, limit, now)
+        if until is not None:
+            locks.append(Lock(kind, account_key, address, count, until))
+
     if pair_failures >= PAIR_LIMIT:
-        until = _lock_end(connection, pair, PAIR_WINDOW, PAIR_LIMIT, now)
-        locks.append(Lock(LockKind.ACCOUNT_FROM_ADDRESS, key, client_address, pair_failures, until))
+        add_lock(
+            LockKind.ACCOUNT_FROM_ADDRESS, key, client_address, pair_failures, pair, PAIR_WINDOW, PAIR_LIMIT
+        )
     if address_failures >= ADDRESS_LIMIT:
-        until = _lock_end(connection, from_address, PAIR_WINDOW, ADDRESS_LIMIT, now)
-        locks.append(Lock(LockKind.ADDRESS, "", client_address, address_failures, until))
+        add_lock(
+            LockKind.ADDRESS, "", client_address, address_failures, from_address, PAIR_WINDOW, ADDRESS_LIMIT
+        )
     account = _condition(key, None)
     account_failures = _count(connection, account, now - ACCOUNT_WINDOW)
     if account_failures >= ACCOUNT_LIMIT and not _known_address(connection, key, client_address, now):
-        until = _lock_end(connection, account, ACCOUNT_WINDOW, ACCOUNT_LIMIT, now)
-        locks.append(Lock(LockKind.ACCOUNT, key, "", account_failures, until))
+        add_lock(LockKind.ACCOUNT, key, "", account_failures, account, ACCOUNT_WINDOW, ACCOUNT_LIMIT)
     lock = max(locks, key=lambda found: found.until) if locks else None
     return Verdict(pair_failures, address_failures, lock, now)
 
@@ -197,7 +205,7 @@ def current_locks(connection: sa.Connection) -> list[Lock]:
         (LockKind.ACCOUNT, (failures.c.account_key,), ACCOUNT_WINDOW, ACCOUNT_LIMIT),
     ):
         groups = connection.execute(
-            sa.select(*columns, sa.func.count().label("count"))
+            sa.select(*columns, sa.func.count().label("failures"))
             .where(failures.c.at > now - window)
             .group_by(*columns)
             .having(sa.func.count() >= limit)
@@ -208,7 +216,7 @@ def current_locks(connection: sa.Connection) -> list[Lock]:
             condition = _lock_condition(kind, account_key, client_address)
             until = _lock_end(connection, condition, window, limit, now)
             if until is not None:
-                found.append(Lock(kind, account_key, client_address, group.count, until))
+                found.append(Lock(kind, account_key, client_address, group.failures, until))
     return sorted(found, key=lambda lock: lock.until, reverse=True)
 
 

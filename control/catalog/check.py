@@ -19,7 +19,7 @@ import sqlalchemy.dialects.sqlite
 
 from control.catalog import store, tables
 from control.catalog.rows import read_studies
-from control.orthanc import Orthanc
+from control.orthanc import ArchiveClient
 
 PAGE = 10_000
 SHOWN = 50  # differences listed of each kind; all are counted
@@ -47,7 +47,7 @@ class Findings:
 
 def check(
     engine: sa.Engine,
-    orthanc: Orthanc,
+    orthanc: ArchiveClient,
     *,
     quick: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -111,7 +111,7 @@ def _counted(connection: sa.Connection, query: sa.Select) -> tuple[int, list[str
 
 def _compare_rows(
     connection: sa.Connection,
-    orthanc: Orthanc,
+    orthanc: ArchiveClient,
     findings: Findings,
     progress: Callable[[int, int], None] | None,
 ) -> None:

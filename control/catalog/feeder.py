@@ -58,7 +58,7 @@ from control import db
 from control.catalog import store, tables
 from control.catalog.lock import FeedLock
 from control.catalog.rows import StudyRow, read_studies, rows_of
-from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
+from control.orthanc import ArchiveClient, OrthancError, OrthancUnavailable
 
 log = logging.getLogger("pacs.catalog")
 
@@ -127,7 +127,7 @@ class Feeder:
     def __init__(
         self,
         engine: sa.Engine,
-        orthanc: Orthanc,
+        orthanc: ArchiveClient,
         *,
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -347,6 +347,7 @@ class Feeder:
         """Add ids to the sweep's scratch table (an id listed twice, by pages that shifted, once)."""
         if not study_ids:
             return
+        insert: sa.Insert
         if connection.dialect.name == "postgresql":
             insert = sa.dialects.postgresql.insert(tables.sweep).on_conflict_do_nothing()
         else:

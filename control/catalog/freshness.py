@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from control import db
 from control.catalog.store import State, read_state
-from control.orthanc import Orthanc
+from control.orthanc import ArchiveClient
 
 LAG_LIMIT = 10.0
 FEEDER_SILENT = 20.0  # the feeder writes a heartbeat every second at least while it runs
@@ -53,7 +53,7 @@ def notice_for(state: State, behind: int, now: dt.datetime) -> str | None:
     return f"The study catalog is {behind:,} changes behind the archive: {USED_INSTEAD}."
 
 
-def freshness(connection: sa.Connection, orthanc: Orthanc) -> Freshness:
+def freshness(connection: sa.Connection, orthanc: ArchiveClient) -> Freshness:
     """Ask the state row and the archive's log whether the catalog may answer (OrthancUnavailable
     when the archive does not answer)."""
     state = read_state(connection)

@@ -34,6 +34,7 @@ import sqlalchemy as sa
 
 from control import dicomweb_routes as routes
 from control.catalog import search as catalog_search
+from control.catalog import tables
 from control.catalog.names import fold, has_wildcard
 from control.catalog.search import DEFAULT_ORDER, SELECTIVE, Catalog, Matching
 from control.identifiers import is_uid
@@ -213,7 +214,7 @@ def find(connection: sa.Connection, search: StudySearch, limit: int) -> tuple[li
     where = conditions(catalog, search, walking=False)
     few = False
     if where:
-        counted = sa.select(sa.func.count()).select_from(catalog_search.tables.studies).where(*where)
+        counted = sa.select(sa.func.count()).select_from(tables.studies).where(*where)
         total = connection.execute(counted).scalar_one()
         if total <= search.offset:
             return [], False

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from control.catalog.names import fold
-from control.orthanc import Orthanc, OrthancError
+from control.orthanc import ArchiveClient, OrthancError
 
 BULK = "/tools/bulk-content"
 BULK_RESOURCES = 200  # resources named in one bulk read
@@ -80,7 +80,7 @@ def row_from(study: dict[str, Any], series: list[dict[str, Any]], size: int) -> 
     return StudyRow(values, tuple(sorted({fold(modality) for modality in held})))
 
 
-def describe(orthanc: Orthanc, resources: Iterable[str], level: str) -> list[dict[str, Any]]:
+def describe(orthanc: ArchiveClient, resources: Iterable[str], level: str) -> list[dict[str, Any]]:
     """Orthanc's descriptions at ``level`` of what ``resources`` (ids of any level) name or hold."""
     found: list[dict[str, Any]] = []
     for part in _parts(list(dict.fromkeys(resources)), BULK_RESOURCES):
@@ -88,19 +88,19 @@ def describe(orthanc: Orthanc, resources: Iterable[str], level: str) -> list[dic
     return found
 
 
-def read_studies(orthanc: Orthanc, resources: Iterable[str]) -> dict[str, StudyRow | None]:
+def read_studies(orthanc: ArchiveClient, resources: Iterable[str]) -> dict[str, StudyRow | None]:
     """The rows of the studies that these studies, series or instances belong to, as the archive
     holds them now. A study the archive no longer holds is not in the answer (None: it went while
     it was read)."""
     return rows_of(orthanc, describe(orthanc, resources, "Study"))
 
 
-def read_study(orthanc: Orthanc, study_id: str) -> StudyRow | None:
+def read_study(orthanc: ArchiveClient, study_id: str) -> StudyRow | None:
     """The row of a study as the archive holds it now; None when the archive no longer has it."""
     return read_studies(orthanc, [study_id]).get(study_id)
 
 
-def rows_of(orthanc: Orthanc, studies: list[dict[str, Any]]) -> dict[str, StudyRow | None]:
+def rows_of(orthanc: ArchiveClient, studies: list[dict[str, Any]]) -> dict[str, StudyRow | None]:
     """The rows of studies from Orthanc's answers for them (a page of ``/studies?expand``, or a
     bulk read): their series and sizes read now. None for a study gone meanwhile (a study
     without series is one Orthanc has just deleted)."""
@@ -116,7 +116,7 @@ def rows_of(orthanc: Orthanc, studies: list[dict[str, Any]]) -> dict[str, StudyR
     }
 
 
-def _sizes(orthanc: Orthanc, series: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+def _sizes(orthanc: ArchiveClient, series: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
     """The size of each study's DICOM files (those of the instances its series list), by study;
     a study gone meanwhile is left out."""
     sizes: dict[str, int] = {}
@@ -142,9 +142,9 @@ def _sizes(orthanc: Orthanc, series: dict[str, list[dict[str, Any]]]) -> dict[st
         for instance in describe(orthanc, part, "Instance"):
             # An instance stored after its series was read is counted when its change is applied;
             # a study none of whose instances is left has gone.
-            study_id = study_of.get(instance["ID"])
-            if study_id:
-                sizes[study_id] = sizes.get(study_id, 0) + int(instance.get("FileSize") or 0)
+            holder = study_of.get(instance["ID"])
+            if holder:
+                sizes[holder] = sizes.get(holder, 0) + int(instance.get("FileSize") or 0)
     return sizes
 
 

@@ -281,11 +281,11 @@ class Catalog:
             chosen = self._order(
                 sa.select(found), tuple(found.c[key.name] for key in keys), descending, beyond
             )
-            chosen = chosen.limit(limit).offset(offset).subquery("chosen")
-            query = sa.select(tables.studies).join(chosen, c.id == chosen.c.id)
+            page = chosen.limit(limit).offset(offset).subquery("chosen")
+            query = sa.select(tables.studies).join(page, c.id == page.c.id)
             return list(
                 self.connection.execute(
-                    self._order(query, tuple(chosen.c[key.name] for key in keys), descending, None)
+                    self._order(query, tuple(page.c[key.name] for key in keys), descending, None)
                 )
             )
         query = self._order(sa.select(tables.studies).where(*matching.where), keys, descending, beyond)

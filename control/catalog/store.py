@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -120,7 +120,9 @@ def write(
     if new:
         connection.execute(tables.studies.insert(), new)
     if changed:
-        columns = {name: sa.bindparam(name) for name in changed[0] if name != "row"}
+        columns: dict[str, sa.BindParameter[Any]] = {
+            name: sa.bindparam(name) for name in changed[0] if name != "row"
+        }
         connection.execute(
             tables.studies.update().where(studies.id == sa.bindparam("row")).values(columns), changed
         )

@@ -34,7 +34,7 @@ from flask import (
 )
 from flask_login import current_user
 from flask_wtf import FlaskForm
-from wtforms import SelectField, StringField
+from wtforms import SelectField
 from wtforms.validators import Length
 
 from control import db, network, services
@@ -43,6 +43,7 @@ from control.auth import safe_next
 from control.desktop import credentials
 from control.desktop.credentials import Kind, Opened, Scope
 from control.errors import wants_json
+from control.fields import TextField
 from control.query.finder import newest_first
 from control.query.views import check_id, get_or_404
 from control.tokens import StudyView, with_token
@@ -54,7 +55,7 @@ bp = Blueprint("desktop", __name__)
 # Weasis's official download page (weasis.org, "Getting Started").
 WEASIS_DOWNLOAD = "https://weasis.org/en/getting-started/download-dicom-viewer/"
 LEVELS = ("patients", "studies", "series")
-bp.add_app_template_global(WEASIS_DOWNLOAD, "weasis_download")
+bp.record_once(lambda state: state.app.jinja_env.globals.update(weasis_download=WEASIS_DOWNLOAD))
 
 
 def dicomweb_url() -> str:
@@ -198,7 +199,7 @@ def patient_launch(token: study_links.StudyToken, study: StudyView):
 
 
 class AccessForm(FlaskForm):
-    note = StringField(
+    note = TextField(
         "For whom",
         validators=[Length(max=200)],
         filters=[lambda value: (value or "").strip()],

@@ -215,7 +215,8 @@ def issue(
     secret = new_secret()
     public_id = PUBLIC_ID_PREFIX + secrets.token_hex(6)
     result = connection.execute(
-        db.viewer_tokens.insert().values(
+        db.viewer_tokens.insert()
+        .values(
             public_id=public_id,
             secret_hash=secret_hash(secret),
             kind=str(kind),
@@ -233,8 +234,9 @@ def issue(
             issued_from=client_address[:64],
             expires_at=expires_at,
         )
+        .returning(db.viewer_tokens.c.id)
     )
-    token = get(connection, result.inserted_primary_key[0])
+    token = get(connection, result.scalar_one())
     assert token is not None
     return token, secret
 

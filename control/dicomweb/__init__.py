@@ -242,8 +242,8 @@ def search():
     raw_query = request.query_string.decode("latin-1")
     asking, _held = visitor()
     decision = rules.decide("GET", request.full_path.rstrip("?"), asking, ruled_headers())
-    narrowed = decision.verdict is rules.Verdict.DENY and asking.granted_studies
-    if decision.verdict is not rules.Verdict.ALLOW and not narrowed:
+    to_granted = decision.verdict is rules.Verdict.DENY and bool(asking.granted_studies)
+    if decision.verdict is not rules.Verdict.ALLOW and not to_granted:
         _denied(decision, "GET", request.path, asking)
         return _refusal(decision)
     try:

@@ -58,7 +58,9 @@ class QuickGate:
         self.app = app
         self.flask_app = flask_app
         self.site = services.site(flask_app)
-        self.session_interface: SiteSessionInterface = flask_app.session_interface  # type: ignore[assignment]
+        session_interface = flask_app.session_interface
+        assert isinstance(session_interface, SiteSessionInterface)  # installed by create_app
+        self.session_interface = session_interface
         self.grant_signing = grants.serializer(flask_app.config["SECRET_KEY"])
         self.frames: FrameSource = services.frames(flask_app)
         self.extensions = flask_app.extensions
@@ -120,7 +122,9 @@ class QuickGate:
 
     def _allows(self, method: str, uri: str, environ: dict[str, Any]) -> bool:
         visitor = self._visitor(environ)
-        decision = self._decide(method, uri, visitor, environ) if visitor is not None else None
+        if visitor is None:
+            return False
+        decision = self._decide(method, uri, visitor, environ)
         if decision is None:
             return False
         study_uid = rules.study_named(uri)

@@ -36,7 +36,7 @@ import urllib3
 from control import dicomweb_routes as routes
 from control.archive_version import ArchiveVersions
 from control.dicomweb.relay import Answer, Relayed, relay
-from control.orthanc import Orthanc, OrthancError, resource_id
+from control.orthanc import ArchiveClient, OrthancError, resource_id
 
 # One frame number, as a frame of the route table names it: 1 to 999,999,999, no leading zero
 # (lists, and any other spelling, go to the plugin).
@@ -151,7 +151,7 @@ class Holder:
 class FrameSource:
     """Frames from Orthanc's core, answered as the DICOMweb plugin answers them."""
 
-    def __init__(self, orthanc: Orthanc, versions: ArchiveVersions) -> None:
+    def __init__(self, orthanc: ArchiveClient, versions: ArchiveVersions) -> None:
         self.orthanc = orthanc
         self.versions = versions
         self._holders: OrderedDict[str, Holder] = OrderedDict()

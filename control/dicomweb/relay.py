@@ -27,7 +27,7 @@ from typing import Any
 import urllib3
 
 from control import spooling
-from control.orthanc import STREAM_CHUNK, Orthanc
+from control.orthanc import STREAM_CHUNK, ArchiveClient
 
 # Headers of Orthanc's answer that describe the body and go back to the client.
 PASSED_BACK = ("Content-Type", "Content-Length", "Content-Disposition", "ETag", "Last-Modified")
@@ -137,7 +137,7 @@ def refusal(status: int, text: str = "") -> Answer:
 
 
 def relay(
-    orthanc: Orthanc, target: str, accept: str, origin: str, gone: Callable[[], bool] = lambda: False
+    orthanc: ArchiveClient, target: str, accept: str, origin: str, gone: Callable[[], bool] = lambda: False
 ) -> Answer:
     """Orthanc's answer to ``GET target`` (path and raw query), streamed; an error status
     comes with the portal's short answer instead of Orthanc's text.

@@ -155,7 +155,7 @@ def study_named(uri: str) -> str:
 
 def searched_studies(query: str) -> list[str]:
     """The Study Instance UIDs a search's query string asks for, however it spells the key."""
-    asked = []
+    asked: list[str] = []
     for key, value in decoded_pairs(query):
         if key.lower() in STUDY_UID_KEYS:
             asked.extend(item for item in re.split(r"[,\\]", value) if item)
@@ -213,7 +213,8 @@ def narrowed_query(
     other studies only: the answer is then empty without asking Orthanc. With the ``keys`` and
     ``name`` of another level (``SERIES_UID_KEYS``, ``SeriesInstanceUID``) it fixes that level.
     """
-    kept, asked = [], []
+    kept: list[str] = []
+    asked: list[str] = []
     for part in raw_query.split("&") if raw_query else []:
         key, _, value = part.partition("=")
         if "%" in key:

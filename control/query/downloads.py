@@ -35,7 +35,7 @@ from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
 from control import formatting, services, spooling
-from control.activity import Action, Outcome, record_activity, update_activity
+from control.activity import Action, EventColumns, Outcome, record_activity, update_activity
 from control.errors import error_response, wants_json
 from control.orthanc import OrthancUnavailable
 from control.query import bp, present, zips
@@ -138,9 +138,9 @@ class Resource:
             parts += [f"series-{tags.get('SeriesNumber') or ''}".rstrip("-"), tags.get("Modality") or ""]
         return safe_file_name(parts, self.noun)
 
-    def record(self, outcome: Outcome, who: dict[str, str], **detail: Any) -> int:
+    def record(self, outcome: Outcome, who: EventColumns, **detail: Any) -> int:
         """The activity event of a download of this resource; ``who`` overrides its columns."""
-        columns = {
+        columns: EventColumns = {
             "patient": present.patient_label(self.patient),
             "patient_id": self.patient["patient_id"],
             "study": self.study.get("StudyInstanceUID") or "",
@@ -257,7 +257,7 @@ def archive(level: str, orthanc_id: str):
 
 
 def archive_response(
-    level: str, orthanc_id: str, *, activity: dict[str, str] | None = None
+    level: str, orthanc_id: str, *, activity: EventColumns | None = None
 ) -> ResponseReturnValue:
     """The zip of a patient, study or series as a streamed response, and its activity event.
 

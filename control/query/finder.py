@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from control.orthanc import Orthanc, OrthancError, OrthancUnavailable, resource_id
+from control.orthanc import ArchiveClient, OrthancError, OrthancUnavailable, resource_id
 from control.paging import Page
 
 SORT_LIMIT = 2000
@@ -163,7 +163,7 @@ def group_by_patient(studies: list[dict[str, Any]], into: dict[str, PatientMatch
             match.study_count += 1
 
 
-def _read_modalities(orthanc: Orthanc, study_id: str) -> tuple[str, ...]:
+def _read_modalities(orthanc: ArchiveClient, study_id: str) -> tuple[str, ...]:
     """The modalities of a study's series, from Orthanc."""
     series = orthanc.get_json(f"/studies/{study_id}/series")
     return tuple(sorted({item["MainDicomTags"].get("Modality") for item in series} - {None, ""}))
@@ -171,7 +171,7 @@ def _read_modalities(orthanc: Orthanc, study_id: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=4096)
 def _remembered_modalities(
-    orthanc: Orthanc, study_id: str, version: tuple[str, tuple[str, ...]]
+    orthanc: ArchiveClient, study_id: str, version: tuple[str, tuple[str, ...]]
 ) -> tuple[str, ...]:
     """``_read_modalities``, kept per study version: a study found again (paging, "Go back", the
     same search) costs no call. A version is the study's LastUpdate and its series."""
@@ -181,7 +181,7 @@ def _remembered_modalities(
 class Finder:
     """Pages of matching studies or patients, newest study first, from one Orthanc."""
 
-    def __init__(self, orthanc: Orthanc, sort_limit: int = SORT_LIMIT, today: dt.date | None = None):
+    def __init__(self, orthanc: ArchiveClient, sort_limit: int = SORT_LIMIT, today: dt.date | None = None):
         self.orthanc = orthanc
         self.sort_limit = sort_limit
         self.today = today or dt.date.today()
@@ -190,8 +190,10 @@ class Finder:
         """Matching studies ``offset`` to ``offset + limit``, newest first."""
         everything = self._small_answer(search)
         if everything is not None:
-            rows = newest_first(everything)
-            return Page(rows[offset : offset + limit], offset, limit, len(rows), offset + limit < len(rows))
+            ordered = newest_first(everything)
+            return Page(
+                ordered[offset : offset + limit], offset, limit, len(ordered), offset + limit < len(ordered)
+            )
         total = self._count(search, "Study", COUNT_LIMIT + 1)
         known = total <= COUNT_LIMIT
         wanted = offset + limit
@@ -346,7 +348,7 @@ class Finder:
         tomorrow = self.today + dt.timedelta(days=1)
         if last is None or last >= tomorrow:
             future = Window(
-                dicom_date(max(tomorrow, first) if first else tomorrow), last and dicom_date(last)
+                dicom_date(max(tomorrow, first) if first else tomorrow), dicom_date(last) if last else None
             )
             yield future, self._count_window(search, future)
         top = min(last, self.today) if last else self.today
@@ -408,7 +410,7 @@ class ModalityCensus:
     still given at once while a background thread counts again, so no page waits for a recount.
     """
 
-    def __init__(self, orthanc: Orthanc, max_age: float = 300) -> None:
+    def __init__(self, orthanc: ArchiveClient, max_age: float = 300) -> None:
         self.orthanc = orthanc
         self.max_age = max_age
         self._lock = threading.Lock()

@@ -6,6 +6,8 @@ recorded in the activity log. The first request for a study makes its token, lat
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import abort, g, jsonify, url_for
 from flask_login import current_user
 
@@ -49,6 +51,7 @@ def study_link(orthanc_id: str):
             )
         return error_response(409, SHARED_UID)
     warning = unchecked_link_warning(g.settings, facts)
+    detail: dict[str, Any] = {"identity_check": NO_BIRTH_DATE} if warning else {}
     with services.engine().begin() as connection:
         token, new = store.issue(connection, services.site().secrets.token_key, facts, db.utcnow())
         record_activity(
@@ -57,7 +60,7 @@ def study_link(orthanc_id: str):
             token_id=token.public_id,
             patient=facts.patient_name,
             study=facts.study_uid,
-            **({"identity_check": NO_BIRTH_DATE} if warning else {}),
+            **detail,
         )
     period = LinkPeriod(token.accessible_until(g.settings["token_days"]), db.utcnow().date())
     answer = {

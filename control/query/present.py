@@ -53,7 +53,7 @@ class Links:
         self.back = f"?back={quote(back, safe='')}" if back else ""
         self._patterns: dict[str, str] = {}
 
-    def _pattern(self, endpoint: str, **values: str) -> str:
+    def _pattern(self, endpoint: str, **values: Any) -> str:
         key = endpoint + repr(sorted(values.items()))
         if key not in self._patterns:
             self._patterns[key] = url_for(endpoint, **values)

@@ -93,7 +93,14 @@ PLACE_ARGUMENTS = ("page", "after", "before", "last")
 def page_url(page: int, **place: str) -> str:
     """This URL at another page of the list (``place``: a cursor of the catalog's, see its search)."""
     args = {name: value for name, value in request.args.items() if name not in PLACE_ARGUMENTS}
-    return url_for(request.endpoint, **request.view_args, **args, page=page, **place)
+    return _this_page(**args, page=page, **place)
+
+
+def _this_page(**values: Any) -> str:
+    """The URL of the page being answered, its path's own arguments kept, with ``values``."""
+    endpoint = request.endpoint
+    assert endpoint is not None  # only a request that found no page has none
+    return url_for(endpoint, **(request.view_args or {}), **values)
 
 
 def sorting_from_request(sorts: dict[str, tuple], default: str = "date") -> Sorting:
@@ -119,7 +126,7 @@ def sort_links(sorts: dict[str, tuple], sorting: Sorting) -> dict[str, dict[str,
         flipped = "asc" if sorting.descending else "desc"
         order = flipped if current else first_direction
         links[column] = {
-            "url": url_for(request.endpoint, **request.view_args, **args, sort=column, order=order),
+            "url": _this_page(**args, sort=column, order=order),
             "current": ("desc" if sorting.descending else "asc") if current else None,
         }
     return links
@@ -127,15 +134,10 @@ def sort_links(sorts: dict[str, tuple], sorting: Sorting) -> dict[str, dict[str,
 
 def one_patient_id(search: Search) -> str | None:
     """The archive's id of the patient a search names by an exact patient ID alone, if it does."""
-    typed = search.patient_query.get("PatientID")
-    if (
-        search.study_query
-        or search.dates
-        or set(search.patient_query) != {"PatientID"}
-        or has_wildcard(typed)
-    ):
+    if search.study_query or search.dates or set(search.patient_query) != {"PatientID"}:
         return None
-    return resource_id(typed)
+    typed = search.patient_query["PatientID"]
+    return None if has_wildcard(typed) else resource_id(typed)
 
 
 def catalog_has_patient(connection: sa.Connection, orthanc_id: str) -> bool:
@@ -182,9 +184,9 @@ def choose_source(search: Search | None, sorting: Sorting, patient_id: str | Non
         exact = patient_id or (one_patient_id(search) if search is not None else None)
         if fresh.usable and fresh.behind and exact and not catalog_has_patient(connection, exact):
             return Source(False)
-    if fresh.usable:
-        return Source(True)
     notice = fresh.notice
+    if notice is None:  # the catalog is usable
+        return Source(True)
     if sorting.column != "date" or not sorting.descending:
         notice += " The order you chose applies once the catalog answers again."
     return Source(False, notice)
@@ -302,7 +304,8 @@ def patients():
         present.patient_row(number, match, links, date_format)
         for number, match in enumerate(page.rows, page.first_number)
     ]
-    criteria = form.criteria()
+    # URL arguments, as url_for takes them.
+    criteria: dict[str, Any] = form.criteria()
     pages = pager(page, paging)
     record_activity(Action.SEARCH, level="patients", criteria=criteria, page=paging.page, total=page.total)
     if wants_json():
@@ -349,7 +352,8 @@ def studies():
         present.study_row(number, study, modalities.get(study["ID"], []), links, date_format)
         for number, study in enumerate(found, page.first_number)
     ]
-    criteria = form.criteria()
+    # URL arguments, as url_for takes them.
+    criteria: dict[str, Any] = form.criteria()
     pages = pager(page, paging, cursors=source.catalog)
     record_activity(Action.SEARCH, level="studies", criteria=criteria, page=paging.page, total=page.total)
     if wants_json():
@@ -398,8 +402,9 @@ def patient_studies(orthanc_id: str):
     found: list[dict[str, Any]] = []
     if source.catalog:
         page, found, modalities = catalog_studies(Search(), sorting, paging, patient_key=orthanc_id)
-    heading = found[0] if found else None
-    if not found:
+    if found:
+        heading = found[0]
+    else:
         # Not in the catalog (stored a moment ago, a page past the end, or the catalog cannot
         # answer now): the archive's answer.
         source = Source(False, source.notice)

@@ -65,7 +65,7 @@ from isal import isal_zlib
 from pydicom.fileset import FileSet
 from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, stream_zip
 
-from control.orthanc import STREAM_CHUNK, Orthanc, OrthancError, OrthancUnavailable
+from control.orthanc import STREAM_CHUNK, ArchiveClient, OrthancError, OrthancUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class _Read:
 class _Reader:
     """Reads the members' files from Orthanc a few ahead of the zip, in order, on threads."""
 
-    def __init__(self, orthanc: Orthanc, plan: ZipPlan) -> None:
+    def __init__(self, orthanc: ArchiveClient, plan: ZipPlan) -> None:
         self.orthanc = orthanc
         self.plan = plan
         transcoding = plan.transcode is not None
@@ -291,7 +291,9 @@ class _Dicomdir:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def zip_bytes(orthanc: Orthanc, plan: ZipPlan, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+def zip_bytes(
+    orthanc: ArchiveClient, plan: ZipPlan, start: int = 0, stop: int | None = None
+) -> Iterator[bytes]:
     """The zip's bytes from ``start`` up to ``stop`` (its end when None), as they are made.
 
     Raises ``ZipBroken`` (or ``OrthancUnavailable``) when the zip cannot be finished; closing the
@@ -303,7 +305,10 @@ def zip_bytes(orthanc: Orthanc, plan: ZipPlan, start: int = 0, stop: int | None 
         for chunk in stream_zip(
             _member_files(reader, plan),
             chunk_size=STREAM_CHUNK,
-            get_compressobj=lambda: isal_zlib.compressobj(DEFLATE_LEVEL, isal_zlib.DEFLATED, -15),
+            # stream_zip names zlib's class, though any object with its compress and flush will do.
+            get_compressobj=lambda: isal_zlib.compressobj(  # type: ignore[arg-type, return-value]
+                DEFLATE_LEVEL, isal_zlib.DEFLATED, -15
+            ),
         ):
             end = position + len(chunk)
             if end > start:

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from control import db, network, nodes, tls
@@ -297,9 +298,10 @@ class _Plan:
                 applied.notes.append(
                     "The archive does not answer right now; it takes the change when it next starts."
                 )
-        if self.caddyfile is not None:
+        caddyfile = self.caddyfile
+        if caddyfile is not None:
             if from_page:
-                _after_response(lambda: _load_later(site, self.caddyfile, self.force_load, changed))
+                _after_response(lambda: _load_later(site, caddyfile, self.force_load, changed))
                 applied.notes.append(APPLIED)
             elif self.web_front_loaded:
                 applied.notes.append(APPLIED)
@@ -470,10 +472,11 @@ def _read_text(path) -> str | None:
     return path.read_text() if path.exists() else None
 
 
-def _restore(folder, previous: list[bytes | None]) -> None:
+def _restore(folder: Path, previous: list[bytes | None]) -> None:
     """Put the certificate files back as they were before a refused change."""
-    if None in previous:
+    certificate, key = previous
+    if certificate is None or key is None:
         for name in ("site.crt", "site.key"):
             (folder / name).unlink(missing_ok=True)
     else:
-        tls.store_pair(folder, previous[0], previous[1])
+        tls.store_pair(folder, certificate, key)

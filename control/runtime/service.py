@@ -357,6 +357,7 @@ def relay(name: str, log: Path, argv: list[str]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, pass_on)
+    assert child.stdout is not None  # a pipe, as asked
     copying = logs.relay(child.stdout, log, name, read_back=True)
     code = child.wait()
     copying.join()

@@ -12,9 +12,11 @@ gunicorn gives its log files to its own user and primary group whenever it opens
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
-from typing import Any
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from gunicorn.glogging import Logger
 
@@ -22,17 +24,23 @@ from control.dicomweb.fast import GATE_PATH
 from control.dicomweb.frames import FrameRequest
 from control.site import data_group
 
+if TYPE_CHECKING:
+    from gunicorn.http import Request
+    from gunicorn.http.wsgi import Response
+
 
 class AccessLogger(Logger):
     """gunicorn's logger, without the routine lines of the viewer and the gate."""
 
     def _set_handler(self, log: logging.Logger, output: Any, fmt: Any, stream: Any = None) -> None:
-        super()._set_handler(log, output, fmt, stream)
+        super()._set_handler(log, output, fmt, stream)  # type: ignore[misc]  # private: not in the stubs
         group = data_group()
         if group is not None and isinstance(output, str) and output != "-":
             os.chown(output, -1, group)
 
-    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+    def access(
+        self, resp: Response, req: Request, environ: MutableMapping[str, Any], request_time: dt.timedelta
+    ) -> None:
         path = environ.get("PATH_INFO", "")
         if resp.status_code == 200 and (path == GATE_PATH or FrameRequest.of(path)):
             return

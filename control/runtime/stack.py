@@ -137,12 +137,12 @@ def check_ports(values: dict[str, Any], topology: configs.Topology | None = None
     if topology is None or topology.orthanc_hosts:
         return
     for node in configs.archive_nodes(values, topology)[1:]:
-        for port, setting in ((node.http_port, "orthanc_http_port"), (node.dicom_port, "dicom_port")):
+        for port, first in ((node.http_port, "orthanc_http_port"), (node.dicom_port, "dicom_port")):
             if not network.port_is_free(port):
                 raise StackError(
-                    f"port {port} (archive node {node.number} takes the ports after {setting}) is "
+                    f"port {port} (archive node {node.number} takes the ports after {first}) is "
                     f"already in use by another program. Stop that program, or move the first: "
-                    f"./pacs config set {setting} PORT"
+                    f"./pacs config set {first} PORT"
                 )
 
 
@@ -157,7 +157,7 @@ class Process:
     env: dict[str, str] = field(default_factory=dict)
     # Files the program writes are the service's alone from creation (see control.site).
     umask: int = 0o077
-    popen: subprocess.Popen | None = None
+    popen: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)
     # Where standard output goes when it is not ``log`` (gunicorn's access log); stderr stays in ``log``.
     output_log: Path | None = None
@@ -170,7 +170,7 @@ class Process:
 
     def start(self, site: Site) -> None:
         # Output goes through pipes to rotating log files (control.runtime.logs), never straight to a file.
-        self.popen = subprocess.Popen(
+        process = self.popen = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -181,19 +181,28 @@ class Process:
             preexec_fn=_die_with_parent,
             cwd=REPOSITORY,
         )
+        assert process.stdout is not None  # a pipe, as asked
         if self.output_log:
-            logs.relay(self.popen.stdout, self.output_log, f"{self.name}-access")
-            logs.relay(self.popen.stderr, self.log, self.name)
+            assert process.stderr is not None
+            logs.relay(process.stdout, self.output_log, f"{self.name}-access")
+            logs.relay(process.stderr, self.log, self.name)
         else:
-            logs.relay(self.popen.stdout, self.log, self.name, read_back=self.read_back)
-        files.pid_file(site, self.name).write_text(str(self.popen.pid))
+            logs.relay(process.stdout, self.log, self.name, read_back=self.read_back)
+        files.pid_file(site, self.name).write_text(str(process.pid))
+
+    @property
+    def running(self) -> subprocess.Popen[bytes]:
+        """The running program, once ``start`` has started it."""
+        if self.popen is None:
+            raise StackError(f"{self.name} has not been started")
+        return self.popen
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
+            if self.running.poll() is not None:
                 raise StackError(
-                    f"{self.name} stopped while starting (exit code {self.popen.returncode}); "
+                    f"{self.name} stopped while starting (exit code {self.running.returncode}); "
                     f"its log {self.log} ends with:\n{tail(self.log)}"
                 )
             with contextlib.suppress(OSError):
@@ -397,12 +406,12 @@ class Supervisor:
         """Restart a process that died, unless it keeps dying; then stop everything."""
         while not self.stopping:
             for process in self.processes:
-                if process.popen.poll() is None:
+                if process.running.poll() is None:
                     continue
                 now = time.monotonic()
                 process.restarts = [t for t in process.restarts if now - t < RESTART_WINDOW] + [now]
                 print(
-                    f"pacs: {process.name} stopped unexpectedly (exit code {process.popen.returncode}); "
+                    f"pacs: {process.name} stopped unexpectedly (exit code {process.running.returncode}); "
                     f"its log ends with:\n{tail(process.log)}",
                     file=sys.stderr,
                     flush=True,

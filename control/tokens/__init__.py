@@ -39,13 +39,13 @@ from flask import (
 )
 from flask_wtf import FlaskForm
 from markupsafe import Markup
-from wtforms import StringField
 from wtforms.validators import DataRequired, Length
 
 from control import db, network, services
 from control.activity import Action, Outcome, record_activity
 from control.errors import error_response, wants_json
-from control.orthanc import Orthanc, OrthancError, error_for
+from control.fields import TextField
+from control.orthanc import ArchiveClient, OrthancError, error_for
 from control.tokens import grants, shared, store
 
 bp = Blueprint("tokens", __name__)
@@ -71,7 +71,7 @@ class StudyView:
     reports: tuple[tuple[str, str], ...] = ()
 
 
-def study_facts(orthanc: Orthanc, orthanc_id: str) -> tuple[store.StudyFacts, StudyView]:
+def study_facts(orthanc: ArchiveClient, orthanc_id: str) -> tuple[store.StudyFacts, StudyView]:
     """Read a study from Orthanc, for the token store and for the page."""
     study = orthanc.get_json(f"/studies/{orthanc_id}")
     series = orthanc.get_json(f"/studies/{orthanc_id}/series")
@@ -207,7 +207,7 @@ def needs_identity_check(token: store.StudyToken) -> bool:
 
 
 class IdentityForm(FlaskForm):
-    birth_date = StringField("Date of birth", validators=[DataRequired(), Length(max=10)])
+    birth_date = TextField("Date of birth", validators=[DataRequired(), Length(max=10)])
 
 
 def _parse_birth_date(text: str) -> str | None:
@@ -246,7 +246,7 @@ def identity_check(token: store.StudyToken):
                     connection=connection,
                     **about,
                 )
-            answered = store.get(connection, token.id)
+            answered = store.reread(connection, token)
             if answer in (store.IdentityAnswer.LOCKED, store.IdentityAnswer.HELD):
                 # The admin's study links page shows it too; a held link waits for their release.
                 record_activity(
@@ -264,7 +264,7 @@ def identity_check(token: store.StudyToken):
             return redirect(request.full_path)
         if answer is not store.IdentityAnswer.WRONG:
             return _identity_locked(answered, now)
-        form.birth_date.errors.append(WRONG_BIRTH_DATE)
+        form.birth_date.errors = [*form.birth_date.errors, WRONG_BIRTH_DATE]
     if wants_json():
         errors = [*form.birth_date.errors, *form.csrf_token.errors]
         question = jsonify(
@@ -341,7 +341,7 @@ def patient_viewer(token: store.StudyToken, study: StudyView):
 
 @bp.route("/token/handout")
 @with_token
-def patient_handout(token: store.StudyToken, study: StudyView):
+def patient_handout(token: store.KnownToken, study: StudyView):
     """A printable page for the patient: the link, a QR code of it, and until when it works."""
     _used(token, Action.TOKEN_USED, page="handout")
     link = network.token_link(g.settings, token.token)

@@ -14,8 +14,9 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
-from flask import Request, Response, current_app
+from flask import Request, current_app
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from werkzeug.wrappers import Response
 
 from control import db
 from control.tokens import store

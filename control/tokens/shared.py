@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from control import db
 from control.activity import Action, Outcome, record_activity
-from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
+from control.orthanc import ArchiveClient, OrthancError, OrthancUnavailable
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,12 @@ class HeldStudy:
     description: str
 
 
-def holders(orthanc: Orthanc, study_uid: str) -> list[str]:
+def holders(orthanc: ArchiveClient, study_uid: str) -> list[str]:
     """The archive's ids of the studies whose Study Instance UID is ``study_uid`` (usually one)."""
     return [item["ID"] for item in orthanc.lookup(study_uid) if item.get("Type") == "Study"]
 
 
-def describe(orthanc: Orthanc, orthanc_ids: list[str]) -> list[HeldStudy]:
+def describe(orthanc: ArchiveClient, orthanc_ids: list[str]) -> list[HeldStudy]:
     studies = []
     for orthanc_id in orthanc_ids:
         try:
@@ -65,7 +65,9 @@ def describe(orthanc: Orthanc, orthanc_ids: list[str]) -> list[HeldStudy]:
     return studies
 
 
-def flag(connection: sa.Connection, orthanc: Orthanc, study_uid: str, held: list[str], found_by: str) -> bool:
+def flag(
+    connection: sa.Connection, orthanc: ArchiveClient, study_uid: str, held: list[str], found_by: str
+) -> bool:
     """Tell the admin that ``study_uid`` is held by the studies ``held``, once; True when it was new."""
     known = connection.execute(
         sa.select(db.shared_study_uids.c.study_uid).where(db.shared_study_uids.c.study_uid == study_uid)
@@ -92,7 +94,7 @@ def flag(connection: sa.Connection, orthanc: Orthanc, study_uid: str, held: list
     return True
 
 
-def flagged(connection: sa.Connection, orthanc: Orthanc) -> list[tuple[str, list[HeldStudy]]]:
+def flagged(connection: sa.Connection, orthanc: ArchiveClient) -> list[tuple[str, list[HeldStudy]]]:
     """The flagged UIDs still shared in the archive, with their studies; resolved ones are dropped
     (the activity log keeps their history)."""
     found = []

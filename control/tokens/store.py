@@ -125,6 +125,13 @@ class StudyToken:
         return self.row.identity_held_at is not None
 
 
+@dataclass(frozen=True)
+class KnownToken(StudyToken):
+    """A token whose text is known: the one ``issue`` makes or copies, or the one a patient presents."""
+
+    token: str
+
+
 def _active_row(connection: sa.Connection, orthanc_study_id: str) -> sa.Row | None:
     """The live token of one study of one patient: the archive's study, not its UID, which another
     patient's study can share (control.tokens.shared)."""
@@ -137,7 +144,7 @@ def _active_row(connection: sa.Connection, orthanc_study_id: str) -> sa.Row | No
 
 def issue(
     connection: sa.Connection, token_key: str, study: StudyFacts, now: dt.datetime
-) -> tuple[StudyToken, bool]:
+) -> tuple[KnownToken, bool]:
     """The study's current token, made on first request; also says whether it was new.
 
     Generations count per Study Instance UID, across the archive's studies that have held it, so
@@ -145,7 +152,7 @@ def issue(
     """
     row = _active_row(connection, study.orthanc_study_id)
     if row is not None:
-        return StudyToken(row, derive_token(token_key, row.study_uid, row.generation)), False
+        return KnownToken(row, derive_token(token_key, row.study_uid, row.generation)), False
     last = connection.execute(
         sa.select(sa.func.max(db.study_tokens.c.generation)).where(
             db.study_tokens.c.study_uid == study.study_uid
@@ -156,18 +163,21 @@ def issue(
     try:
         # Two instances may issue the first token of a study at once; the loser reads the winner's.
         with connection.begin_nested():
-            _insert(connection, study, generation, token, now)
+            inserted = _insert(connection, study, generation, token, now)
     except sa.exc.IntegrityError:
         row = _active_row(connection, study.orthanc_study_id)
-        return StudyToken(row, derive_token(token_key, row.study_uid, row.generation)), False
-    return StudyToken(_active_row(connection, study.orthanc_study_id), token), True
+        if row is None:
+            raise  # the clash was not with another token of this study
+        return KnownToken(row, derive_token(token_key, row.study_uid, row.generation)), False
+    return KnownToken(inserted, token), True
 
 
 def _insert(
     connection: sa.Connection, study: StudyFacts, generation: int, token: str, now: dt.datetime
-) -> None:
-    connection.execute(
-        db.study_tokens.insert().values(
+) -> sa.Row:
+    return connection.execute(
+        db.study_tokens.insert()
+        .values(
             public_id=secrets.token_hex(6),
             study_uid=study.study_uid,
             orthanc_study_id=study.orthanc_study_id,
@@ -179,10 +189,11 @@ def _insert(
             study_date=effective_study_date(study.study_date, now.date()),
             issued_at=now,
         )
-    )
+        .returning(*db.study_tokens.c)
+    ).one()
 
 
-def find(connection: sa.Connection, token: str) -> StudyToken | None:
+def find(connection: sa.Connection, token: str) -> KnownToken | None:
     """The row of a presented token, whatever its state; None for anything unknown."""
     if not looks_like_token(token):
         return None
@@ -192,7 +203,14 @@ def find(connection: sa.Connection, token: str) -> StudyToken | None:
     ).first()
     if row is None or not hmac.compare_digest(row.lookup_hash, wanted):
         return None
-    return StudyToken(row, token)
+    return KnownToken(row, token)
+
+
+def reread(connection: sa.Connection, token: StudyToken) -> StudyToken:
+    """The row of ``token`` as it stands now (an answer of the patient's changed it)."""
+    return StudyToken(
+        connection.execute(sa.select(db.study_tokens).where(db.study_tokens.c.id == token.id)).one()
+    )
 
 
 def get(connection: sa.Connection, token_id: int) -> StudyToken | None:

@@ -65,14 +65,9 @@ _WILDCARDS = re.compile(r"[*?\\]")
 # The studies a PDF report's study reference may name: more than one is already an ambiguity.
 ATTACH_CANDIDATES = 20
 # What an upload's activity row says until its files are all dealt with (see the module).
-NOT_COMPLETED = {"state": "not completed (still storing, or the portal stopped while storing)"}
-
-
-def _shown(counts: dict[str, int]) -> dict[str, int]:
-    """The counts an upload's activity row shows: those that happened, and the three main ones."""
-    return {
-        name: count for name, count in counts.items() if count or name in ("stored", "duplicate", "refused")
-    }
+NOT_COMPLETED: dict[str, Any] = {
+    "state": "not completed (still storing, or the portal stopped while storing)"
+}
 
 
 def _limit_bytes() -> int:
@@ -269,7 +264,8 @@ def upload_files():
     event = record_activity(Action.UPLOAD, Outcome.FAILED, files=names, **NOT_COMPLETED)
 
     def progress(counts: dict[str, int]) -> None:
-        update_activity(event, Outcome.FAILED, files=names, **NOT_COMPLETED, **_shown(counts))
+        shown: dict[str, Any] = store.shown_counts(counts)
+        update_activity(event, Outcome.FAILED, files=names, **NOT_COMPLETED, **shown)
 
     upload = store.Upload(
         orthanc=services.archive(),
@@ -306,7 +302,7 @@ def upload_files():
         study=touched["study"],
         files=names,
         studies=touched["studies"],
-        **_shown(counts),
+        **store.shown_counts(counts),
     )
     studies = study_summaries(results)
     if wants_json():

@@ -27,7 +27,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO
 
 from isal import isal_zlib
 
@@ -61,7 +61,7 @@ class Member:
     """
 
     name: str
-    body: BinaryIO | None = None
+    body: IO[bytes] | None = None
     size: int = 0
     problem: str = ""
     skipped: bool = False
@@ -79,7 +79,7 @@ def unsafe_name(name: str) -> bool:
     return name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts
 
 
-def members(file: BinaryIO, limits: ZipLimits) -> Iterator[Member]:
+def members(file: IO[bytes], limits: ZipLimits) -> Iterator[Member]:
     """The members of the zip ``file``, in the order of its central directory."""
     _check_central_directory(file, limits)
     try:
@@ -116,7 +116,7 @@ def _too_much(limits: ZipLimits) -> str:
     return f"not unpacked: the zip unpacks to more than {limits.max_unpacked // 1024 // 1024} MB"
 
 
-def _check_central_directory(file: BinaryIO, limits: ZipLimits) -> None:
+def _check_central_directory(file: IO[bytes], limits: ZipLimits) -> None:
     """Refuse a zip whose central directory is larger than its allowed members can need.
 
     ``zipfile.ZipFile`` reads the whole central directory into memory, sized by the end record, before
@@ -124,11 +124,11 @@ def _check_central_directory(file: BinaryIO, limits: ZipLimits) -> None:
     function, stable since Python 2), so the bound applies to exactly what zipfile will read.
     """
     file.seek(0)
-    end_record = zipfile._EndRecData(file)  # private: see the docstring
+    end_record = zipfile._EndRecData(file)  # type: ignore[attr-defined]  # private: typeshed leaves it out
     file.seek(0)
     if end_record is None:
         raise ZipRefused("not a readable zip file (no end of central directory)")
-    directory_size = end_record[zipfile._ECD_SIZE]
+    directory_size = end_record[zipfile._ECD_SIZE]  # type: ignore[attr-defined]  # the same
     if directory_size > limits.max_members * CENTRAL_DIRECTORY_BYTES_PER_MEMBER:
         raise ZipRefused(f"its index is too large for the {limits.max_members} files taken from one zip")
 
@@ -143,7 +143,7 @@ def _read_member(
     """Inflate one member within the limits; return it and how many bytes were inflated."""
     ratio_limit = max(limits.ratio_floor, limits.max_ratio * max(info.compress_size, 1))
     inflated = 0
-    body: BinaryIO = io.BytesIO()
+    body: IO[bytes] = io.BytesIO()
     try:
         with archive.open(info) as stream:
             _inflate_faster(stream, info)
@@ -166,7 +166,8 @@ def _read_member(
                 body.write(chunk)
     except _Stop as stop:
         problem = str(stop)
-    except (zipfile.BadZipFile, zlib.error, isal_zlib.error) as error:
+    # isal's stub declares its error an instance; it is the exception class.
+    except (zipfile.BadZipFile, zlib.error, isal_zlib.error) as error:  # type: ignore[misc]
         problem = f"damaged in the zip ({error})"
     except (NotImplementedError, RuntimeError, EOFError, OSError, ValueError) as error:
         problem = f"cannot be unpacked ({error})"
@@ -177,7 +178,7 @@ def _read_member(
     return Member(name, problem=problem), inflated
 
 
-def _inflate_faster(stream: zipfile.ZipExtFile, info: zipfile.ZipInfo) -> None:
+def _inflate_faster(stream: IO[bytes], info: zipfile.ZipInfo) -> None:
     """Have ``stream`` inflate with ISA-L rather than zlib, when the member is deflated.
 
     ISA-L (``isal_zlib``, a drop-in for ``zlib``) inflates about 1.6 times as fast on this kind of
@@ -190,7 +191,7 @@ def _inflate_faster(stream: zipfile.ZipExtFile, info: zipfile.ZipInfo) -> None:
         stream._decompressor = isal_zlib.decompressobj(-15)  # raw deflate, as zipfile's own
 
 
-def _to_temporary_file(buffer: io.BytesIO) -> BinaryIO:
+def _to_temporary_file(buffer: io.BytesIO) -> IO[bytes]:
     spilled = tempfile.TemporaryFile()  # noqa: SIM115 - handed on to the sender, which closes it
     spilled.write(buffer.getbuffer())
     buffer.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -77,7 +77,7 @@ class Header:
     sop_instance_uid: str = ""
 
 
-def check_dicom(file: BinaryIO, size: int) -> Header:
+def check_dicom(file: IO[bytes], size: int) -> Header:
     """Read the header of the DICOM file ``file`` (``size`` bytes) or raise NotForTheArchive.
 
     The file is left positioned at its start.

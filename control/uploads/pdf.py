@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import tempfile
-from typing import BinaryIO
+from typing import IO
 
 import pypdf
 from pypdf.errors import PyPdfError
@@ -26,7 +26,7 @@ class NotAPdf(ValueError):
     """The file is not a PDF the viewer can show, and why."""
 
 
-def check_pdf(file: BinaryIO) -> int:
+def check_pdf(file: IO[bytes]) -> int:
     """The page count of the PDF ``file``, or NotAPdf; the file is left at its start."""
     file.seek(0)
     head = file.read(1024)
@@ -58,7 +58,7 @@ def title_of(text: str, filename: str) -> str:
     return (title or DEFAULT_TITLE)[:64]
 
 
-def create_dicom_body(file: BinaryIO, size: int, study_id: str, title: str) -> BinaryIO:
+def create_dicom_body(file: IO[bytes], size: int, study_id: str, title: str) -> IO[bytes]:
     """The JSON body of ``POST /tools/create-dicom`` for the PDF ``file``, in a temporary file."""
     tags = {
         "Modality": "DOC",

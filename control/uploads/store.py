@@ -29,10 +29,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from control import formatting
-from control.orthanc import Orthanc, OrthancRefused, OrthancUnavailable
+from control.orthanc import ArchiveClient, OrthancRefused, OrthancUnavailable
 from control.uploads import archive, hl7orders, worklist
 from control.uploads.dicom import HEAD_SIZE, Kind, NotForTheArchive, check_dicom, sniff
 
@@ -103,11 +103,18 @@ class DiskGuard:
         )
 
 
+def shown_counts(counts: dict[str, int]) -> dict[str, int]:
+    """The counts an upload's activity event shows: those that happened, and the three main ones."""
+    return {
+        name: count for name, count in counts.items() if count or name in ("stored", "duplicate", "refused")
+    }
+
+
 @dataclass
 class Upload:
     """Everything one upload request needs, and what it did."""
 
-    orthanc: Orthanc
+    orthanc: ArchiveClient
     worklists: Path
     zip_limits: archive.ZipLimits
     disk: DiskGuard
@@ -118,7 +125,7 @@ class Upload:
     on_progress: Callable[[dict[str, int]], None] | None = None
     # How the results name scheduled dates (the ``date_format`` setting).
     date_format: str = "%Y-%m-%d"
-    results: list[FileResult | Future] = field(default_factory=list)
+    results: list[FileResult | Future[FileResult]] = field(default_factory=list)
     orders: list[tuple[hl7orders.Order, worklist.Change]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -126,7 +133,7 @@ class Upload:
         self._waiting = threading.BoundedSemaphore(IN_FLIGHT)
         self._last_progress = time.monotonic()
 
-    def receive(self, name: str, file: BinaryIO) -> None:
+    def receive(self, name: str, file: IO[bytes]) -> None:
         """Take one uploaded file (positioned anywhere); its results are added in order."""
         name = archive.display_name(name or "(no name)")
         file.seek(0, 2)
@@ -147,15 +154,16 @@ class Upload:
         else:
             self._refuse(name, "not a DICOM file, a zip of DICOM files or an HL7 order file")
 
-    def receive_dicom(self, name: str, file: BinaryIO, size: int) -> None:
+    def receive_dicom(self, name: str, file: IO[bytes], size: int) -> None:
         """Take one file that must be DICOM (a DICOMweb store's part); it is closed when sent."""
         self._send(archive.display_name(name), file, size, owned=True)
 
     def finish(self) -> list[FileResult]:
         """Wait for the senders; every file's result, in the order the files came."""
         self._senders.shutdown(wait=True)
-        self.results = [item.result() if isinstance(item, Future) else item for item in self.results]
-        return self.results
+        finished = [item.result() if isinstance(item, Future) else item for item in self.results]
+        self.results = list(finished)
+        return finished
 
     def counts(self) -> dict[str, int]:
         """How many files had each outcome (all outcomes, zeros included)."""
@@ -175,7 +183,7 @@ class Upload:
     def _refuse(self, name: str, reason: str, *, skipped: bool = False) -> None:
         self.results.append(FileResult(name, Outcome.SKIPPED if skipped else Outcome.REFUSED, reason))
 
-    def _receive_zip(self, name: str, file: BinaryIO) -> None:
+    def _receive_zip(self, name: str, file: IO[bytes]) -> None:
         try:
             for member in archive.members(file, self.zip_limits):
                 member_name = f"{name}: {member.name}"
@@ -186,7 +194,7 @@ class Upload:
         except archive.ZipRefused as error:
             self._refuse(name, str(error))
 
-    def _send(self, name: str, body: BinaryIO, size: int, *, owned: bool) -> None:
+    def _send(self, name: str, body: IO[bytes], size: int, *, owned: bool) -> None:
         problem = self.disk.problem(size)
         if problem:
             if owned:
@@ -199,7 +207,7 @@ class Upload:
         self.results.append(future)
         self._progress()
 
-    def _store(self, name: str, body: BinaryIO, size: int, owned: bool) -> FileResult:
+    def _store(self, name: str, body: IO[bytes], size: int, owned: bool) -> FileResult:
         """Check one DICOM file and send it (in a sender thread)."""
         known: dict[str, str] = {}  # which instance it is, once its header is read
         try:
@@ -243,7 +251,7 @@ class Upload:
             sop_instance_uid=header.sop_instance_uid,
         )
 
-    def _receive_hl7(self, name: str, file: BinaryIO, size: int) -> None:
+    def _receive_hl7(self, name: str, file: IO[bytes], size: int) -> None:
         if size > HL7_MAX_BYTES:
             self._refuse(name, f"an HL7 file larger than {HL7_MAX_BYTES // MB} MB")
             return

@@ -31,7 +31,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from flask import Response, g, request
 from python_multipart.multipart import MultipartParser
@@ -119,7 +119,7 @@ class Part:
 class SpooledBody:
     """A STOW body taken apart: its parts' places in one temporary file."""
 
-    file: BinaryIO
+    file: IO[bytes]
     parts: list[Part] = field(default_factory=list)
     received: int = 0
 
@@ -294,7 +294,7 @@ def receive(study_uid: str) -> Response:
     finally:
         results = upload.finish()
         body.close()
-    counts = upload.counts()
+    shown: dict[str, Any] = store.shown_counts(upload.counts())
     touched = store.summary(results)
     status, document = answer(results, f"{origin(request.environ)}/dicom-web")
     record_activity(
@@ -305,11 +305,7 @@ def receive(study_uid: str) -> Response:
         via="dicomweb",
         studies=touched["studies"],
         bytes=body.received,
-        **{
-            name: count
-            for name, count in counts.items()
-            if count or name in ("stored", "duplicate", "refused")
-        },
+        **shown,
     )
     response = Response(json.dumps(document), status=status, mimetype="application/dicom+json")
     for reason in dict.fromkeys(

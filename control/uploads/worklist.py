@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from control.site import replacing
 from control.uploads.hl7orders import Order
 
-WORKLIST_SOP_CLASS = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
+WORKLIST_SOP_CLASS = UID("1.2.840.10008.5.1.4.31")  # Modality Worklist Information Model - FIND
 SUFFIX = ".wl"
 
 
