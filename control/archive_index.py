@@ -108,7 +108,7 @@ def ensure_database(url: str) -> None:
             raise ArchiveIndexError(f"the archive's database does not answer: {_first_line(error)}") from None
     if not wanted.database:
         raise ArchiveIndexError("the archive's database URL names no database to create")
-    server = wanted.set(database="postgres").render_as_string(hide_password=False)
+    server = configs.libpq_url(wanted.set(database="postgres"))
     try:
         with psycopg.connect(server, connect_timeout=10, autocommit=True) as connection:
             connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(wanted.database)))

@@ -58,6 +58,7 @@ import sqlalchemy as sa
 
 from control import __version__, archive_index, db
 from control.activity import exports_folder as activity_exports
+from control.runtime import configs
 from control.site import Site
 
 # Format 2 says where the archive's index is ("archive_index"); format 1 had it in SQLite always.
@@ -708,7 +709,7 @@ def _archive_database_named(url: str) -> str:
 
 
 def _refuse_unless_empty_database(url: str, named: str) -> None:
-    libpq = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    libpq = configs.libpq_url(sa.engine.make_url(url))
     try:
         with psycopg.connect(libpq, connect_timeout=10) as connection:
             counted = connection.execute(

@@ -129,7 +129,18 @@ class Site:
 
     @property
     def database_url(self) -> str:
-        return os.environ.get("PACS_DATABASE_URL") or db.default_url(self.data)
+        """``PACS_DATABASE_URL``, with ``PACS_DATABASE_PASSWORD`` as its password when that is set.
+
+        A password in a URL must be percent-encoded; one given on its own may hold any character
+        (compose.nodes.yaml passes the site's password so).
+        """
+        url = os.environ.get("PACS_DATABASE_URL")
+        if not url:
+            return db.default_url(self.data)
+        password = os.environ.get("PACS_DATABASE_PASSWORD")
+        if not password:
+            return url
+        return sa.engine.make_url(url).set(password=password).render_as_string(hide_password=False)
 
     @property
     def umask(self) -> int:

@@ -56,6 +56,8 @@ from control import accounts, db
 from control.app import create_app
 from control.site import Site
 
+from dockerd import DockerEngine
+
 os.environ.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
 
 ADMIN_PASSWORD = "correct horse battery staple"
@@ -255,6 +257,38 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running.start()
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """The private Docker engine of the compose tests (tests/dockerd.py), one for the session: the
+    images tests/test_compose_nodes.py builds reuse the layers of tests/test_compose.py's."""
+    if os.geteuid() != 0:
+        pytest.skip(
+            "COMPOSE STACK NOT TESTED: it starts a Docker engine of its own and runs debootstrap, "
+            "which need root. Run the suite as root to test compose.yaml (CI does)."
+        )
+    print("\ncompose: starting a private Docker engine", flush=True)
+    with DockerEngine() as running:
+        _docker_engines.append(running)
+        yield running
+
+
+_docker_engines: list[DockerEngine] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Stop the Docker engine after the last test that needs it, not at the session's end: the
+    tests after it need neither its disk nor the packet filter rules it adds."""
+    yield
+    if "docker_engine" in item.fixturenames and (
+        nextitem is None or "docker_engine" not in nextitem.fixturenames
+    ):
+        while _docker_engines:
+            stopping = time.monotonic()
+            _docker_engines.pop().stop()
+            print(f"compose: Docker engine stopped and removed ({time.monotonic() - stopping:.0f} s)")
 
 
 def make_tls_stack(folder: Path) -> TLSStack:

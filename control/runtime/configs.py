@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import jinja2
 import sqlalchemy as sa
@@ -233,7 +234,26 @@ def archive_database_url(site: Site) -> str:
         )
     if not chosen:
         url = url.set(database=f"{url.database}_archive")
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return libpq_url(url)
+
+
+def libpq_url(url: sa.URL) -> str:
+    """``url`` as libpq (psycopg, Orthanc's plugin) takes it: ``postgresql://``, with the user name
+    and password percent-encoded whole. SQLAlchemy's own rendering leaves spaces as they are,
+    which libpq refuses."""
+    credentials = ""
+    if url.username:
+        credentials = quote(url.username, safe="")
+        if url.password:
+            credentials += ":" + quote(str(url.password), safe="")
+        credentials += "@"
+    address = url.host or ""
+    if ":" in address:
+        address = f"[{address}]"
+    if url.port:
+        address += f":{url.port}"
+    query = f"?{urlencode(url.query, doseq=True)}" if url.query else ""
+    return f"postgresql://{credentials}{address}/{quote(url.database or '', safe='')}{query}"
 
 
 def render_orthanc(
