@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import gc
 import hashlib
 import io
 import json
@@ -46,9 +45,6 @@ from samples import make_study, store_study
 pytestmark = [
     pytest.mark.stack,
     pytest.mark.skipif(binaries() is None, reason="PostgreSQL is not installed"),
-    # The kills cut the tests' own clients off mid-answer, and pynetdicom leaves the socket of an
-    # association a node broke off to the garbage collector: not the portal's to close.
-    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
 ]
 
 NODES = 2
@@ -457,7 +453,6 @@ def test_the_writer_killed_while_modalities_store_an_upload_arrives_and_zips_dow
             assert archive.testzip() is None
             members = [pydicom.dcmread(archive.open(name)) for name in archive.namelist()]
         assert {str(member.SOPInstanceUID) for member in members} == next(iter(zipped.series.values()))
-    gc.collect()  # the modalities' broken-off sockets go now, under this module's warning filter
 
     # The runner starts the node again; then every node counts the same.
     cluster.wait_until_whole()
