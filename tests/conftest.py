@@ -60,6 +60,7 @@ from control.app import create_app
 from control.site import Site
 
 from dockerd import DockerEngine
+from postgres import PostgresServer, binaries
 
 os.environ.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
 
@@ -265,6 +266,17 @@ def make_stack(data: Path, kind: type[Stack] = Stack, **env_overrides: str) -> S
         PACS_DEPARTMENT="Radiology",
         **env_overrides,
     )
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the module's own (Debian's binaries, a free port), stopped after it."""
+    if binaries() is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+    server = PostgresServer(free_port())
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

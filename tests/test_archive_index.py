@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 
 from control import archive_index
 
-from conftest import free_port
 from postgres import PostgresServer, binaries
 
 pytestmark = [
     pytest.mark.stack,
     pytest.mark.skipif(binaries() is None, reason="PostgreSQL is not installed"),
 ]
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer(free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_the_archive_database_is_made_when_missing(postgres: PostgresServer) -> None:

@@ -365,18 +365,6 @@ def test_a_portal_on_postgresql_is_backed_up_with_pg_dump_and_restored(tmp_path:
 
 
 @pytest.fixture(scope="module")
-def postgres():
-    from postgres import PostgresServer, binaries
-
-    if binaries() is None:
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
-    server = PostgresServer(free_port())
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def backed_up_on_postgresql(postgres, tmp_path_factory: pytest.TempPathFactory):
     """A portal of two archive nodes whose control plane and archive index are on PostgreSQL
     (``pacs_source`` and ``pacs_source_archive``), backed up while a modality stores into node 1;

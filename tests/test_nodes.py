@@ -120,14 +120,6 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer(free_port())
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     url = postgres.create_database("pacs")
     web, dicom, orthanc_port = free_port(), free_ports(NODES), free_ports(NODES)

@@ -28,14 +28,6 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer(free_port())
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def shared(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
     """Instance A (a full stack) and the URL of instance B (a second control plane)."""
     url = postgres.create_database("pacs")
