@@ -41,6 +41,19 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PROCESS_NAMES = ("orthanc", "control", "catalog", "caddy")
 
 
+def download_cache() -> Path:
+    """Where test and bench stacks keep what they download (the viewer, base systems, packages).
+
+    ``PACS_CACHE`` if set, otherwise the user's cache (``$XDG_CACHE_HOME/pacs``, by default
+    ``~/.cache/pacs``), as pip and npm keep theirs: every clone on a machine shares one, so that a
+    fresh clone does not fetch and unpack them all again. Nothing in it is needed to run a portal:
+    each stack copies or unpacks what it takes.
+    """
+    if configured := os.environ.get("PACS_CACHE"):
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pacs"
+
+
 class StackFailed(RuntimeError):
     """The stack did not start; the message holds the end of its logs."""
 
@@ -151,7 +164,7 @@ def stack_environment(web_port: int, dicom_port: int, orthanc_port: int, **overr
     env.pop("PACS_DATA", None)
     env.pop("PACS_DATABASE_URL", None)
     # Every stack would otherwise unpack the 50 MB viewer again.
-    env.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
+    env.setdefault("PACS_CACHE", str(download_cache()))
     env.update(overrides)
     return env
 

@@ -17,7 +17,6 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ import pydicom
 import requests
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
+
+from bench.stack import download_cache
 
 from dockerd import DockerEngine, DockerError, debian_base_tarball, run_logged, tail
 
@@ -194,9 +195,7 @@ class ComposeStack:
         A failure takes the stack down again, with the engine's log shown.
         """
         try:
-            cache = (
-                Path(os.environ.get("PACS_CACHE") or Path(tempfile.gettempdir()) / "pacs-cache") / "docker"
-            )
+            cache = download_cache() / "docker"
             base = f"debian:{RELEASE}-slim"
             # An import makes a new image each time, and every layer built on the old one would be
             # built again: the engine's second stack builds on the first one's base.

@@ -3,7 +3,8 @@
 A stack is started the way an admin starts one, with ``python -m control --data DIR up``, and
 stopped the way Ctrl-C stops it. Tests talk to it through Caddy, like a browser. When a stack fails
 to start, its logs are shown. The OHIF build is fetched once into a shared cache (``PACS_CACHE``,
-by default the cache of the default data directory) so that every stack does not unpack it again.
+by default the user's ``~/.cache/pacs``, see ``bench.stack.download_cache``) so that every stack
+and every clone does not fetch and unpack it again.
 
 ``tls_stack`` is a portal with SSL on, as a hospital runs it: the site's own certificate, made
 here with openssl for the name ``pacs.test`` (and 127.0.0.1), installed with ``./pacs config
@@ -53,7 +54,7 @@ from pynetdicom import AE
 from pynetdicom.transport import AssociationSocket
 from werkzeug.test import TestResponse
 
-from bench.stack import REPOSITORY, free_port
+from bench.stack import REPOSITORY, download_cache, free_port  # noqa: F401 - REPOSITORY for the tests
 from bench.stack import Stack as PortalStack
 from control import accounts, db
 from control.app import create_app
@@ -62,7 +63,7 @@ from control.site import Site
 from dockerd import DockerEngine
 from postgres import PostgresServer, binaries
 
-os.environ.setdefault("PACS_CACHE", str(REPOSITORY / "data" / "cache"))
+os.environ.setdefault("PACS_CACHE", str(download_cache()))
 
 
 def _shut_down_and_close(self: AssociationSocket) -> None:

@@ -27,7 +27,6 @@ import io
 import itertools
 import os
 import re
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -41,6 +40,8 @@ import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+
+from bench.stack import download_cache
 
 from conftest import csrf_token, free_port
 from debian_root import DebianRoot, RootError, Timings
@@ -118,7 +119,7 @@ def machine(request: pytest.FixtureRequest) -> Iterator[FreshMachine]:
             "Run the suite as root to test the README's commands on Debian 12 and 13 (CI does)."
         )
     release = request.param
-    cache = Path(os.environ.get("PACS_CACHE") or Path(tempfile.gettempdir()) / "pacs-cache")
+    cache = download_cache()
     timings = Timings()
     root = DebianRoot(release, cache)
     failures_before = request.session.testsfailed
