@@ -28,9 +28,10 @@ import requests
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
 
+from bench.processes import log_tail
 from bench.stack import download_cache
 
-from dockerd import DockerEngine, DockerError, debian_base_tarball, run_logged, tail
+from dockerd import DockerEngine, DockerError, debian_base_tarball, run_logged
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 RELEASE = os.environ.get("PACS_TEST_DEBIAN_RELEASE", "trixie")
@@ -209,7 +210,7 @@ class ComposeStack:
             self.wait_until_ready()
             progress(f"stack ready at {self.url}")
         except BaseException:
-            print(f"--- dockerd log ---\n{tail(self.engine.log)}")
+            print(f"--- dockerd log ---\n{log_tail(self.engine.log)}")
             self.take_down()
             raise
 

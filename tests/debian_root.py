@@ -37,7 +37,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dockerd import _mounts_under, debian_base_tarball, tail
+from bench.processes import log_tail
+
+from dockerd import _mounts_under, debian_base_tarball
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 INSIDE = Path("/srv/pacs")
@@ -191,7 +193,7 @@ class DebianRoot:
         if code != 0:
             elapsed = time.monotonic() - started
             what = f"was stopped after {elapsed:.0f} s" if elapsed >= timeout else f"failed (exit {code})"
-            raise RootError(f"{command} {what} in the {self.release} root; its output ends:\n{tail(log)}")
+            raise RootError(f"{command} {what} in the {self.release} root; its output ends:\n{log_tail(log)}")
         return "".join(lines)
 
     def read(self, inside: str) -> str:

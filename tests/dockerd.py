@@ -25,6 +25,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from bench import processes
+from bench.processes import log_tail
+
 BASE_TARBALL_MAX_AGE = 30 * 24 * 3600
 """A cached base older than this (seconds) is made again, so its packages do not grow stale."""
 
@@ -49,13 +52,6 @@ def require_programs(*names: str) -> dict[str, str]:
             "debootstrap and iproute2 packages, which ./pacs test installs"
         )
     return {name: str(path) for name, path in found.items()}
-
-
-def tail(path: Path, lines: int = 60) -> str:
-    """The last lines of a log file, or a note that it is missing."""
-    if not path.exists():
-        return f"({path} does not exist)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def run_logged(
@@ -101,7 +97,7 @@ def run_logged(
         reason = (
             f"was stopped after {elapsed:.0f} s" if elapsed >= timeout else f"failed with exit code {code}"
         )
-        raise DockerError(f"{shlex.join(argv)} {reason}:\n{tail(log)}")
+        raise DockerError(f"{shlex.join(argv)} {reason}:\n{log_tail(log)}")
 
 
 def _mounts_under(folder: Path) -> list[str]:
@@ -164,24 +160,21 @@ class DockerEngine:
         """Start dockerd and wait until ``docker info`` answers."""
         self._interfaces_before = _network_interfaces()
         self._save_firewall()
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    self.dockerd,
-                    "--data-root", str(self.root / "data"),
-                    "--exec-root", str(self.root / "exec"),
-                    "--pidfile", str(self.root / "dockerd.pid"),
-                    "-H", f"unix://{self.socket}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise DockerError(f"dockerd exited with code {self.process.returncode}:\n{tail(self.log)}")
+        self.process = processes.start_logged(
+            [
+                self.dockerd,
+                "--data-root", str(self.root / "data"),
+                "--exec-root", str(self.root / "exec"),
+                "--pidfile", str(self.root / "dockerd.pid"),
+                "-H", f"unix://{self.socket}",
+            ],
+            self.log,
+            start_new_session=True,
+        )  # fmt: skip
+
+        refusal = [""]
+
+        def answers() -> bool:
             probe = subprocess.run(
                 [self.docker_program, "info", "--format", "{{.ServerVersion}}"],
                 env=self.env,
@@ -189,14 +182,18 @@ class DockerEngine:
                 text=True,
                 check=False,
             )
-            if probe.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                reason = probe.stderr.strip()
-                raise DockerError(
-                    f"dockerd did not answer within {timeout:.0f} s ({reason}):\n{tail(self.log)}"
-                )
-            time.sleep(0.5)
+            refusal[0] = probe.stderr.strip()
+            return probe.returncode == 0
+
+        processes.wait_until_ready(
+            self.process,
+            answers,
+            "dockerd",
+            timeout=timeout,
+            details=lambda: f"({refusal[0]})\n{log_tail(self.log)}",
+            failure=DockerError,
+            interval=0.5,
+        )
 
     def docker(
         self, *args: str, timeout: float = 120, check: bool = True
@@ -228,13 +225,8 @@ class DockerEngine:
                 containers = self.docker("ps", "--all", "--quiet", check=False, timeout=30).stdout.split()
                 if containers:
                     self.docker("rm", "--force", "--volumes", *containers, check=False, timeout=timeout)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                # dockerd stops its containerd, then exits.
-                self.process.send_signal(signal.SIGTERM)
-                self.process.wait(timeout)
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        # dockerd stops its containerd, then exits.
+        processes.stop(self.process, timeout=timeout)
         for pid in self._leftover_processes():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
