@@ -449,13 +449,17 @@ def run_catalog_rows(bench: Bench) -> None:
 # ---- 3. the feeder's lag -----------------------------------------------------------------------
 
 
-def run_lag(bench: Bench) -> None:
-    for rate in bench.scale.lag_rates:
+def run_lag(
+    bench: Bench, rates: tuple[int, ...] | None = None, *, scenario: str = "catalog", where: str = ""
+) -> None:
+    """The feeder's lag at each of ``rates`` (the scale's by default) on ``bench``'s stack;
+    ``where`` names the archive in the rows when it is not the benchmark's own (", PostgreSQL index")."""
+    for rate in rates or bench.scale.lag_rates:
         stored, seen, achieved = measure_lag(bench, rate, bench.scale.lag_seconds)
         lags = sorted(seen[study] - stored[study] for study in stored if study in seen)
         bench.report.check(
-            "catalog",
-            f"feeder at {rate} stores/s: every store reached the catalog",
+            scenario,
+            f"feeder at {rate} stores/s{where}: every store reached the catalog",
             len(lags) == len(stored),
             f"{len(stored) - len(lags)} missing",
         )
@@ -466,8 +470,8 @@ def run_lag(bench: Bench) -> None:
         note = f"{achieved:.0f} stores/s achieved; p95 {p95:.2f} s, max {lags[-1]:.2f} s"
         bench.report.add(
             Row(
-                "catalog",
-                f"feeder lag at {rate} stores/s (median)",
+                scenario,
+                f"feeder lag at {rate} stores/s{where} (median)",
                 None,
                 median,
                 median,

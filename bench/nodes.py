@@ -10,6 +10,8 @@ It starts a PostgreSQL server of its own (``bench.postgres``) and a second porta
   as many files at once (Caddy gives each to a control plane; both store on the writer).
 - **A zip and the viewer through the balancer** (Caddy in front of two control planes and two
   archive nodes) against the same on the single-node stack: what the balancing costs.
+- **The catalog feeder's lag** on the PostgreSQL index at 120 stores a second, measured as the
+  catalog scenario measures it on SQLite (``bench.catalog.run_lag``).
 
 Small sizes (``Scale``): the machine is shared. The figures are a run's, not targets.
 """
@@ -33,7 +35,7 @@ import urllib3
 from pydicom import Dataset
 from pynetdicom import AE
 
-from bench import clients, data
+from bench import catalog, clients, data
 from bench.clients import Refused, expect
 from bench.measure import Answer
 from bench.postgres import PostgresServer, binaries
@@ -125,6 +127,10 @@ def run_nodes(bench: Bench) -> None:
         stores(bench, cluster, postgres)
         uploads(bench, cluster, postgres)
         balanced_reads(bench, cluster)
+        # A PostgreSQL index stores about 120 a second here: the feeder must keep up with that
+        # (a smoke run's scale asks less).
+        rate = min(120, max(bench.scale.lag_rates))
+        catalog.run_lag(_bench_on(bench, cluster), (rate,), scenario="nodes", where=", PostgreSQL index")
     finally:
         if cluster is not None:
             cluster.stop()
