@@ -100,17 +100,21 @@ class Gaps:
         newest = max(
             (orthanc_time(change.get("Date", "")) for change in changes), default=None, key=_sortable
         )
-        previous = applied
-        for index, change in enumerate(changes):
-            if change["Seq"] > previous + 1 and not self._old(previous, change, newest, now):
+        befores = [applied, *(change["Seq"] for change in changes[:-1])]
+        # Every gap of the batch is seen now, so that they all age together: one wait for a log
+        # that a two-node site's replayed stores leave full of gaps, not one for each gap.
+        for before, change in zip(befores, changes, strict=True):
+            if change["Seq"] > before + 1:
+                self.first_seen.setdefault(before, now)
+        for index, (before, change) in enumerate(zip(befores, changes, strict=True)):
+            if change["Seq"] > before + 1 and not self._old(before, change, newest, now):
                 return changes[:index]
-            previous = change["Seq"]
-        self.first_seen = {seq: seen for seq, seen in self.first_seen.items() if seq >= previous}
+        last = changes[-1]["Seq"] if changes else applied
+        self.first_seen = {seq: seen for seq, seen in self.first_seen.items() if seq >= last}
         return changes
 
     def _old(self, before: int, change: dict[str, Any], newest: dt.datetime | None, now: float) -> bool:
-        seen = self.first_seen.setdefault(before, now)
-        if now - seen >= GAP_GRACE:
+        if now - self.first_seen[before] >= GAP_GRACE:
             return True
         written = orthanc_time(change.get("Date", ""))
         # Orthanc's dates have whole seconds: one more second of margin.
