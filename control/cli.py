@@ -597,11 +597,13 @@ def catalog() -> None:
     """The study catalog the query pages search: feed, rebuild, check."""
 
 
-def _archive_client(site: Site) -> Archive:
+def _archive_client(site: Site, *, spare_writer: bool = False) -> Archive:
     """The archive's client, as the running portal has it: every node (control.nodes)."""
     from control import nodes
 
-    return nodes.connect(site, site.load_settings(), configs.Topology.from_environment(site))
+    return nodes.connect(
+        site, site.load_settings(), configs.Topology.from_environment(site), spare_writer=spare_writer
+    )
 
 
 def _catalog_parts(site: Site):
@@ -637,7 +639,7 @@ def catalog_feed(site: Site) -> None:
     while not stop.is_set():
         try:
             if secrets_given or (site.secrets_dir / "secrets.json").exists():
-                orthanc = _archive_client(site)
+                orthanc = _archive_client(site, spare_writer=True)
                 break
             log.info("the installation is not set up yet: waiting")
         except sa.exc.SQLAlchemyError as error:

@@ -9,7 +9,9 @@ studies, so any may answer a read, but writes go to one.
   the index yet) is left out, and the read sent at once to the next node; ``HEALTH_INTERVAL``
   seconds later the node is asked in the background (``/system``) whether it is back, and gets
   requests again when it is. A stored file that breaks off midway is read on from another node
-  from the same byte: the files are shared, the bytes the same.
+  from the same byte: the files are shared, the bytes the same. The study catalog's feeder, which
+  reads in bulk, leaves the writer out while another node answers (``spare_writer``): each node
+  has one connection to the index, and on the writer its reads waited behind the stores.
 - **Writes** (stores, PDF reports) go to the first node that answers: the writer. Plugin 4.0 runs
   every write SERIALIZABLE, and two nodes storing at once collide: no faster than one, with
   conflicts that Orthanc answers 503 once its own retries are spent (bench: nodes). So one writer,
@@ -76,9 +78,16 @@ class Node:
 class Archive:
     """The archive's nodes behind the methods of one ``Orthanc`` client (see the module)."""
 
-    def __init__(self, nodes: list[Node], health_interval: float = configs.HEALTH_INTERVAL) -> None:
+    def __init__(
+        self,
+        nodes: list[Node],
+        health_interval: float = configs.HEALTH_INTERVAL,
+        *,
+        spare_writer: bool = False,
+    ) -> None:
         self.nodes = nodes
         self.health_interval = health_interval
+        self.spare_writer = spare_writer
         self._turn = itertools.count()
 
     @property
@@ -124,8 +133,9 @@ class Archive:
 
         threading.Thread(target=probe, name=f"probe-{node.name}", daemon=True).start()
 
-    def _ordered(self, rotate: bool) -> list[Node]:
-        """The nodes to try, in order: those that answer (in turn for reads), then the others.
+    def _ordered(self, rotate: bool, spare_writer: bool = False) -> list[Node]:
+        """The nodes to try, in order: those that answer (in turn for reads), then the others;
+        with ``spare_writer``, the writer after the other nodes that answer.
 
         Nodes that failed are tried last rather than never: when all seem down, one that just came
         back is found, and the caller learns at once that the archive does not answer.
@@ -134,14 +144,15 @@ class Archive:
             if not node.up:
                 self._probe_later(node)
         up = [node for node in self.nodes if node.up]
+        last = [up.pop(0)] if spare_writer and len(up) > 1 else []
         if rotate and len(up) > 1:
             start = next(self._turn) % len(up)
             up = up[start:] + up[:start]
-        return up + [node for node in self.nodes if not node.up]
+        return up + last + [node for node in self.nodes if not node.up]
 
     def _read(self, call: Callable[[Orthanc], T]) -> T:
         failure: OrthancUnavailable | None = None
-        for node in self._ordered(rotate=True):
+        for node in self._ordered(rotate=True, spare_writer=self.spare_writer):
             try:
                 return call(node.orthanc)
             except OrthancUnavailable as error:
@@ -292,12 +303,21 @@ class Archive:
         return self._read(lambda orthanc: orthanc.modalities())
 
 
-def connect(site: Site, settings: dict[str, Any], topology: configs.Topology, **options: Any) -> Archive:
-    """The archive of the installation ``site``: every node of ``topology``, with its credentials."""
+def connect(
+    site: Site,
+    settings: dict[str, Any],
+    topology: configs.Topology,
+    *,
+    spare_writer: bool = False,
+    **options: Any,
+) -> Archive:
+    """The archive of the installation ``site``: every node of ``topology``, with its credentials;
+    ``spare_writer`` for a client whose reads should leave the writer alone (see ``Archive``)."""
     user, password = site.secrets.orthanc_user, site.secrets.orthanc_password
     return Archive(
         [
             Node(node.name, Orthanc(node.url, user, password, **options))
             for node in configs.archive_nodes(settings, topology)
-        ]
+        ],
+        spare_writer=spare_writer,
     )

@@ -239,3 +239,46 @@ def test_the_home_page_says_the_archive_cannot_answer_and_logs_no_traceback(
     assert page.status_code == status, page.text[:300]
     assert says in page.text and "Traceback" not in page.text
     assert not [record for record in caplog.records if record.exc_info], caplog.text
+
+
+@pytest.fixture
+def three_nodes() -> Iterator[dict[str, ThreadingHTTPServer]]:
+    """Three archive nodes that answer every read with their own name; the first is the writer."""
+    servers = {
+        name: ThreadingHTTPServer(("127.0.0.1", 0), answering(200, {"Node": name}))
+        for name in ("a", "b", "c")
+    }
+    for server in servers.values():
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield servers
+    for server in servers.values():
+        server.shutdown()
+        server.server_close()
+
+
+def archive_of(servers: dict[str, ThreadingHTTPServer], **options) -> Archive:
+    return Archive(
+        [Node(name, client(server.server_address[1])) for name, server in servers.items()], **options
+    )
+
+
+def test_the_catalogs_reads_leave_the_writer_to_its_stores_while_another_node_answers(three_nodes) -> None:
+    """Each node has one connection to the index: the feeder's bulk reads on the writer waited
+    behind its stores, and the catalog fell minutes behind a two-node site storing."""
+    everyone = archive_of(three_nodes)
+    assert {everyone.get_json("/statistics")["Node"] for _ in range(6)} == {"a", "b", "c"}
+
+    feeder = archive_of(three_nodes, spare_writer=True)
+    assert {feeder.get_json("/statistics")["Node"] for _ in range(6)} == {"b", "c"}
+    assert {feeder.post_json("/tools/bulk-content", {"Resources": []})["Node"] for _ in range(6)} == {
+        "b",
+        "c",
+    }
+    # Writes still go to the writer.
+    assert feeder.post_json("/tools/create-archive", {})["Node"] == "a"
+
+    for name in ("b", "c"):
+        three_nodes[name].shutdown()
+        three_nodes[name].server_close()
+    # With no other node left, the writer serves the reads too.
+    assert [feeder.get_json("/statistics")["Node"] for _ in range(3)] == ["a"] * 3
