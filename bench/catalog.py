@@ -490,8 +490,10 @@ def run_lag(
 
 def measure_lag(bench: Bench, rate: int, seconds: float) -> tuple[dict[str, float], dict[str, float], float]:
     """Store one-instance studies at ``rate`` a second for ``seconds``; when each was answered by
-    Orthanc and when its row appeared in the catalog (monotonic seconds), and the rate achieved."""
-    bench.stack.wait_for_catalog()
+    Orthanc and when its row appeared in the catalog (monotonic seconds), and the rate achieved.
+    The catalog first catches up with what the scenario stored before (minutes, on a two-node
+    site that has just stored thousands of studies)."""
+    bench.stack.wait_for_catalog(timeout=600)
     engine = db.make_engine(bench.stack.database_url)
     with engine.connect() as connection:
         newest = connection.execute(sa.select(sa.func.max(tables.studies.c.id))).scalar_one() or 0
