@@ -57,3 +57,10 @@ def test_a_gap_older_than_the_batchs_newest_change_is_passed_at_once() -> None:
     changes = log_with_gaps(1, 6, every=3)
     changes[-1]["Date"] = "20261202T003010"
     assert Gaps().ready_prefix(0, changes, now=100.0) == changes
+
+
+def test_a_log_with_nothing_new_gives_nothing_to_apply() -> None:
+    """The feeder's every idle read: no change after the last one applied."""
+    gaps = Gaps()
+    assert gaps.ready_prefix(40, [], now=100.0) == []
+    assert gaps.ready_prefix(40, [], now=100.0 + GAP_GRACE) == []

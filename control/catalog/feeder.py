@@ -97,6 +97,8 @@ class Gaps:
 
     def ready_prefix(self, applied: int, changes: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
         """The changes that may be applied now: all of them, or those before the first young gap."""
+        if not changes:
+            return changes
         newest = max(
             (orthanc_time(change.get("Date", "")) for change in changes), default=None, key=_sortable
         )
@@ -109,8 +111,7 @@ class Gaps:
         for index, (before, change) in enumerate(zip(befores, changes, strict=True)):
             if change["Seq"] > before + 1 and not self._old(before, change, newest, now):
                 return changes[:index]
-        last = changes[-1]["Seq"] if changes else applied
-        self.first_seen = {seq: seen for seq, seen in self.first_seen.items() if seq >= last}
+        self.first_seen = {seq: seen for seq, seen in self.first_seen.items() if seq >= changes[-1]["Seq"]}
         return changes
 
     def _old(self, before: int, change: dict[str, Any], newest: dt.datetime | None, now: float) -> bool:
