@@ -209,7 +209,10 @@ def body_too_large(_error: RequestEntityTooLarge):
 
 def _too_large(length: int | None):
     limit_mb = g.settings["upload_max_mb"]
-    record_activity(UploadEvent(reason="too large", bytes=length, limit_mb=limit_mb), Outcome.REFUSED)
+    record_activity(
+        UploadEvent(reason="too large", bytes=length, limit_mb=limit_mb),
+        Outcome.REFUSED,
+    )
     return error_response(
         413,
         f"This upload is larger than the {limit_mb} MB this server accepts in one request. Send "
