@@ -15,8 +15,9 @@ from flask import Flask, abort, flash, g, redirect, request, url_for
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
 from control.errors import wants_json
+from control.events import AccessDeniedEvent, SessionExpiredEvent
 
 
 class Audience(enum.Enum):
@@ -75,7 +76,7 @@ def enforce() -> ResponseReturnValue | None:
         if audience is None:
             abort(404)
         if g.pop("session_expired", False):
-            record_activity(Action.SESSION_EXPIRED, Outcome.REFUSED)
+            record_activity(SessionExpiredEvent(), Outcome.REFUSED)
             flash("Your session has ended. Please sign in again.", "info")
         if wants_json():
             abort(401)
@@ -86,7 +87,7 @@ def enforce() -> ResponseReturnValue | None:
         or (audience is Audience.UPLOADER and current_user.can_upload)
     ):
         return None
-    record_activity(Action.ACCESS_DENIED, Outcome.REFUSED, path=request.path, method=request.method)
+    record_activity(AccessDeniedEvent(path=request.path, method=request.method), Outcome.REFUSED)
     abort(403)
 
 

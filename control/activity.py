@@ -1,7 +1,8 @@
 """The activity log: every connection and action, recorded through one function.
 
-``record_activity`` writes one row of ``db.activity``; the admin's activity pages, the CSV export and
-the tests read those same rows. Who acted is a user (id and the name they had then) or a study
+``record_activity`` writes one row of ``db.activity`` for one event of ``control.events`` (which
+declares what each kind of event records); the admin's activity pages, the CSV export and the
+tests read those same rows. Who acted is a user (id and the name they had then) or a study
 token's public id, never a token, password or cookie. The client address is the one Caddy forwarded:
 Caddy is the only listener, so its header is the only one trusted.
 
@@ -32,52 +33,13 @@ from flask import has_request_context, request
 from flask_login import current_user
 
 from control import db, formatting, metrics, services
+from control.events import Action, Event
 from control.site import replacing
 
 if TYPE_CHECKING:
     from flask import Flask
 
     from control.site import Site
-
-
-class Action(enum.StrEnum):
-    """What happened. The values are what the log stores and the admin filters on."""
-
-    SIGN_IN = "sign-in"
-    SIGN_OUT = "sign-out"
-    LOCKED_OUT = "locked-out"
-    SIGN_IN_LOCK_LIFTED = "sign-in-lock-lifted"
-    SESSION_EXPIRED = "session-expired"
-    ACCESS_DENIED = "access-denied"
-    SEARCH = "search"
-    LIST_OPENED = "list-opened"
-    DOWNLOAD = "download"
-    USER_CREATED = "user-created"
-    USER_CHANGED = "user-changed"
-    USER_DELETED = "user-deleted"
-    SETTINGS_CHANGED = "settings-changed"
-    UPLOAD = "upload"
-    PDF_ATTACHED = "pdf-attached"
-    WORKLIST_ORDER = "worklist-order"
-    WORKLIST_DELETED = "worklist-deleted"
-    TOKEN_MADE = "token-made"
-    TOKEN_COPIED = "token-copied"
-    TOKEN_USED = "token-used"
-    TOKEN_REFUSED = "token-refused"
-    TOKEN_IDENTITY = "token-identity-check"
-    TOKEN_IDENTITY_LOCKED = "token-identity-locked"
-    TOKEN_IDENTITY_RELEASED = "token-identity-released"
-    TOKEN_REVOKED = "token-revoked"
-    TOKEN_EXTENDED = "token-extended"
-    VIEWER_OPENED = "viewer-opened"
-    DICOMWEB_DENIED = "dicomweb-denied"
-    DICOM_REFUSED = "dicom-refused"  # a modality's request the archive refused (from its log)
-    STUDY_UID_SHARED = "study-uid-shared"  # two patients' studies arrived with one Study Instance UID
-    ARCHIVE_ORPHANS = "archive-orphans"  # stored files no index row names, counted and removed
-    DESKTOP_VIEWER_OPENED = "desktop-viewer-opened"
-    VIEWER_TOKEN_MADE = "viewer-token-made"
-    VIEWER_TOKEN_USED = "viewer-token-used"
-    VIEWER_TOKEN_REVOKED = "viewer-token-revoked"
 
 
 class Outcome(enum.StrEnum):
@@ -248,6 +210,10 @@ def details(detail: str, *, listed: bool = False) -> list[tuple[str, str]]:
     ]
 
 
+def _detail_json(event: Event) -> str:
+    return json.dumps(event.detail(), ensure_ascii=False, default=str)
+
+
 # One statement, compiled once, for every event; it answers the new row's id.
 _INSERT = db.activity.insert().returning(db.activity.c.id)
 
@@ -262,7 +228,7 @@ class EventColumns(TypedDict, total=False):
 
 
 def record_activity(
-    action: Action,
+    event: Event,
     outcome: Outcome = Outcome.OK,
     *,
     user_id: int | None = None,
@@ -274,17 +240,18 @@ def record_activity(
     connection: sa.Connection | None = None,
     client_address: str = "",
     at: dt.datetime | None = None,
-    **detail: Any,
 ) -> int:
     """Record one event; its row's id. Request details (client, browser, signed-in user) are filled in.
 
-    ``patient`` names the patient as pages show it (``formatting.patient_label``), ``patient_id``
-    is their ID for the admin's patient filter, ``study`` the Study Instance UID.
+    ``event`` says what happened and its details (``control.events``); the rest are the row's
+    columns, the same for every kind of event. ``patient`` names the patient as pages show it
+    (``formatting.patient_label``), ``patient_id`` is their ID for the admin's patient filter,
+    ``study`` the Study Instance UID.
 
     Events seen outside a request (a modality's refused call, read from the archive's log) give
     their ``client_address`` and the time ``at`` which they happened (naive UTC) themselves.
     """
-    action_name, outcome_name = str(action), str(outcome)
+    action_name, outcome_name = str(event.action), str(outcome)
     user_agent = ""
     if has_request_context():
         client_address = request.remote_addr or ""
@@ -304,7 +271,7 @@ def record_activity(
         "patient": patient[:200],
         "patient_id": patient_id[:64],
         "study": study[:100],
-        "detail": json.dumps(detail, ensure_ascii=False, default=str),
+        "detail": _detail_json(event),
     }
     metrics.count_event(action_name, outcome_name)
     if connection is not None:
@@ -314,12 +281,13 @@ def record_activity(
 
 
 def update_activity(
-    event_id: int, outcome: Outcome, *, patient: str = "", study: str = "", **detail: Any
+    event_id: int, outcome: Outcome, event: Event, *, patient: str = "", study: str = ""
 ) -> None:
     """Bring an event recorded when a long action began up to date: a download or an upload
     records itself as not completed first (and an upload says how far it got as it goes), so that
-    a process killed in the middle of it leaves a true row behind."""
-    values = {"outcome": str(outcome), "detail": json.dumps(detail, ensure_ascii=False, default=str)}
+    a process killed in the middle of it leaves a true row behind. ``event`` is the kind of event
+    the row was recorded as; its details replace the row's."""
+    values = {"outcome": str(outcome), "detail": _detail_json(event)}
     if patient or study:
         values.update(patient=patient[:200], study=study[:100])
     with services.engine().begin() as connection:

@@ -18,7 +18,15 @@ import click
 
 from control import accounts, db
 from control import settings as site_settings
-from control.activity import Action, record_activity
+from control.activity import record_activity
+from control.events import (
+    Event,
+    SettingsChangedEvent,
+    TokenCopiedEvent,
+    TokenMadeEvent,
+    UserChangedEvent,
+    UserCreatedEvent,
+)
 from control.network import local_address
 from control.runtime import configs, files, logs, stack, unixhttp
 from control.site import REPOSITORY, Site, SiteError
@@ -326,10 +334,7 @@ def user_add(site: Site, username: str, is_admin: bool, can_upload: bool, real_n
             )
             _record_shell_activity(
                 connection,
-                Action.USER_CREATED,
-                account=created.username,
-                is_admin=is_admin,
-                can_upload=can_upload,
+                UserCreatedEvent(account=created.username, is_admin=is_admin, can_upload=can_upload),
             )
     except accounts.AccountError as error:
         _fail(str(error))
@@ -348,9 +353,7 @@ def user_passwd(site: Site, username: str) -> None:
             if not found:
                 raise accounts.AccountError(f"no user {username!r}")
             accounts.set_password(connection, found.id, password)
-            _record_shell_activity(
-                connection, Action.USER_CHANGED, account=found.username, changed=["password"]
-            )
+            _record_shell_activity(connection, UserChangedEvent(account=found.username, changed=["password"]))
     except accounts.AccountError as error:
         _fail(str(error))
     click.echo(f"password of {found.username} changed")
@@ -384,17 +387,16 @@ def _shell_user() -> str:
 
 
 def _record_shell_activity(
-    connection, action: Action, *, token_id: str = "", patient: str = "", study: str = "", **detail
+    connection, event: Event, *, token_id: str = "", patient: str = "", study: str = ""
 ) -> None:
     """Shell changes are logged like the admin pages' ones, by the shell user's name."""
     record_activity(
-        action,
+        event,
         connection=connection,
         username=_shell_user(),
         token_id=token_id,
         patient=patient,
         study=study,
-        **detail,
     )
 
 
@@ -434,11 +436,10 @@ def token_command(site: Site, study: str) -> None:
         token, new = store.issue(connection, site.secrets.token_key, facts, db.utcnow())
         _record_shell_activity(
             connection,
-            Action.TOKEN_MADE if new else Action.TOKEN_COPIED,
+            (TokenMadeEvent if new else TokenCopiedEvent)(identity_check=NO_BIRTH_DATE if warning else None),
             token_id=token.public_id,
             patient=facts.patient_name,
             study=facts.study_uid,
-            **({"identity_check": NO_BIRTH_DATE} if warning else {}),
         )
     period = LinkPeriod(token.accessible_until(values["token_days"]), db.utcnow().date())
     if period.expired:
@@ -555,8 +556,7 @@ def archive_move(site: Site) -> None:
     with site.engine.begin() as connection:
         _record_shell_activity(
             connection,
-            Action.SETTINGS_CHANGED,
-            changed={"archive_index": {"old": "sqlite", "new": "postgresql"}},
+            SettingsChangedEvent(changed={"archive_index": {"old": "sqlite", "new": "postgresql"}}),
         )
     click.echo(
         f"pacs: moved {moved.instances} instances of {moved.studies} studies ({moved.megabytes:.0f} MB) to "

@@ -28,12 +28,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psycopg
 
 from control import db
-from control.activity import Action, record_activity
+from control.activity import record_activity
+from control.events import ArchiveOrphansEvent
 from control.runtime import configs
 from control.site import Site
 
@@ -138,18 +138,19 @@ def take_daily_lease(site: Site, today: dt.date) -> bool:
         return taken.rowcount == 1
 
 
-def record(site: Site, found: Sweep, **detail: Any) -> None:
-    """The sweep's ``archive-orphans`` event (for an admin's command, ``detail`` names who)."""
+def record(site: Site, found: Sweep, *, username: str | None = None) -> None:
+    """The sweep's ``archive-orphans`` event (for an admin's command, ``username`` names who)."""
     with site.engine.begin() as connection:
         record_activity(
-            Action.ARCHIVE_ORPHANS,
+            ArchiveOrphansEvent(
+                files=found.files,
+                orphans=found.orphans,
+                removed=found.removed,
+                megabytes=round(found.orphan_bytes / 1024 / 1024, 1),
+                recent=found.recent,
+            ),
             connection=connection,
-            files=found.files,
-            orphans=found.orphans,
-            removed=found.removed,
-            megabytes=round(found.orphan_bytes / 1024 / 1024, 1),
-            recent=found.recent,
-            **detail,
+            username=username,
         )
 
 

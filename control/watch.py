@@ -51,7 +51,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from control import db
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
+from control.events import DicomRefusedEvent
 from control.orthanc import ArchiveClient, OrthancError, OrthancUnavailable
 from control.site import Site
 from control.tokens import shared
@@ -229,18 +230,14 @@ class ArchiveWatch:
         complete = chunk[: chunk.rfind(b"\n") + 1] if len(chunk) < MOST_READ else chunk
         lines = complete.decode("utf-8", errors="replace").splitlines()
         for call in refused_calls(lines, db.utcnow()):
-            detail: dict[str, Any] = {"aet": call.aet, "request": call.request}
-            if call.reason:
-                detail["reason"] = call.reason
-            if path.name != "orthanc.log":
-                detail["node"] = path.stem
+            refused = DicomRefusedEvent(
+                aet=call.aet,
+                request=call.request,
+                reason=call.reason or None,
+                node=path.stem if path.name != "orthanc.log" else None,
+            )
             record_activity(
-                Action.DICOM_REFUSED,
-                Outcome.REFUSED,
-                connection=connection,
-                client_address=call.address[:64],
-                at=call.at,
-                **detail,
+                refused, Outcome.REFUSED, connection=connection, client_address=call.address[:64], at=call.at
             )
         positions[path.name] = {"inode": inode, "offset": offset + len(complete)}
 

@@ -15,7 +15,8 @@ import io
 import pytest
 
 from control import db
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
+from control.events import SignInEvent, SignOutEvent
 
 from conftest import field_error
 
@@ -23,12 +24,12 @@ pytestmark = pytest.mark.inprocess
 
 EVENTS = [
     # (when, in UTC; what; how it went; who; from where)
-    (dt.datetime(2026, 3, 1, 9, 0), Action.SIGN_IN, Outcome.OK, "alice", "10.0.0.5"),
+    (dt.datetime(2026, 3, 1, 9, 0), SignInEvent(), Outcome.OK, "alice", "10.0.0.5"),
     # 22:30 UTC on the 1st is 00:30 on the 2nd in Athens.
-    (dt.datetime(2026, 3, 1, 22, 30), Action.SIGN_IN, Outcome.OK, "bob", "10.0.0.6"),
-    (dt.datetime(2026, 3, 2, 10, 0), Action.SIGN_OUT, Outcome.OK, "alice", "10.0.0.5"),
-    (dt.datetime(2026, 3, 2, 11, 0), Action.SIGN_IN, Outcome.REFUSED, "alice", "192.0.2.7"),
-    (dt.datetime(2026, 3, 3, 8, 0), Action.SIGN_IN, Outcome.REFUSED, '=HYPERLINK("http://x")', "192.0.2.7"),
+    (dt.datetime(2026, 3, 1, 22, 30), SignInEvent(), Outcome.OK, "bob", "10.0.0.6"),
+    (dt.datetime(2026, 3, 2, 10, 0), SignOutEvent(), Outcome.OK, "alice", "10.0.0.5"),
+    (dt.datetime(2026, 3, 2, 11, 0), SignInEvent(), Outcome.REFUSED, "alice", "192.0.2.7"),
+    (dt.datetime(2026, 3, 3, 8, 0), SignInEvent(), Outcome.REFUSED, '=HYPERLINK("http://x")', "192.0.2.7"),
 ]
 
 
@@ -36,9 +37,9 @@ EVENTS = [
 def log(app):
     """The app with the events above in its log, its time zone Europe/Athens, and an admin signed in."""
     with app.extensions["site"].engine.begin() as connection:
-        for at, action, outcome, username, address in EVENTS:
+        for at, event, outcome, username, address in EVENTS:
             record_activity(
-                action, outcome, username=username, client_address=address, at=at, connection=connection
+                event, outcome, username=username, client_address=address, at=at, connection=connection
             )
         db.put_settings(connection, {"time_zone": "Europe/Athens"})
     return app

@@ -15,7 +15,6 @@ import datetime as dt
 import io
 import math
 from collections.abc import Iterator
-from typing import Any
 
 import sqlalchemy as sa
 from flask import (
@@ -37,9 +36,9 @@ from control.accounts import AccountError
 from control.activity import (
     ACTION_LABELS,
     COUNT_LIMIT,
-    Action,
     ActivityFilter,
     ActivityList,
+    EventColumns,
     action_label,
     count_activity,
     details,
@@ -54,6 +53,15 @@ from control.admin.forms import ActivityFilterForm, ContactForm, CredentialsForm
 from control.auth import throttle
 from control.catalog import tables as catalog_tables
 from control.desktop import credentials as viewer_tokens
+from control.events import (
+    SignInLockLiftedEvent,
+    TokenExtendedEvent,
+    TokenIdentityReleasedEvent,
+    TokenRevokedEvent,
+    UserChangedEvent,
+    UserCreatedEvent,
+    UserDeletedEvent,
+)
 from control.formatting import local_time, person_name
 from control.orthanc import OrthancUnavailable
 from control.tokens import shared, store
@@ -98,12 +106,10 @@ def lift_lock():
     with services.engine().begin() as connection:
         forgotten = throttle.lift(connection, kind, account_key, client_address)
         record_activity(
-            Action.SIGN_IN_LOCK_LIFTED,
+            SignInLockLiftedEvent(
+                lock=str(kind), account=account_key, address=client_address, failures=forgotten
+            ),
             connection=connection,
-            lock=str(kind),
-            account=account_key,
-            address=client_address,
-            failures=forgotten,
         )
     what = " from ".join(part for part in (account_key, client_address) if part)
     flash(f"Lifted the sign-in lock of {what}.", "info")
@@ -136,11 +142,10 @@ def new_user():
                     notes=form.notes.data,
                 )
                 record_activity(
-                    Action.USER_CREATED,
+                    UserCreatedEvent(
+                        account=created.username, is_admin=created.is_admin, can_upload=created.can_upload
+                    ),
                     connection=connection,
-                    account=created.username,
-                    is_admin=created.is_admin,
-                    can_upload=created.can_upload,
                 )
         except AccountError as error:
             field = getattr(form, error.field, form.username)
@@ -164,7 +169,7 @@ def edit_user(user_id: int):
             accounts.update_contact(connection, user_id, **contact)
             if changed:
                 record_activity(
-                    Action.USER_CHANGED, connection=connection, account=user.username, changed=changed
+                    UserChangedEvent(account=user.username, changed=changed), connection=connection
                 )
         flash(f"Saved the details of {user.username}.", "info")
         return redirect(url_for("admin.users"))
@@ -185,12 +190,10 @@ def set_flag(user_id: int):
             user = _user_or_404(connection, user_id)
             accounts.set_flags(connection, user_id, current_user.id, **{flag: value})
             record_activity(
-                Action.USER_CHANGED,
+                UserChangedEvent(
+                    account=user.username, changed=[flag], old={flag: getattr(user, flag)}, new={flag: value}
+                ),
                 connection=connection,
-                account=user.username,
-                changed=[flag],
-                old={flag: getattr(user, flag)},
-                new={flag: value},
             )
     except AccountError as error:
         flash(str(error), "error")
@@ -222,10 +225,15 @@ def credentials(user_id: int):
                     raise AccountError(
                         "Nothing to change: type a new username or a new password.", "username"
                     )
-                renamed = {"old_username": user.username, "new_username": new_name}
-                detail: dict[str, Any] = renamed if "username" in changed else {}
+                renamed = "username" in changed
                 record_activity(
-                    Action.USER_CHANGED, connection=connection, account=new_name, changed=changed, **detail
+                    UserChangedEvent(
+                        account=new_name,
+                        changed=changed,
+                        old_username=user.username if renamed else None,
+                        new_username=new_name if renamed else None,
+                    ),
+                    connection=connection,
                 )
         except AccountError as error:
             field = getattr(form, error.field, form.username)
@@ -244,7 +252,7 @@ def delete_user(user_id: int):
         try:
             with services.engine().begin() as connection:
                 accounts.delete_user(connection, user_id, current_user.id)
-                record_activity(Action.USER_DELETED, connection=connection, account=user.username)
+                record_activity(UserDeletedEvent(account=user.username), connection=connection)
         except AccountError as error:
             flash(str(error), "error")
         else:
@@ -503,18 +511,18 @@ def token(token_id: int):
     form = TokenForm()
     if form.validate_on_submit():
         with services.engine().begin() as connection:
-            detail = {
+            about: EventColumns = {
                 "token_id": found.public_id,
                 "patient": found.row.patient_name,
                 "study": found.row.study_uid,
             }
             if form.release.data:
                 store.release_identity(connection, token_id)
-                record_activity(Action.TOKEN_IDENTITY_RELEASED, connection=connection, **detail)
+                record_activity(TokenIdentityReleasedEvent(), connection=connection, **about)
                 flash("Released: the link asks for the date of birth again, with a fresh count.", "info")
             elif form.revoke.data:
                 store.revoke(connection, token_id, db.utcnow())
-                record_activity(Action.TOKEN_REVOKED, connection=connection, **detail)
+                record_activity(TokenRevokedEvent(), connection=connection, **about)
                 flash(
                     "Revoked: the link no longer works. The next link made for this study will be new.",
                     "info",
@@ -523,11 +531,9 @@ def token(token_id: int):
                 old = found.accessible_until(g.settings["token_days"])
                 store.extend(connection, token_id, form.extend_until.data)
                 record_activity(
-                    Action.TOKEN_EXTENDED,
+                    TokenExtendedEvent(old=old.isoformat(), new=form.extend_until.data.isoformat()),
                     connection=connection,
-                    old=old.isoformat(),
-                    new=form.extend_until.data.isoformat(),
-                    **detail,
+                    **about,
                 )
                 flash(f"The link now works until {form.extend_until.data.isoformat()}.", "info")
         return redirect(url_for("admin.token", token_id=token_id))
@@ -550,7 +556,7 @@ def revoke_patient():
         abort(400)
     with services.engine().begin() as connection:
         count = store.revoke_patient(connection, patient_id, db.utcnow())
-        record_activity(Action.TOKEN_REVOKED, connection=connection, patient_id=patient_id, revoked=count)
+        record_activity(TokenRevokedEvent(revoked=count), connection=connection, patient_id=patient_id)
     flash(f"Revoked {count} link{'s' if count != 1 else ''} of patient {patient_id}.", "info")
     return redirect(url_for("admin.tokens", patient_id=patient_id))
 

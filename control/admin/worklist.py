@@ -14,8 +14,9 @@ from typing import Any
 from flask import flash, g, redirect, render_template, request, url_for
 
 from control import formatting, services
-from control.activity import Action, record_activity
+from control.activity import record_activity
 from control.admin import bp
+from control.events import WorklistDeletedEvent
 from control.orthanc import OrthancError, OrthancUnavailable
 from control.runtime import apply
 from control.settings import Modality, parse_modalities, registrable
@@ -66,11 +67,9 @@ def worklist_delete(entry_id: str):
         flash("That worklist entry is no longer there.", "error")
     else:
         record_activity(
-            Action.WORKLIST_DELETED,
+            WorklistDeletedEvent(accession=deleted.accession_number, modality=deleted.modality),
             patient=formatting.patient_label(deleted.patient_name, deleted.patient_id),
             patient_id=deleted.patient_id,
-            accession=deleted.accession_number,
-            modality=deleted.modality,
         )
         flash(f"Deleted the worklist entry of accession number {deleted.accession_number}.", "info")
     return redirect(url_for("admin.worklist_page"), 303)

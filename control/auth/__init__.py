@@ -17,9 +17,10 @@ from wtforms import HiddenField
 from wtforms.validators import DataRequired, Length
 
 from control import accounts, services
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
 from control.auth import sessions, throttle
 from control.auth.sessions import SignedInUser
+from control.events import LockedOutEvent, SignInEvent, SignOutEvent, UserChangedEvent
 from control.fields import SecretField, TextField
 
 bp = Blueprint("auth", __name__)
@@ -76,23 +77,22 @@ def login():
         lock = verdict.lock
         if lock is not None:
             record_activity(
-                Action.LOCKED_OUT,
+                LockedOutEvent(lock=str(lock.kind)),
                 Outcome.REFUSED,
                 username=typed_name,
                 connection=connection,
-                lock=str(lock.kind),
             )
         else:
             account = accounts.authenticate(connection, typed_name, form.password.data)
             if account is None:
                 throttle.record_failure(connection, typed_name, client_address)
-                record_activity(Action.SIGN_IN, Outcome.REFUSED, username=typed_name, connection=connection)
+                record_activity(SignInEvent(), Outcome.REFUSED, username=typed_name, connection=connection)
             else:
                 throttle.record_success(connection, typed_name, client_address)
                 password_problem = accounts.stored_password_problem(connection, account.id)
                 user = sessions.start_session(connection, account, client_address)
                 record_activity(
-                    Action.SIGN_IN, user_id=account.id, username=account.username, connection=connection
+                    SignInEvent(), user_id=account.id, username=account.username, connection=connection
                 )
     if lock is not None:
         minutes = max(1, math.ceil((lock.until - verdict.now).total_seconds() / 60))
@@ -141,10 +141,8 @@ def own_password():
                 else:
                     renewed = sessions.start_session(connection, account, request.remote_addr or "")
                     record_activity(
-                        Action.USER_CHANGED,
+                        UserChangedEvent(account=user.username, changed=["own password"]),
                         connection=connection,
-                        account=user.username,
-                        changed=["own password"],
                     )
         if renewed is not None:
             session.clear()
@@ -163,7 +161,7 @@ def logout():
     # CSRFProtect has already refused a POST without the page's token.
     user: SignedInUser = current_user._get_current_object()
     sessions.end_session(user.session_id)
-    record_activity(Action.SIGN_OUT)
+    record_activity(SignOutEvent())
     logout_user()
     session.clear()
     flash("You have signed out.", "info")

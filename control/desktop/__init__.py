@@ -38,11 +38,17 @@ from wtforms import SelectField
 from wtforms.validators import Length
 
 from control import db, network, services
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
 from control.auth import safe_next
 from control.desktop import credentials
 from control.desktop.credentials import Kind, Opened, Scope
 from control.errors import wants_json
+from control.events import (
+    AccessDeniedEvent,
+    DesktopViewerOpenedEvent,
+    ViewerTokenMadeEvent,
+    ViewerTokenRevokedEvent,
+)
 from control.fields import TextField
 from control.query.finder import newest_first
 from control.query.views import check_id, get_or_404
@@ -94,13 +100,6 @@ def study_opened(study: dict[str, Any], series_uid: str = "") -> Opened:
     )
 
 
-def _opened_detail(opened: Opened) -> dict[str, Any]:
-    detail: dict[str, Any] = {"scope": str(opened.scope), "studies": list(opened.study_uids)}
-    if opened.series_uid:
-        detail["series"] = opened.series_uid
-    return detail
-
-
 def _launched(token: credentials.ViewerToken, secret: str, opened: Opened, base_template: str):
     """The ``weasis://`` link: JSON for the page's script, else a page with the link to click."""
     address = dicomweb_url()
@@ -148,13 +147,16 @@ def launch(level: str, orthanc_id: str):
             issued_by=current_user.username,
         )
         record_activity(
-            Action.DESKTOP_VIEWER_OPENED,
+            DesktopViewerOpenedEvent(
+                viewer_token=token.public_id,
+                expires=token.row.expires_at.isoformat(timespec="minutes"),
+                scope=str(opened.scope),
+                studies=opened.study_uids,
+                series=opened.series_uid or None,
+            ),
             connection=connection,
             patient=opened.patient_name,
             study=credentials.study_label(opened.study_uids),
-            viewer_token=token.public_id,
-            expires=token.row.expires_at.isoformat(timespec="minutes"),
-            **_opened_detail(opened),
         )
     return _launched(token, secret, opened, "base.html")
 
@@ -187,13 +189,13 @@ def patient_launch(token: study_links.StudyToken, study: StudyView):
             study_token_id=token.id,
         )
         record_activity(
-            Action.DESKTOP_VIEWER_OPENED,
+            DesktopViewerOpenedEvent(
+                viewer_token=viewer.public_id, expires=viewer.row.expires_at.isoformat(timespec="minutes")
+            ),
             connection=connection,
             token_id=token.public_id,
             patient=token.row.patient_name,
             study=study.study_uid,
-            viewer_token=viewer.public_id,
-            expires=viewer.row.expires_at.isoformat(timespec="minutes"),
         )
     return _launched(viewer, secret, opened, "tokens/patient_base.html")
 
@@ -236,13 +238,14 @@ def study_access(orthanc_id: str):
                 note=form.note.data,
             )
             record_activity(
-                Action.VIEWER_TOKEN_MADE,
+                ViewerTokenMadeEvent(
+                    viewer_token=token.public_id,
+                    note=form.note.data,
+                    expires=token.row.expires_at.isoformat(timespec="minutes"),
+                ),
                 connection=connection,
                 patient=opened.patient_name,
                 study=opened.study_uids[0],
-                viewer_token=token.public_id,
-                note=form.note.data,
-                expires=token.row.expires_at.isoformat(timespec="minutes"),
             )
         made = {"token": token, "secret": secret}
     with services.engine().connect() as connection:
@@ -272,22 +275,17 @@ def revoke(token_id: int):
             abort(404)
         if not (current_user.is_admin or token.row.issued_by_user_id == current_user.id):
             record_activity(
-                Action.ACCESS_DENIED,
+                AccessDeniedEvent(path=request.path, method=request.method, viewer_token=token.public_id),
                 Outcome.REFUSED,
                 connection=connection,
-                path=request.path,
-                method=request.method,
-                viewer_token=token.public_id,
             )
             abort(403)
         if credentials.revoke(connection, token_id, current_user.username, db.utcnow()):
             record_activity(
-                Action.VIEWER_TOKEN_REVOKED,
+                ViewerTokenRevokedEvent(viewer_token=token.public_id, kind=token.row.kind),
                 connection=connection,
                 patient=token.row.patient_name,
                 study=credentials.study_label(token.study_uids),
-                viewer_token=token.public_id,
-                kind=token.row.kind,
             )
     flash(f"Revoked {token.public_id}: it no longer opens anything.", "info")
     return redirect(safe_next(request.form.get("next")))

@@ -39,7 +39,8 @@ from urllib.parse import quote
 import sqlalchemy as sa
 
 from control import db, services
-from control.activity import Action, record_activity
+from control.activity import record_activity
+from control.events import ViewerTokenUsedEvent
 from control.tokens import store
 
 DESKTOP_LIFETIME = dt.timedelta(minutes=30)
@@ -359,16 +360,17 @@ def record_use(token: ViewerToken, client_address: str, path: str) -> None:
             return  # another request of the same moment recorded it
         row = token.row
         record_activity(
-            Action.VIEWER_TOKEN_USED,
+            ViewerTokenUsedEvent(
+                kind=row.kind,
+                issued_by=row.issued_by or "the patient's link",
+                studies=token.study_uids,
+                series=row.series_uid or None,
+                path=path[:200],
+            ),
             connection=connection,
             user_id=row.issued_by_user_id,
             username=row.issued_by,
             token_id=row.public_id,
             patient=row.patient_name,
             study=study_label(token.study_uids),
-            kind=row.kind,
-            issued_by=row.issued_by or "the patient's link",
-            studies=token.study_uids,
-            **({"series": row.series_uid} if row.series_uid else {}),
-            path=path[:200],
         )

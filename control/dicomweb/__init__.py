@@ -28,12 +28,13 @@ from flask_login import current_user
 
 from control import db, services, spooling
 from control import dicomweb_routes as routes
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
 from control.catalog import qido
 from control.catalog.freshness import freshness
 from control.desktop import credentials as viewer_tokens
 from control.dicomweb import relay, rules
 from control.dicomweb.frames import FrameRequest, NotTheGrantedStudy, StudyShared
+from control.events import DicomwebDeniedEvent, ViewerOpenedEvent
 from control.extensions import csrf
 from control.orthanc import OrthancUnavailable
 from control.tokens import grants, shared
@@ -91,13 +92,10 @@ def _denied(decision: rules.Decision, method: str, path: str, asking: rules.Visi
     if decision.verdict is rules.Verdict.NOT_FOUND:
         return
     record_activity(
-        Action.DICOMWEB_DENIED,
+        DicomwebDeniedEvent(method=method, path=path[:200], reason=decision.reason),
         Outcome.REFUSED,
         token_id=asking.credential,
         study=decision.study_uid,
-        method=method,
-        path=path[:200],
-        reason=decision.reason,
     )
     if decision.verdict is rules.Verdict.CONFLICT:
         # Tell the admin (once; see control.tokens.shared).
@@ -263,7 +261,7 @@ def search():
                 return _refusal(refused)
         if request.path == routes.STUDIES and asked:
             # The viewer's first question when it opens a study: the one place that sees it open.
-            record_activity(Action.VIEWER_OPENED, study=",".join(asked)[:100], via="dicomweb")
+            record_activity(ViewerOpenedEvent(via="dicomweb"), study=",".join(asked)[:100])
         return _catalog_answer(rest, limit) or _paged_answer(request.path, rest, limit)
     _token_used(asking, request.path)
     # A token scoped to a series (it has one at most) finds that series and its instances alone.

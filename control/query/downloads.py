@@ -17,7 +17,7 @@ import re
 import shlex
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -35,8 +35,9 @@ from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
 from control import formatting, services, spooling
-from control.activity import Action, EventColumns, Outcome, record_activity, update_activity
+from control.activity import EventColumns, Outcome, record_activity, update_activity
 from control.errors import error_response, wants_json
+from control.events import DownloadEvent
 from control.orthanc import OrthancUnavailable
 from control.query import bp, present, zips
 from control.query.views import check_id, get_or_404, safe_back
@@ -138,21 +139,14 @@ class Resource:
             parts += [f"series-{tags.get('SeriesNumber') or ''}".rstrip("-"), tags.get("Modality") or ""]
         return safe_file_name(parts, self.noun)
 
-    def record(self, outcome: Outcome, who: EventColumns, **detail: Any) -> int:
+    def record(self, outcome: Outcome, who: EventColumns, event: DownloadEvent) -> int:
         """The activity event of a download of this resource; ``who`` overrides its columns."""
         columns: EventColumns = {
             "patient": present.patient_label(self.patient),
             "patient_id": self.patient["patient_id"],
             "study": self.study.get("StudyInstanceUID") or "",
         }
-        return record_activity(
-            Action.DOWNLOAD,
-            outcome,
-            **(columns | who),
-            level=self.level,
-            orthanc_id=self.orthanc_id,
-            **detail,
-        )
+        return record_activity(event, outcome, **(columns | who))
 
 
 def describe(level: str, orthanc_id: str) -> Resource:
@@ -295,24 +289,26 @@ def archive_response(
         answer.headers.update(headers)
         return answer
 
-    detail: dict[str, Any] = {"content": content, "bytes_sent": 0, "completed": False}
-    if plan.compress:
-        detail["compressed"] = True
-    if plan.dicomdir:
-        detail["dicomdir"] = True
-    if status == 206:
-        detail["range"] = f"{start}-{(stop or 0) - 1}/{length}"
     # Recorded before the first byte, so that a download whose worker is killed stays in the log as
     # not completed; its end fills in the rest.
-    event_id = resource.record(Outcome.FAILED, activity or {}, **detail, stopped_by="server")
+    started = DownloadEvent(
+        level=resource.level,
+        orthanc_id=resource.orthanc_id,
+        content=content,
+        bytes_sent=0,
+        completed=False,
+        compressed=plan.compress or None,
+        dicomdir=plan.dicomdir or None,
+        range=f"{start}-{(stop or 0) - 1}/{length}" if status == 206 else None,
+        stopped_by="server",
+    )
+    event_id = resource.record(Outcome.FAILED, activity or {}, started)
 
     def finish(completed: bool, sent: int, stopped_by: str) -> None:
-        ended = (
-            {"level": level, "orthanc_id": orthanc_id} | detail | {"bytes_sent": sent, "completed": completed}
+        ended = replace(
+            started, bytes_sent=sent, completed=completed, stopped_by=None if completed else stopped_by
         )
-        if not completed:
-            ended["stopped_by"] = stopped_by
-        update_activity(event_id, Outcome.OK if completed else Outcome.FAILED, **ended)
+        update_activity(event_id, Outcome.OK if completed else Outcome.FAILED, ended)
 
     if length is None:
         try:

@@ -12,8 +12,9 @@ from flask import abort, g, jsonify, url_for
 from flask_login import current_user
 
 from control import db, network, services
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
 from control.errors import error_response
+from control.events import TokenCopiedEvent, TokenMadeEvent
 from control.orthanc import OrthancError
 from control.query import bp
 from control.tokens import NO_BIRTH_DATE, SHARED_UID, shared, store, study_facts, unchecked_link_warning
@@ -42,12 +43,11 @@ def study_link(orthanc_id: str):
         with services.engine().begin() as connection:
             shared.flag(connection, orthanc, facts.study_uid, holders, "copy study link")
             record_activity(
-                Action.TOKEN_MADE,
+                TokenMadeEvent(reason="another patient's study has the same Study Instance UID"),
                 Outcome.REFUSED,
                 connection=connection,
                 patient=facts.patient_name,
                 study=facts.study_uid,
-                reason="another patient's study has the same Study Instance UID",
             )
         return error_response(409, SHARED_UID)
     warning = unchecked_link_warning(g.settings, facts)
@@ -55,12 +55,11 @@ def study_link(orthanc_id: str):
     with services.engine().begin() as connection:
         token, new = store.issue(connection, services.site().secrets.token_key, facts, db.utcnow())
         record_activity(
-            Action.TOKEN_MADE if new else Action.TOKEN_COPIED,
+            (TokenMadeEvent if new else TokenCopiedEvent)(**detail),
             connection=connection,
             token_id=token.public_id,
             patient=facts.patient_name,
             study=facts.study_uid,
-            **detail,
         )
     period = LinkPeriod(token.accessible_until(g.settings["token_days"]), db.utcnow().date())
     answer = {

@@ -23,11 +23,12 @@ import sqlalchemy as sa
 from flask import abort, current_app, g, jsonify, redirect, render_template, request, url_for
 
 from control import services
-from control.activity import Action, record_activity
+from control.activity import record_activity
 from control.catalog.freshness import freshness
 from control.catalog.rows import as_orthanc_study
 from control.catalog.search import PATIENT_SORTS, STUDY_SORTS, Catalog, Sorting, supports
 from control.errors import wants_json
+from control.events import ListOpenedEvent, SearchEvent
 from control.identifiers import is_orthanc_id
 from control.orthanc import OrthancError, resource_id
 from control.paging import Page
@@ -307,7 +308,7 @@ def patients():
     # URL arguments, as url_for takes them.
     criteria: dict[str, Any] = form.criteria()
     pages = pager(page, paging)
-    record_activity(Action.SEARCH, level="patients", criteria=criteria, page=paging.page, total=page.total)
+    record_activity(SearchEvent(level="patients", criteria=criteria, page=paging.page, total=page.total))
     if wants_json():
         return list_answer("patients", rows, pages, source, criteria=criteria, sort=order_of(sorting, source))
     return render_template(
@@ -355,7 +356,7 @@ def studies():
     # URL arguments, as url_for takes them.
     criteria: dict[str, Any] = form.criteria()
     pages = pager(page, paging, cursors=source.catalog)
-    record_activity(Action.SEARCH, level="studies", criteria=criteria, page=paging.page, total=page.total)
+    record_activity(SearchEvent(level="studies", criteria=criteria, page=paging.page, total=page.total))
     if wants_json():
         return list_answer("studies", rows, pages, source, criteria=criteria, sort=order_of(sorting, source))
     return render_template(
@@ -428,12 +429,9 @@ def patient_studies(orthanc_id: str):
     ]
     pages = pager(page, paging, cursors=source.catalog)
     record_activity(
-        Action.LIST_OPENED,
+        ListOpenedEvent(level="studies", patient_orthanc_id=orthanc_id, page=paging.page),
         patient=present.patient_label(patient),
         patient_id=patient["patient_id"],
-        level="studies",
-        patient_orthanc_id=orthanc_id,
-        page=paging.page,
     )
     resource = links.resource("patients", orthanc_id) | {
         "viewer": links.path("query.patient_viewer", orthanc_id)
@@ -512,13 +510,10 @@ def study_series(orthanc_id: str):
     study_fields = present.study_row(None, study, sorted(modalities), links, date_format)
     pages = pager(page, paging)
     record_activity(
-        Action.LIST_OPENED,
+        ListOpenedEvent(level="series", study_orthanc_id=orthanc_id, page=paging.page),
         patient=present.patient_label(patient),
         patient_id=patient["patient_id"],
         study=study_fields["study_instance_uid"],
-        level="series",
-        study_orthanc_id=orthanc_id,
-        page=paging.page,
     )
     if wants_json():
         study_json = present.absolute([study_fields], request.host_url)[0]

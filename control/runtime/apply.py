@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from control import db, network, nodes, tls
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
+from control.events import SettingsChangedEvent
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.runtime import configs, files, unixhttp
 from control.settings import BY_NAME, Effect, Modality, parse_modalities
@@ -143,7 +144,7 @@ def change_settings(
     try:
         with site.engine.begin() as connection:
             db.put_settings(connection, {name: value for name, (_old, value) in changed.items()})
-            record_activity(Action.SETTINGS_CHANGED, connection=connection, username=username, changed=detail)
+            record_activity(SettingsChangedEvent(changed=detail), connection=connection, username=username)
             # Inside the transaction: if the web front refuses it, nothing is stored either.
             if plan.caddyfile is not None:
                 if from_page:
@@ -383,14 +384,15 @@ def _load_later(site: Site, text: str, force: bool, changed: dict[str, tuple[Any
         with site.engine.begin() as connection:
             db.put_settings(connection, back)
             record_activity(
-                Action.SETTINGS_CHANGED,
+                SettingsChangedEvent(
+                    reason=f"the web front refused it: {error}",
+                    changed={
+                        name: {"old": new, "new": old} for name, (old, new) in changed.items() if name in back
+                    },
+                ),
                 Outcome.FAILED,
                 connection=connection,
                 username="portal",
-                reason=f"the web front refused it: {error}",
-                changed={
-                    name: {"old": new, "new": old} for name, (old, new) in changed.items() if name in back
-                },
             )
 
 

@@ -42,8 +42,17 @@ from markupsafe import Markup
 from wtforms.validators import DataRequired, Length
 
 from control import db, network, services
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
 from control.errors import error_response, wants_json
+from control.events import (
+    Action,
+    Event,
+    TokenIdentityEvent,
+    TokenIdentityLockedEvent,
+    TokenRefusedEvent,
+    TokenUsedEvent,
+    ViewerOpenedEvent,
+)
 from control.fields import TextField
 from control.orthanc import ArchiveClient, OrthancError, error_for
 from control.tokens import grants, shared, store
@@ -116,14 +125,12 @@ def _recent_refusals(connection: sa.Connection, client_address: str) -> int:
 
 def _refuse(connection: sa.Connection, reason: str, token: store.StudyToken | None = None) -> None:
     record_activity(
-        Action.TOKEN_REFUSED,
+        TokenRefusedEvent(reason=reason, path=request.path),
         Outcome.REFUSED,
         connection=connection,
         token_id=token.public_id if token else "",
         patient=token.row.patient_name if token else "",
         study=token.row.study_uid if token else "",
-        reason=reason,
-        path=request.path,
     )
 
 
@@ -178,13 +185,12 @@ def with_token(view: Callable[..., Any]) -> Callable[..., Any]:
                 shared.flag(connection, orthanc, token.row.study_uid, holders, "a patient's link")
                 # Not a refused link (those count towards blocking an address): the link is good.
                 record_activity(
-                    Action.TOKEN_USED,
+                    TokenUsedEvent(reason="held: another patient's study has the same Study Instance UID"),
                     Outcome.REFUSED,
                     connection=connection,
                     token_id=token.public_id,
                     patient=token.row.patient_name,
                     study=token.row.study_uid,
-                    reason="held: another patient's study has the same Study Instance UID",
                 )
             return _status_page("tokens/held.html", 409)
         if needs_identity_check(token) and token.id not in session.get("verified_tokens", []):
@@ -241,7 +247,7 @@ def identity_check(token: store.StudyToken):
             answer = store.identity_answer(connection, token.id, correct, now)
             if answer is not store.IdentityAnswer.CLOSED:
                 record_activity(
-                    Action.TOKEN_IDENTITY,
+                    TokenIdentityEvent(),
                     Outcome.OK if correct else Outcome.REFUSED,
                     connection=connection,
                     **about,
@@ -250,13 +256,14 @@ def identity_check(token: store.StudyToken):
             if answer in (store.IdentityAnswer.LOCKED, store.IdentityAnswer.HELD):
                 # The admin's study links page shows it too; a held link waits for their release.
                 record_activity(
-                    Action.TOKEN_IDENTITY_LOCKED,
+                    TokenIdentityLockedEvent(
+                        locks=answered.row.identity_locks,
+                        until="held until an admin releases it"
+                        if answered.identity_held
+                        else answered.row.identity_locked_until.isoformat(timespec="seconds") + "Z",
+                    ),
                     Outcome.REFUSED,
                     connection=connection,
-                    locks=answered.row.identity_locks,
-                    until="held until an admin releases it"
-                    if answered.identity_held
-                    else answered.row.identity_locked_until.isoformat(timespec="seconds") + "Z",
                     **about,
                 )
         if answer is store.IdentityAnswer.ACCEPTED:
@@ -299,23 +306,22 @@ def _identity_locked(token: store.StudyToken, now: dt.datetime):
     return _status_page("tokens/identity_locked.html", 429, held=token.identity_held, minutes=minutes)
 
 
-def _used(token: store.StudyToken, action: Action, **detail: Any) -> None:
+def _used(token: store.StudyToken, event: Event) -> None:
     with services.engine().begin() as connection:
         store.record_use(connection, token.id, request.remote_addr or "", db.utcnow())
         record_activity(
-            action,
+            event,
             connection=connection,
             token_id=token.public_id,
             patient=token.row.patient_name,
             study=token.row.study_uid,
-            **detail,
         )
 
 
 @bp.route("/token", methods=["GET", "POST"])
 @with_token
 def patient_page(token: store.StudyToken, study: StudyView):
-    _used(token, Action.TOKEN_USED, page="study")
+    _used(token, TokenUsedEvent(page="study"))
     token_query = _presented_token()
     if wants_json():
         # The downloader (downloader/) given this link: where the list of the study's series is.
@@ -333,7 +339,7 @@ def patient_page(token: store.StudyToken, study: StudyView):
 @with_token
 def patient_viewer(token: store.StudyToken, study: StudyView):
     """Grant this browser the study for the viewer, then open it."""
-    _used(token, Action.VIEWER_OPENED)
+    _used(token, ViewerOpenedEvent())
     response = redirect(f"/viewer?StudyInstanceUIDs={quote(study.study_uid)}")
     grants.add(request, response, grants.Grant(token.id, study.study_uid), secure=request.is_secure)
     return response
@@ -343,7 +349,7 @@ def patient_viewer(token: store.StudyToken, study: StudyView):
 @with_token
 def patient_handout(token: store.KnownToken, study: StudyView):
     """A printable page for the patient: the link, a QR code of it, and until when it works."""
-    _used(token, Action.TOKEN_USED, page="handout")
+    _used(token, TokenUsedEvent(page="handout"))
     link = network.token_link(g.settings, token.token)
     qr_svg = segno.make(link, error="m").svg_inline(scale=4, dark="#000", light="#fff", omitsize=False)
     return _status_page(
@@ -380,7 +386,7 @@ def unchecked_link_warning(settings: dict, facts: store.StudyFacts) -> str:
 @with_token
 def patient_download(token: store.StudyToken, study: StudyView):
     """The study as a zip, streamed from the archive."""
-    _used(token, Action.TOKEN_USED, page="download")
+    _used(token, TokenUsedEvent(page="download"))
     from control.query.downloads import archive_response
 
     return archive_response(
@@ -408,7 +414,7 @@ def patient_report(token: store.StudyToken, study: StudyView, instance_id: str):
         if status in (400, 404):
             abort(404)  # a document of the study that is not a PDF
         raise error_for(status, "the archive did not hand out the report")
-    _used(token, Action.TOKEN_USED, page="report")
+    _used(token, TokenUsedEvent(page="report"))
 
     def body() -> Iterator[bytes]:
         # A report that breaks off raises here, so the browser sees a cut answer, never a short PDF.
@@ -431,7 +437,7 @@ def patient_manifest(token: store.StudyToken, study: StudyView):
     from control.query.downloads import manifest_response
     from control.query.present import PLACEHOLDER
 
-    _used(token, Action.TOKEN_USED, page="downloader")
+    _used(token, TokenUsedEvent(page="downloader"))
     pattern = url_for("tokens.patient_series_download", series_id=PLACEHOLDER, _external=True)
     token_query = _presented_token()
     return manifest_response(
@@ -457,7 +463,7 @@ def patient_series_download(token: store.StudyToken, study: StudyView, series_id
         raise
     if series.get("ParentStudy") != study.orthanc_id:
         abort(404)  # the token opens its own study only
-    _used(token, Action.TOKEN_USED, page="series download")
+    _used(token, TokenUsedEvent(page="series download"))
     return archive_response(
         "series",
         series_id,

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from control import db
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
+from control.events import StudyUidSharedEvent
 from control.orthanc import ArchiveClient, OrthancError, OrthancUnavailable
 
 
@@ -83,13 +84,11 @@ def flag(
         )
     )
     record_activity(
-        Action.STUDY_UID_SHARED,
+        StudyUidSharedEvent(studies=len(held), found_by=found_by),
         Outcome.FAILED,
         connection=connection,
         study=study_uid,
         patient=" / ".join(f"{study.patient_name} ({study.patient_id})" for study in studies)[:200],
-        studies=len(held),
-        found_by=found_by,
     )
     return True
 

@@ -43,9 +43,10 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from control import formatting, services
-from control.activity import Action, Outcome, record_activity, update_activity
+from control.activity import Outcome, record_activity, update_activity
 from control.auth import safe_next
 from control.errors import error_response, wants_json
+from control.events import PdfAttachedEvent, UploadEvent, WorklistOrderEvent
 from control.extensions import csrf
 from control.identifiers import is_orthanc_id, is_uid
 from control.orthanc import OrthancError, OrthancUnavailable
@@ -65,9 +66,7 @@ _WILDCARDS = re.compile(r"[*?\\]")
 # The studies a PDF report's study reference may name: more than one is already an ambiguity.
 ATTACH_CANDIDATES = 20
 # What an upload's activity row says until its files are all dealt with (see the module).
-NOT_COMPLETED: dict[str, Any] = {
-    "state": "not completed (still storing, or the portal stopped while storing)"
-}
+NOT_COMPLETED = "not completed (still storing, or the portal stopped while storing)"
 
 
 def _limit_bytes() -> int:
@@ -128,7 +127,7 @@ def guard():
 
 
 def _disk_full(problem: str):
-    record_activity(Action.UPLOAD, Outcome.REFUSED, reason="disk nearly full")
+    record_activity(UploadEvent(reason="disk nearly full"), Outcome.REFUSED)
     return _refusal(507, problem)
 
 
@@ -211,11 +210,8 @@ def body_too_large(_error: RequestEntityTooLarge):
 def _too_large(length: int | None):
     limit_mb = g.settings["upload_max_mb"]
     record_activity(
-        Action.UPLOAD,
+        UploadEvent(reason="too large", bytes=length, limit_mb=limit_mb),
         Outcome.REFUSED,
-        reason="too large",
-        bytes=length,
-        limit_mb=limit_mb,
     )
     return error_response(
         413,
@@ -256,16 +252,16 @@ def upload_files():
     incomplete = body_incomplete()
     if incomplete:
         # Nothing is stored from a body that did not arrive whole: the client hears of a failure.
-        record_activity(Action.UPLOAD, Outcome.REFUSED, reason=incomplete, bytes=request.content_length)
+        record_activity(UploadEvent(reason=incomplete, bytes=request.content_length), Outcome.REFUSED)
         return _refusal(400, f"Nothing was stored: {incomplete}. Please send the files again.")
     if not files:
         return _refusal(400, "Choose one or more files to upload.", back=_back())
-    names = [file.filename for file in files][:20]
-    event = record_activity(Action.UPLOAD, Outcome.FAILED, files=names, **NOT_COMPLETED)
+    names = [file.filename or "" for file in files][:20]
+    event = record_activity(UploadEvent(files=names, state=NOT_COMPLETED), Outcome.FAILED)
 
     def progress(counts: dict[str, int]) -> None:
         shown: dict[str, Any] = store.shown_counts(counts)
-        update_activity(event, Outcome.FAILED, files=names, **NOT_COMPLETED, **shown)
+        update_activity(event, Outcome.FAILED, UploadEvent(files=names, state=NOT_COMPLETED, **shown))
 
     upload = store.Upload(
         orthanc=services.archive(),
@@ -283,26 +279,26 @@ def upload_files():
     counts = upload.counts()
     for order, change in upload.orders:
         record_activity(
-            Action.WORKLIST_ORDER,
+            WorklistOrderEvent(
+                accession=order.accession_number,
+                change=str(change),
+                modality=order.modality,
+                station=order.station_aet,
+            ),
             patient=formatting.patient_label(order.patient_name, order.patient_id),
             patient_id=order.patient_id,
-            accession=order.accession_number,
-            change=str(change),
-            modality=order.modality,
-            station=order.station_aet,
         )
     touched = store.summary(results)
     stored_anything = any(
         counts[name] for name in ("stored", "duplicate", "scheduled", "replaced", "cancelled")
     )
+    shown: dict[str, Any] = store.shown_counts(counts)
     update_activity(
         event,
         Outcome.OK if stored_anything or not counts["refused"] else Outcome.REFUSED,
+        UploadEvent(files=names, studies=touched["studies"], **shown),
         patient=touched["patient"],
         study=touched["study"],
-        files=names,
-        studies=touched["studies"],
-        **store.shown_counts(counts),
     )
     studies = study_summaries(results)
     if wants_json():
@@ -435,13 +431,11 @@ def _attach(study_id: str):
         pages = pdf.check_pdf(stream)
     except pdf.NotAPdf as error:
         record_activity(
-            Action.PDF_ATTACHED,
+            PdfAttachedEvent(file=name, reason=str(error)),
             Outcome.REFUSED,
             patient=patient,
             patient_id=patient_id,
             study=study_uid,
-            file=name,
-            reason=str(error),
         )
         return _refusal(400, f"{name} is {error}; nothing was attached.", back=_back())
     title = pdf.title_of(request.form.get("title", ""), file.filename)
@@ -452,15 +446,12 @@ def _attach(study_id: str):
     series = services.archive().get_json(f"/series/{created['ParentSeries']}")
     title = series["MainDicomTags"].get("SeriesDescription", title)
     record_activity(
-        Action.PDF_ATTACHED,
+        PdfAttachedEvent(
+            file=name, title=title, pages=pages, bytes=size, series=created.get("ParentSeries", "")
+        ),
         patient=patient,
         patient_id=patient_id,
         study=study_uid,
-        file=name,
-        title=title,
-        pages=pages,
-        bytes=size,
-        series=created.get("ParentSeries", ""),
     )
     if wants_json():
         answer = {

@@ -38,9 +38,10 @@ from python_multipart.multipart import MultipartParser
 from werkzeug.http import parse_options_header
 
 from control import services
-from control.activity import Action, Outcome, record_activity
+from control.activity import Outcome, record_activity
 from control.dicomweb.relay import origin
 from control.errors import error_response
+from control.events import UploadEvent
 from control.orthanc import STREAM_CHUNK
 from control.uploads import archive, discard_small_body, store
 
@@ -278,9 +279,7 @@ def receive(study_uid: str) -> Response:
             raise StowRefused(507, problem)
         body = spool(request.environ["wsgi.input"].read, request.content_type or "", declared, limit)
     except StowRefused as refused:
-        record_activity(
-            Action.UPLOAD, Outcome.REFUSED, via="dicomweb", reason=refused.message, bytes=declared
-        )
+        record_activity(UploadEvent(via="dicomweb", reason=refused.message, bytes=declared), Outcome.REFUSED)
         return error_response(refused.status, refused.message)
     upload = store.Upload(
         orthanc=services.archive(),
@@ -298,14 +297,10 @@ def receive(study_uid: str) -> Response:
     touched = store.summary(results)
     status, document = answer(results, f"{origin(request.environ)}/dicom-web")
     record_activity(
-        Action.UPLOAD,
+        UploadEvent(via="dicomweb", studies=touched["studies"], bytes=body.received, **shown),
         Outcome.OK if status != 409 else Outcome.REFUSED,
         patient=touched["patient"],
         study=touched["study"],
-        via="dicomweb",
-        studies=touched["studies"],
-        bytes=body.received,
-        **shown,
     )
     response = Response(json.dumps(document), status=status, mimetype="application/dicom+json")
     for reason in dict.fromkeys(
