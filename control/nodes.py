@@ -46,6 +46,7 @@ from control.orthanc import (
     OrthancUnreachable,
 )
 from control.runtime import configs
+from control.settings import SiteSettings
 from control.site import Site
 
 # A write the archive answered "busy" (503) is sent this many times in all, with these pauses
@@ -292,7 +293,7 @@ class Archive:
         return self._read(lambda orthanc: orthanc.modalities())
 
 
-def connect(site: Site, settings: dict[str, Any], topology: configs.Topology, **options: Any) -> Archive:
+def connect(site: Site, settings: SiteSettings, topology: configs.Topology, **options: Any) -> Archive:
     """The archive of the installation ``site``: every node of ``topology``, with its credentials."""
     user, password = site.secrets.orthanc_user, site.secrets.orthanc_password
     return Archive(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import abort, g, jsonify, url_for
+from flask import abort, jsonify, url_for
 from flask_login import current_user
 
 from control import db, network, services
@@ -50,7 +50,7 @@ def study_link(orthanc_id: str):
                 reason="another patient's study has the same Study Instance UID",
             )
         return error_response(409, SHARED_UID)
-    warning = unchecked_link_warning(g.settings, facts)
+    warning = unchecked_link_warning(services.settings(), facts)
     detail: dict[str, Any] = {"identity_check": NO_BIRTH_DATE} if warning else {}
     with services.engine().begin() as connection:
         token, new = store.issue(connection, services.site().secrets.token_key, facts, db.utcnow())
@@ -62,13 +62,13 @@ def study_link(orthanc_id: str):
             study=facts.study_uid,
             **detail,
         )
-    period = LinkPeriod(token.accessible_until(g.settings["token_days"]), db.utcnow().date())
+    period = LinkPeriod(token.accessible_until(services.settings().token_days), db.utcnow().date())
     answer = {
-        "link": network.token_link(g.settings, token.token),
+        "link": network.token_link(services.settings(), token.token),
         "token_id": token.public_id,
         "accessible_until": period.until.isoformat(),
         "expired": period.expired,
-        "note": period.note(g.settings["date_format"]),
+        "note": period.note(services.settings().date_format),
         "extend_url": url_for("admin.token", token_id=token.id) if current_user.is_admin else None,
         "new": new,
     }
