@@ -86,8 +86,8 @@ def _common_passwords() -> frozenset[str]:
 
 def minimum_password_length(connection: sa.Connection) -> int:
     """The site's ``password_min_length``, never below the lowest the portal allows."""
-    stored = settings.with_defaults(db.get_settings(connection))
-    return max(LOWEST_PASSWORD_LENGTH, int(stored["password_min_length"]))
+    stored = settings.SiteSettings.from_stored(db.get_settings(connection))
+    return max(LOWEST_PASSWORD_LENGTH, stored.password_min_length)
 
 
 def password_problems(password: str, username: str, minimum_length: int) -> list[str]:

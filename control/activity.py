@@ -547,7 +547,7 @@ def start_retention(app: Flask) -> threading.Thread:
 
     def run_once() -> None:
         try:
-            keep_years = site.load_settings()["activity_keep_years"]
+            keep_years = site.load_settings().activity_keep_years
             if not keep_years:
                 return
             with site.engine.begin() as connection:

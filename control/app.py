@@ -107,7 +107,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def forget_https_when_ssl_is_off(response):
         # Between SSL turned off and the web front's swap, pages still go out over https: browsers
         # that get them drop this name's HSTS, else they would never reach the plain http portal.
-        if request.is_secure and not g.get("settings", {}).get("ssl_enabled", True):
+        settings = g.get("settings")
+        if request.is_secure and settings is not None and not settings.ssl_enabled:
             response.headers["Strict-Transport-Security"] = "max-age=0"
         return response
 

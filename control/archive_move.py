@@ -45,6 +45,7 @@ from control import archive_index, db
 from control.catalog import store as catalog_store
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.runtime import configs, files, stack
+from control.settings import SiteSettings
 from control.site import Site, write_private
 
 MOVING = "orthanc-moving"
@@ -88,12 +89,12 @@ def move_to_postgresql(site: Site, say: Callable[[str], None] = print) -> Moved:
     moving.mkdir(mode=0o700, exist_ok=True)
     with _orthanc(site, settings, "sqlite", site.orthanc_storage) as old:
         statistics = old.get_json("/statistics")
-        needed = int(statistics["TotalDiskSize"]) + settings["disk_reserve_mb"] * 1024 * 1024
+        needed = int(statistics["TotalDiskSize"]) + settings.disk_reserve_mb * 1024 * 1024
         free = shutil.disk_usage(site.data).free + _size_of(moving)
         if free < needed:
             raise MoveError(
                 f"the move needs {needed // 2**20} MB free beside the data (a second copy of the "
-                f"stored files and the reserve of {settings['disk_reserve_mb']} MB); "
+                f"stored files and the reserve of {settings.disk_reserve_mb} MB); "
                 f"there are {free // 2**20} MB"
             )
         say(
@@ -146,7 +147,7 @@ def _size_of(folder: Path) -> int:
 
 
 @contextlib.contextmanager
-def _orthanc(site: Site, settings: dict[str, Any], index: str, storage: Path) -> Iterator[Orthanc]:
+def _orthanc(site: Site, settings: SiteSettings, index: str, storage: Path) -> Iterator[Orthanc]:
     """An Orthanc of the move's own on ``storage`` and the index ``index``, DICOM off, loopback."""
     topology = replace(
         configs.Topology.from_environment(site), nodes=1, orthanc_hosts=(), archive_index=index

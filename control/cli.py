@@ -61,11 +61,11 @@ def main(context: click.Context, data: Path | None) -> None:
 
 def banner(site: Site, prepared: stack.Prepared) -> str:
     values = prepared.settings
-    lines = [f"The PACS web portal of {values['institution']} is running."]
-    if values["web_port"]:
-        port = values["web_port"]
-        if values["ssl_enabled"]:
-            host = values["web_server_name"] or local_address()
+    lines = [f"The PACS web portal of {values.institution} is running."]
+    if values.web_port:
+        port = values.web_port
+        if values.ssl_enabled:
+            host = values.web_server_name or local_address()
             lines.append(f"  Web:    https://{host}:{port}/  (https only; http:// is sent on to it)")
         else:
             lines.append(
@@ -77,15 +77,13 @@ def banner(site: Site, prepared: stack.Prepared) -> str:
     archive = configs.archive_nodes(values, topology)
     if len(archive) > 1:
         ports = ", ".join(str(node.dicom_port) for node in archive)
-        lines.append(
-            f"  DICOM:  AE title {values['dicom_aet']}, port {values['dicom_port']} (every node: {ports})"
-        )
+        lines.append(f"  DICOM:  AE title {values.dicom_aet}, port {values.dicom_port} (every node: {ports})")
         lines.append(
             f"  Nodes:  {len(archive)} archive nodes on one PostgreSQL index, "
             f"{len(topology.control_upstreams)} control planes; the first node takes the writes"
         )
     else:
-        lines.append(f"  DICOM:  AE title {values['dicom_aet']}, port {values['dicom_port']}")
+        lines.append(f"  DICOM:  AE title {values.dicom_aet}, port {values.dicom_port}")
         if topology.archive_index == "postgresql":
             lines.append("  Index:  the archive's index is on PostgreSQL")
     if prepared.admin_password:
@@ -229,7 +227,7 @@ def config_show(site: Site) -> None:
     db.migrate(site.engine)
     values = site.load_settings()
     for setting in site_settings.SETTINGS:
-        click.echo(f"{setting.name} = {json.dumps(values[setting.name], ensure_ascii=False)}")
+        click.echo(f"{setting.name} = {json.dumps(values.as_dict()[setting.name], ensure_ascii=False)}")
 
 
 @config.command("docs")
@@ -253,7 +251,7 @@ def config_set(site: Site, name: str, value: str, cut_transfers: bool) -> None:
         _fail(f"no setting {name!r}; ./pacs config show lists them")
     db.migrate(site.engine)
     applied = _change(site, {name: value}, cut_transfers=cut_transfers)
-    click.echo(f"{name} = {json.dumps(site.load_settings()[name], ensure_ascii=False)}")
+    click.echo(f"{name} = {json.dumps(site.load_settings().as_dict()[name], ensure_ascii=False)}")
     for note in applied.notes:
         click.echo(note)
 
@@ -283,7 +281,7 @@ def config_certificate(site: Site, certificate: Path, key: Path, cut_transfers: 
     click.echo(f"certificate installed: {facts.describe()}")
     for note in applied.notes:
         click.echo(note)
-    if not site.load_settings()["ssl_enabled"]:
+    if not site.load_settings().ssl_enabled:
         click.echo("turn SSL on with: ./pacs config set ssl_enabled yes")
 
 
@@ -441,12 +439,12 @@ def token_command(site: Site, study: str) -> None:
             patient=facts.patient_name,
             study=facts.study_uid,
         )
-    period = LinkPeriod(token.accessible_until(values["token_days"]), db.utcnow().date())
+    period = LinkPeriod(token.accessible_until(values.token_days), db.utcnow().date())
     if period.expired:
-        _fail(period.note(values["date_format"]))
+        _fail(period.note(values.date_format))
     click.echo(network.token_link(values, token.token))
     # The link alone goes to standard output, for scripts; the person reads the rest.
-    click.echo(f"pacs: {period.note(values['date_format'])}", err=True)
+    click.echo(f"pacs: {period.note(values.date_format)}", err=True)
     if warning:
         click.echo(f"pacs: {warning}", err=True)
 
@@ -515,7 +513,7 @@ def activity_prune(site: Site) -> None:
     from control import activity
 
     db.migrate(site.engine)
-    keep_years = site.load_settings()["activity_keep_years"]
+    keep_years = site.load_settings().activity_keep_years
     if not keep_years:
         click.echo("activity_keep_years is 0: the activity log keeps everything")
         return

@@ -91,7 +91,7 @@ class SiteSessionInterface(SecureCookieSessionInterface):
         plain = request.cookies.get(PLAIN_SESSION) if secure else None
         # Once SSL is turned off, pages still go out over https until the web front has switched;
         # the plain cookie handed over for the http page that follows must stay as it is.
-        if not plain or not services.site(app).load_settings()["ssl_enabled"]:
+        if not plain or not services.site(app).load_settings().ssl_enabled:
             return SiteSession()
         data = self.load(app, plain, secure=False) or {}
         if data.get("_user_id"):

@@ -24,7 +24,9 @@ import re
 import zoneinfo
 from collections.abc import Iterable
 
-from flask import Flask, g
+from flask import Flask
+
+from control import services
 
 # PS3.3 C.7.1.1 (Patient's Sex).
 SEX = {"M": "Male", "F": "Female", "O": "Other"}
@@ -256,17 +258,17 @@ def init_app(app: Flask) -> None:
 
     @app.template_filter("dicom_date")
     def dicom_date_filter(value: str | None) -> str:
-        return dicom_date(value, g.settings["date_format"])
+        return dicom_date(value, services.settings().date_format)
 
     @app.template_filter("dicom_date_time")
     def dicom_date_time_filter(value: str | None) -> str:
-        return dicom_date_time(value, g.settings["date_format"])
+        return dicom_date_time(value, services.settings().date_format)
 
     @app.template_filter("datetime")
     def datetime_filter(moment: dt.datetime | None) -> str:
-        settings = g.settings
-        return local_time(moment, settings["time_zone"], settings["date_format"] + " %H:%M:%S")
+        settings = services.settings()
+        return local_time(moment, settings.time_zone, settings.date_format + " %H:%M:%S")
 
     @app.template_filter("date")
     def date_filter(day: dt.date | None) -> str:
-        return day.strftime(g.settings["date_format"]) if day else ""
+        return day.strftime(services.settings().date_format) if day else ""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Blueprint, Response, abort, current_app, g, request
+from flask import Blueprint, Response, abort, current_app, request
 from flask_login import current_user
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
@@ -183,7 +183,7 @@ class ArchiveState:
         reserve = GaugeMetricFamily(
             "pacs_disk_reserve_bytes", "Free space below which uploads are refused (disk_reserve_mb)"
         )
-        reserve.add_metric([], g.settings["disk_reserve_mb"] * 1024 * 1024)
+        reserve.add_metric([], services.settings().disk_reserve_mb * 1024 * 1024)
         yield reserve
         now = GaugeMetricFamily("pacs_scrape_time_seconds", "When these values were read (Unix time)")
         now.add_metric([], time.time())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any
+
+from control.settings import SiteSettings
 
 
 def local_address() -> str:
@@ -19,23 +20,23 @@ def local_address() -> str:
             return "127.0.0.1"
 
 
-def public_origin(settings: dict[str, Any]) -> str:
+def public_origin(settings: SiteSettings) -> str:
     """``scheme://host:port`` of the portal as the outside world reaches it.
 
     The host is the web server name, else the internet address, else this machine's address; the
     scheme is https when SSL is on. Built from the settings alone, so a link made from a page opened
     on a local address, or from a shell, still works for a patient at home.
     """
-    host = settings.get("web_server_name") or settings.get("public_address") or local_address()
+    host = settings.web_server_name or settings.public_address or local_address()
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    scheme = "https" if settings.get("ssl_enabled") else "http"
+    scheme = "https" if settings.ssl_enabled else "http"
     # Behind a port mapping (compose.yaml) the outside world uses another port than Caddy's own.
-    port = os.environ.get("PACS_PUBLIC_WEB_PORT") or settings["web_port"]
+    port = os.environ.get("PACS_PUBLIC_WEB_PORT") or settings.web_port
     return f"{scheme}://{host}:{port}"
 
 
-def token_link(settings: dict[str, Any], token: str) -> str:
+def token_link(settings: SiteSettings, token: str) -> str:
     """The fully qualified link a patient opens: ``{origin}/token?{token}``."""
     return f"{public_origin(settings)}/token?{token}"
 

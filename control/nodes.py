@@ -48,6 +48,7 @@ from control.orthanc import (
     OrthancUnreachable,
 )
 from control.runtime import configs
+from control.settings import SiteSettings
 from control.site import Site
 
 # A write the archive answered "busy" (503) is sent this many times in all, with these pauses
@@ -305,7 +306,7 @@ class Archive:
 
 def connect(
     site: Site,
-    settings: dict[str, Any],
+    settings: SiteSettings,
     topology: configs.Topology,
     *,
     spare_writer: bool = False,

@@ -2,7 +2,8 @@
 
 ``create_app`` builds each part once and keeps it in ``app.extensions`` (``install``); code that
 serves a request, and the worker hooks, ask for a part here by name, so that a reader and the type
-checker both know what they get. Tests may put a stand-in under the same key (``KEYS``).
+checker both know what they get. Tests may put a stand-in under the same key (``KEYS``). The site
+settings a request reads are asked for here too (``settings``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flask import Flask, current_app
+from flask import Flask, current_app, g
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from control.archive_version import ArchiveVersions
     from control.dicomweb.frames import FrameSource
     from control.nodes import Archive
+    from control.settings import SiteSettings
     from control.site import Site
     from control.watch import ArchiveWatch
 
@@ -44,6 +46,12 @@ def _of(app: Flask | None) -> dict:
 def site(app: Flask | None = None) -> Site:
     """The installation: its data directory, secrets, settings and database."""
     return _of(app)["site"]
+
+
+def settings() -> SiteSettings:
+    """The site settings of the request being served, read once as it began (``create_app``), so
+    that one page sees one set of values."""
+    return g.settings
 
 
 def engine(app: Flask | None = None) -> sa.Engine:

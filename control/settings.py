@@ -1,9 +1,10 @@
 """Every site setting of the portal, declared once.
 
 A setting has a name, a type, a default, a label and help text, and says what the running portal
-must do when it changes (its ``effect``; ``control.runtime.apply`` does it). The admin's setup page, the
-``./pacs config`` commands and the settings section of the documentation are all built from the
-``SETTINGS`` list below, so a setting added here appears everywhere at once.
+must do when it changes (its ``effect``; ``control.runtime.apply`` does it). Each is one field of
+``SiteSettings`` below, the typed values that code reads (``settings.token_days``); ``SETTINGS`` lists
+the same declarations, from which the admin's setup page, the ``./pacs config`` commands and the
+settings section of the documentation are built, so a setting added here appears everywhere at once.
 
 Values live in the ``settings`` table of the control plane's database (see ``control.db``): the
 running portal and every instance sharing that database read the same values. On the first run the
@@ -19,8 +20,8 @@ import os
 import re
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar, get_type_hints
 
 
 class Effect(enum.Enum):
@@ -210,42 +211,66 @@ def _modalities(text: str) -> None:
     registrable(text)
 
 
-def _port(
-    name: str, default: int, label: str, help: str, env: str, effect: Effect, minimum: int = 1
-) -> Setting:
-    return Setting(
-        name,
-        int,
-        default,
-        label,
-        help,
-        env=env,
-        minimum=minimum,
-        maximum=65535,
-        effect=effect,
-        listening_port=True,
+T = TypeVar("T")
+
+
+def declare(
+    default: T,
+    label: str,
+    help: str,
+    *,
+    env: str | None = None,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    choices: tuple[tuple[str, str], ...] = (),
+    check: Callable[[str], None] | None = None,
+    effect: Effect = Effect.NOTHING,
+    listening_port: bool = False,
+) -> T:
+    """One field of ``SiteSettings``: the setting's default and what the admin reads about it
+    (its name and type are the field's; see ``Setting`` for the rest)."""
+    details = {
+        "label": label,
+        "help": help,
+        "env": env,
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+        "check": check,
+        "effect": effect,
+        "listening_port": listening_port,
+    }
+    return field(default=default, metadata={"setting": details})
+
+
+def _port(default: int, label: str, help: str, env: str, effect: Effect, minimum: int = 1) -> int:
+    return declare(
+        default, label, help, env=env, minimum=minimum, maximum=65535, effect=effect, listening_port=True
     )
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "institution",
-        str,
+@dataclass(frozen=True)
+class SiteSettings:
+    """The site settings with their values, each typed as declared here (one field a setting).
+
+    Code reads a setting as an attribute (``settings.token_days`` is an int), so that a misspelled
+    name is an error for the type checker rather than a KeyError on a page. The values are
+    read-only: a change goes through ``control.runtime.apply.change_settings``, which stores it.
+    """
+
+    institution: str = declare(
         "Sante Radiology",
         "Institution",
         "Shown on every page so that users know which archive they reached.",
         env="PACS_INSTITUTION",
-    ),
-    Setting(
-        "department",
-        str,
+    )
+    department: str = declare(
         "Imaging Department",
         "Department",
         "Shown beside the institution on every page.",
         env="PACS_DEPARTMENT",
-    ),
-    _port(
-        "web_port",
+    )
+    web_port: int = _port(
         3000,
         "Web port",
         "The port browsers connect to; forward it on the router for access from outside. "
@@ -253,57 +278,47 @@ SETTINGS: tuple[Setting, ...] = (
         "PACS_WEB_PORT",
         Effect.WEB_FRONT,
         minimum=0,
-    ),
-    _port(
-        "dicom_port",
+    )
+    dicom_port: int = _port(
         4242,
         "DICOM port",
         "The port modalities send studies to and query (C-STORE, C-FIND, worklist).",
         "PACS_DICOM_PORT",
         Effect.ARCHIVE_RESTART,
-    ),
-    Setting(
-        "dicom_aet",
-        str,
+    )
+    dicom_aet: str = declare(
         "ORTHANC",
         "DICOM AE title",
         "The archive's application entity title, as modalities must call it.",
         env="PACS_DICOM_AET",
         check=_ae_title,
         effect=Effect.ARCHIVE_RESTART,
-    ),
-    _port(
-        "orthanc_http_port",
+    )
+    orthanc_http_port: int = _port(
         8042,
         "Archive's internal HTTP port",
         "Loopback port of the archive's own HTTP interface. Only the portal reaches it, with "
         "credentials of its own; browsers never do.",
         "PACS_ORTHANC_HTTP_PORT",
         Effect.NEXT_START,
-    ),
-    Setting(
-        "ssl_enabled",
-        bool,
+    )
+    ssl_enabled: bool = declare(
         False,
         "Enable SSL encryption",
         "Serve https only, with the site's own certificate and private key (from its certificate "
         "provider, for the web server name). Strongly recommended: without it, use the portal only "
         "over a VPN.",
         effect=Effect.WEB_FRONT,
-    ),
-    Setting(
-        "hsts_include_subdomains",
-        bool,
+    )
+    hsts_include_subdomains: bool = declare(
         False,
         "HSTS for subdomains too",
         "With SSL on, browsers are told to reach this server name over https only, for a year "
         "(HSTS). Ticked, that holds for every name under it as well (includeSubDomains): only when "
         "all of them serve https.",
         effect=Effect.WEB_FRONT,
-    ),
-    Setting(
-        "web_server_name",
-        str,
+    )
+    web_server_name: str = declare(
         "",
         "Web server name",
         "The portal's DNS name (e.g. pacs.example.org), used in the links sent to patients. Keep it "
@@ -313,20 +328,16 @@ SETTINGS: tuple[Setting, ...] = (
         # With SSL on, the web front answers browsers that give no server name with this one's
         # certificate; without SSL its configuration does not hold it.
         effect=Effect.WEB_FRONT,
-    ),
-    Setting(
-        "public_address",
-        str,
+    )
+    public_address: str = declare(
         "",
         "Internet address (true IP)",
         "The address the portal is reached at from the internet, used in patients' links when there "
         "is no web server name. Blank: this machine's own address is used.",
         env="PACS_PUBLIC_ADDRESS",
         check=_host_name,
-    ),
-    Setting(
-        "token_days",
-        int,
+    )
+    token_days: int = declare(
         60,
         "Studies are accessible via tokens for",
         "How long patients' links work, counted from the study date (or from the day the link was "
@@ -343,36 +354,28 @@ SETTINGS: tuple[Setting, ...] = (
                 (365, "1 year"),
             )
         ),
-    ),
-    Setting(
-        "token_identity_check",
-        bool,
+    )
+    token_identity_check: bool = declare(
         False,
         "Ask patients for their birth date",
         "Before a patient's link shows the study, ask for the patient's date of birth; repeated wrong "
         "answers lock the link for a while.",
-    ),
-    Setting(
-        "contact_phone",
-        str,
+    )
+    contact_phone: str = declare(
         "",
         "Patients' contact phone",
         "The phone number patients call about their links (one expired, one that does not open, a "
         "question about a study), shown on patients' pages, e.g. +30 210 123 4567. Blank: none shown.",
         check=_phone,
-    ),
-    Setting(
-        "contact_email",
-        str,
+    )
+    contact_email: str = declare(
         "",
         "Patients' contact e-mail",
         "The e-mail address patients write to about their links, shown on patients' pages beside the "
         "phone, e.g. imaging@example.org. Blank: none shown.",
         check=_email,
-    ),
-    Setting(
-        "zip_content",
-        str,
+    )
+    zip_content: str = declare(
         "dicom",
         "Zip files contain",
         "What downloads hold: the DICOM files as stored, or recompressed to JPEG lossless "
@@ -381,19 +384,15 @@ SETTINGS: tuple[Setting, ...] = (
             ("dicom", "DICOM files as stored"),
             ("jpeg-lossless", "DICOM files JPEG lossless compressed"),
         ),
-    ),
-    Setting(
-        "zip_dicomdir",
-        bool,
+    )
+    zip_dicomdir: bool = declare(
         False,
         "Add a DICOMDIR to zip files",
         "Zips then hold the files in the layout of a DICOM CD (PT000000/ST000000/...) with a "
         "DICOMDIR index, which many viewers open directly. The zip page lets each download "
         "choose otherwise.",
-    ),
-    Setting(
-        "date_format",
-        str,
+    )
+    date_format: str = declare(
         "%Y-%m-%d",
         "Date format",
         "How dates are shown on every page.",
@@ -403,20 +402,16 @@ SETTINGS: tuple[Setting, ...] = (
             ("%m/%d/%Y", "03/31/2024"),
             ("%d.%m.%Y", "31.03.2024"),
         ),
-    ),
-    Setting(
-        "time_zone",
-        str,
+    )
+    time_zone: str = declare(
         "UTC",
         "Time zone",
         "Times in the activity log are stored in UTC and shown in this zone (an IANA name such as "
         "Europe/Athens).",
         env="PACS_TIME_ZONE",
         check=_time_zone,
-    ),
-    Setting(
-        "activity_keep_years",
-        int,
+    )
+    activity_keep_years: int = declare(
         0,
         "Keep the activity log for (years)",
         "Activity older than this many years is exported to a compressed CSV file in the data "
@@ -424,28 +419,22 @@ SETTINGS: tuple[Setting, ...] = (
         "everything.",
         minimum=0,
         maximum=100,
-    ),
-    Setting(
-        "session_idle_minutes",
-        int,
+    )
+    session_idle_minutes: int = declare(
         30,
         "Idle sign-out (minutes)",
         "A signed-in user who does nothing for this long must sign in again.",
         minimum=1,
         maximum=24 * 60,
-    ),
-    Setting(
-        "session_lifetime_hours",
-        int,
+    )
+    session_lifetime_hours: int = declare(
         12,
         "Longest session (hours)",
         "However active, a session ends this long after sign-in.",
         minimum=1,
         maximum=24 * 30,
-    ),
-    Setting(
-        "password_min_length",
-        int,
+    )
+    password_min_length: int = declare(
         12,
         "Shortest password",
         "New passwords need at least this many characters (8 at the least). Whatever their length, "
@@ -454,10 +443,8 @@ SETTINGS: tuple[Setting, ...] = (
         "ones fall short, as found at their owner's last sign-in.",
         minimum=8,
         maximum=64,
-    ),
-    Setting(
-        "upload_max_mb",
-        int,
+    )
+    upload_max_mb: int = declare(
         2048,
         "Largest upload (MB)",
         "The most one upload request may carry (a DICOM file, a zip, an HL7 file or a PDF report). "
@@ -466,20 +453,16 @@ SETTINGS: tuple[Setting, ...] = (
         env="PACS_UPLOAD_MAX_MB",
         minimum=1,
         maximum=1024 * 1024,
-    ),
-    Setting(
-        "upload_max_unpacked_mb",
-        int,
+    )
+    upload_max_unpacked_mb: int = declare(
         16384,
         "Largest unpacked zip (MB)",
         "The most one uploaded zip may unpack to, counted as it is read (whatever its headers claim); "
         "the members past it are refused.",
         minimum=1,
         maximum=1024 * 1024,
-    ),
-    Setting(
-        "disk_reserve_mb",
-        int,
+    )
+    disk_reserve_mb: int = declare(
         2048,
         "Free disk space kept (MB)",
         "Uploads are refused while the archive's disk has less free space than this, so that the "
@@ -487,10 +470,8 @@ SETTINGS: tuple[Setting, ...] = (
         env="PACS_DISK_RESERVE_MB",
         minimum=0,
         maximum=1024 * 1024 * 1024,
-    ),
-    Setting(
-        "dicom_modalities",
-        str,
+    )
+    dicom_modalities: str = declare(
         "",
         "Registered modalities",
         "The modalities that may query the worklist and the archive over DICOM (C-FIND, C-MOVE, "
@@ -499,10 +480,8 @@ SETTINGS: tuple[Setting, ...] = (
         "no passwords, so that pair is the only lock. Give each modality a fixed address.",
         check=_modalities,
         effect=Effect.ARCHIVE_API,
-    ),
-    Setting(
-        "default_encoding",
-        str,
+    )
+    default_encoding: str = declare(
         "Utf8",
         "Character set of files that name none",
         "How the archive reads the text of DICOM files that do not say their character set "
@@ -531,10 +510,8 @@ SETTINGS: tuple[Setting, ...] = (
             ("SimplifiedChinese", "Simplified Chinese (GB2312)"),
         ),
         effect=Effect.ARCHIVE_API,
-    ),
-    Setting(
-        "dicom_store_from",
-        str,
+    )
+    dicom_store_from: str = declare(
         "any",
         "Modalities that may store",
         "Who may send studies to the archive over DICOM (C-STORE). Refused stores are recorded in "
@@ -545,20 +522,40 @@ SETTINGS: tuple[Setting, ...] = (
             ("registered", "Registered modalities only (AE title and address)"),
         ),
         effect=Effect.ARCHIVE_RESTART,
-    ),
+    )
+
+    def __post_init__(self) -> None:
+        # Values come from the database as JSON: one of another type (a row edited by hand, a port
+        # stored as the text "8443") would otherwise fail far from here, on a page or in Caddy.
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if type(value) is not setting.kind:
+                raise TypeError(
+                    f"the setting {setting.name} holds {value!r}, "
+                    f"of type {type(value).__name__} rather than {setting.kind.__name__}"
+                )
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any]) -> SiteSettings:
+        """Stored values over the declared defaults; names no longer declared are left out."""
+        return cls(**{name: value for name, value in stored.items() if name in BY_NAME})
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every value by its setting's name, for what goes through the declarations one by one
+        (the setup page, ``./pacs config show``, the record of the running configuration)."""
+        return {setting.name: getattr(self, setting.name) for setting in SETTINGS}
+
+
+_KINDS = get_type_hints(SiteSettings)
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(item.name, _KINDS[item.name], item.default, **item.metadata["setting"])
+    for item in fields(SiteSettings)
 )
 
 BY_NAME: Mapping[str, Setting] = {setting.name: setting for setting in SETTINGS}
 
 
-def with_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """Stored values over the declared defaults; names no longer declared are left out."""
-    values = {setting.name: setting.default for setting in SETTINGS}
-    values.update({name: value for name, value in stored.items() if name in BY_NAME})
-    return values
-
-
-def first_run_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def first_run_values(environ: Mapping[str, str] | None = None) -> SiteSettings:
     """The values a new installation starts with: defaults, overridden by the environment."""
     environ = os.environ if environ is None else environ
     values = {}
@@ -567,7 +564,7 @@ def first_run_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]
             values[setting.name] = setting.parse(environ[setting.env])
         else:
             values[setting.name] = setting.default
-    return values
+    return SiteSettings(**values)
 
 
 def markdown_table() -> str:

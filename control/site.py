@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import sqlalchemy as sa
 
@@ -87,7 +87,7 @@ class Site:
 
     def __init__(self, data: Path | str | None = None) -> None:
         self.data = Path(data).resolve() if data else default_data_dir()
-        self._settings: tuple[int, dict[str, Any]] | None = None
+        self._settings: tuple[int, settings.SiteSettings] | None = None
 
     def __repr__(self) -> str:
         return f"Site({str(self.data)!r})"
@@ -231,7 +231,7 @@ class Site:
     def engine(self) -> sa.Engine:
         return db.make_engine(self.database_url)
 
-    def load_settings(self, connection: sa.Connection | None = None) -> dict[str, Any]:
+    def load_settings(self, connection: sa.Connection | None = None) -> settings.SiteSettings:
         """The site settings: stored values over the declared defaults.
 
         Read on every request, so that a change made through any instance counts at once; the
@@ -243,15 +243,15 @@ class Site:
         revision = db.settings_revision(connection)
         cached = self._settings
         if cached is None or cached[0] != revision:
-            cached = (revision, settings.with_defaults(db.get_settings(connection)))
+            cached = (revision, settings.SiteSettings.from_stored(db.get_settings(connection)))
             self._settings = cached
-        return dict(cached[1])
+        return cached[1]
 
-    def last_settings(self) -> dict[str, Any]:
+    def last_settings(self) -> settings.SiteSettings:
         """The settings as last read, without asking the database (for pages that say it is
         down); the declared defaults when they were never read."""
         cached = self._settings
-        return dict(cached[1]) if cached else settings.with_defaults({})
+        return cached[1] if cached else settings.SiteSettings()
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, g, make_response, redirect, request, url_for
+from flask import Blueprint, make_response, redirect, request, url_for
 from flask_login import current_user
 
 from control import db, services
@@ -125,7 +125,7 @@ def _patient_page() -> str | None:
     """The page of the newest study link whose viewer grant this browser holds, if one still works."""
     with services.engine().connect() as connection:
         held = grants.still_valid(
-            connection, grants.read(request), g.settings["token_days"], db.utcnow().date()
+            connection, grants.read(request), services.settings().token_days, db.utcnow().date()
         )
         token = store.get(connection, held[0].token_id) if held else None
     if token is None:
@@ -153,8 +153,8 @@ def way_back() -> dict[str, Any]:
 def app_config():
     """The viewer's configuration for this site and this browser (never cached: it names both)."""
     portal = {
-        "institution": g.settings["institution"],
-        "department": g.settings["department"],
+        "institution": services.settings().institution,
+        "department": services.settings().department,
         "back": way_back(),
     }
     # A JSON literal is JavaScript: quotes and backslashes escaped, every non-ASCII character

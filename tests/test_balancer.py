@@ -65,7 +65,7 @@ def installation(tmp_path: Path) -> Iterator[tuple[Site, configs.Topology]]:
 
 
 def caddy(site: Site, topology: configs.Topology, web_port: int) -> subprocess.Popen:
-    settings = {**site.load_settings(), "web_port": web_port}
+    settings = dataclasses.replace(site.load_settings(), web_port=web_port)
     write_private(files.caddyfile(site), configs.render_caddy(site, settings, topology))
     configs.write_unavailable(site, settings)
     started = subprocess.Popen(

@@ -1,10 +1,18 @@
-"""The settings declaration: parsing what admins type, and the documentation that lists them."""
+"""The settings declaration: parsing what admins type, the typed values code reads, and the
+documentation that lists them."""
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
 
-from control import settings
+import pytest
+from flask import Flask
+
+from control import db, services, settings
 from control.runtime import configs
 from control.site import Site
 
@@ -54,9 +62,9 @@ def test_first_run_values_come_from_the_environment() -> None:
     values = settings.first_run_values(
         {"PACS_WEB_PORT": "8080", "PACS_INSTITUTION": "Clinic", "PACS_DICOM_AET": ""}
     )
-    assert values["web_port"] == 8080
-    assert values["institution"] == "Clinic"
-    assert values["dicom_aet"] == "ORTHANC"
+    assert values.web_port == 8080
+    assert values.institution == "Clinic"
+    assert values.dicom_aet == "ORTHANC"
 
 
 def test_the_readme_lists_every_setting_as_declared() -> None:
@@ -81,7 +89,9 @@ def other_value(setting: settings.Setting) -> object:
     if setting.kind is bool:
         return not setting.default
     if setting.choices:
-        return next(value for value, _label in setting.choices if value != str(setting.default))
+        return setting.parse(
+            next(value for value, _label in setting.choices if value != str(setting.default))
+        )
     if setting.kind is int:
         return setting.parse(str(setting.default + 1))
     return setting.parse(OTHER_TEXT.get(setting.name, "Somewhere Else"))
@@ -95,8 +105,8 @@ def test_each_setting_declares_which_configuration_holds_it(setting: settings.Se
     site = Site(tmp_path)
     topology = configs.Topology.from_environment(site)
     # SSL on, so that what only an https site holds (its server name) shows too.
-    base = {**settings.with_defaults({}), "ssl_enabled": setting.name != "ssl_enabled"}
-    changed = {**base, setting.name: other_value(setting)}
+    base = settings.SiteSettings(ssl_enabled=setting.name != "ssl_enabled")
+    changed = dataclasses.replace(base, **{setting.name: other_value(setting)})
     web_front = configs.render_caddy(site, base, topology) != configs.render_caddy(site, changed, topology)
     archive = configs.render_orthanc(site, base, topology) != configs.render_orthanc(site, changed, topology)
     Effect = settings.Effect
@@ -104,3 +114,82 @@ def test_each_setting_declares_which_configuration_holds_it(setting: settings.Se
         return
     assert web_front == (setting.effect is Effect.WEB_FRONT)
     assert archive == (setting.effect in (Effect.ARCHIVE_API, Effect.ARCHIVE_RESTART))
+
+
+def test_the_typed_settings_hold_each_declared_setting_with_its_type() -> None:
+    """One attribute a setting, of the declared type and default, and nothing besides."""
+    defaults = settings.SiteSettings()
+    assert list(vars(defaults)) == [setting.name for setting in settings.SETTINGS]
+    hints = typing.get_type_hints(settings.SiteSettings)
+    for setting in settings.SETTINGS:
+        assert hints[setting.name] is setting.kind, setting.name
+        assert type(getattr(defaults, setting.name)) is setting.kind, setting.name
+        assert getattr(defaults, setting.name) == setting.default, setting.name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        defaults.token_days = 7  # type: ignore[misc]
+
+
+def test_a_misspelled_setting_is_a_type_error(tmp_path: Path) -> None:
+    """What the typed object is for: mypy, not a patient's page, finds a setting that does not
+    exist, or one read as what it is not."""
+    (tmp_path / "page.py").write_text(MISSPELLED)
+    checked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--cache-dir",
+            str(REPOSITORY / ".mypy_cache"),
+            str(tmp_path / "page.py"),
+        ],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 1, checked.stdout
+    assert '"SiteSettings" has no attribute "token_dayz"' in checked.stdout
+    assert checked.stdout.count("error:") == 2, checked.stdout  # and a str is not an int
+
+
+MISSPELLED = """
+from control import services
+days: int = services.settings().token_dayz
+port: int = services.settings().institution
+"""
+
+
+def test_stored_values_are_read_with_their_types(app: Flask) -> None:
+    """What ``./pacs config set`` or the setup page stored is what a page reads, typed."""
+    site = services.site(app)
+    with site.engine.begin() as connection:
+        db.put_settings(
+            connection,
+            {
+                "token_days": 30,
+                "token_identity_check": True,
+                "institution": "St. Elsewhere",
+                "web_port": 8443,
+            },
+        )
+    with app.test_request_context("/"):
+        app.preprocess_request()
+        read = services.settings()
+        assert (read.token_days, read.token_identity_check, read.institution, read.web_port) == (
+            30,
+            True,
+            "St. Elsewhere",
+            8443,
+        )
+        assert read.time_zone == "UTC"  # not stored: the declared default
+    assert site.load_settings() == read
+    assert app.test_client().get("/").text.count("St. Elsewhere") >= 2
+
+
+def test_a_stored_value_of_another_type_is_refused_by_name(app: Flask) -> None:
+    """A row edited by hand to hold text where a number belongs fails with the setting named,
+    rather than as a string multiplied somewhere in an upload."""
+    site = services.site(app)
+    with site.engine.begin() as connection:
+        db.put_settings(connection, {"upload_max_mb": "2048"})
+    with pytest.raises(TypeError, match="upload_max_mb holds '2048', of type str rather than int"):
+        site.load_settings()

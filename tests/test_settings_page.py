@@ -12,6 +12,8 @@ import io
 
 import pytest
 
+from control.settings import SiteSettings
+
 from conftest import activity_rows, field_error, form_values
 
 pytestmark = pytest.mark.inprocess
@@ -34,7 +36,7 @@ BAD_VALUES = [
 ]
 
 
-def stored_settings(app) -> dict:
+def stored_settings(app) -> SiteSettings:
     return app.extensions["site"].load_settings()
 
 
@@ -78,7 +80,7 @@ def test_a_certificate_that_is_not_one_is_refused_and_ssl_stays_off(app, client,
     response = client.post("/admin/settings", data=values | files, content_type="multipart/form-data")
     assert response.status_code == 400
     assert 'class="field-error" role="alert"' in response.text
-    assert stored_settings(app)["ssl_enabled"] is False
+    assert stored_settings(app).ssl_enabled is False
     assert not (app.extensions["site"].secrets_dir / "tls" / "site.crt").exists()
 
 
@@ -100,7 +102,7 @@ def test_a_stored_setting_is_saved_shown_and_logged_with_old_and_new(app, client
     assert response.status_code == 302
     assert response.headers["Location"] == "/admin/settings?saved=1"
     stored = stored_settings(app)
-    assert (stored["institution"], stored["token_days"], stored["token_identity_check"]) == (
+    assert (stored.institution, stored.token_days, stored.token_identity_check) == (
         "St. Elsewhere",
         30,
         True,
@@ -126,4 +128,4 @@ def test_no_token_changes_nothing(app, client, auth) -> None:
     values.pop("csrf_token")
     response = client.post("/admin/settings", data={**values, "institution": "St. Elsewhere"})
     assert response.status_code == 400
-    assert stored_settings(app)["institution"] != "St. Elsewhere"
+    assert stored_settings(app).institution != "St. Elsewhere"

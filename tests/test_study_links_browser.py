@@ -166,7 +166,7 @@ def test_a_patient_with_an_expired_link_sees_how_to_reach_the_institution(
         contact = page.locator("p.contact")
         settings = Site(tls_stack.data).load_settings()
         assert contact.inner_text() == (
-            f"Contact {settings['institution']}, {settings['department']}: phone +30 210 123 4567, "
+            f"Contact {settings.institution}, {settings.department}: phone +30 210 123 4567, "
             "e-mail imaging@example.org."
         )
         assert (

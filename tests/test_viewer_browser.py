@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.browser]
 
 def institution(stack: TLSStack) -> str:
     """The institution's name as the portal's settings hold it now (other tests may rename it)."""
-    return Site(stack.data).load_settings()["institution"]
+    return Site(stack.data).load_settings().institution
 
 
 @pytest.fixture(scope="module")

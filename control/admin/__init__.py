@@ -22,7 +22,6 @@ from flask import (
     Response,
     abort,
     flash,
-    g,
     redirect,
     render_template,
     request,
@@ -119,7 +118,7 @@ def lift_lock():
 @bp.route("/users/new", methods=["GET", "POST"])
 def new_user():
     form = NewUserForm()
-    form.password.description = accounts.password_help(g.settings["password_min_length"])
+    form.password.description = accounts.password_help(services.settings().password_min_length)
     if form.validate_on_submit():
         try:
             with services.engine().begin() as connection:
@@ -208,7 +207,7 @@ def credentials(user_id: int):
         user = _user_or_404(connection, user_id)
     form = CredentialsForm(username=user.username)
     form.password.description = "Leave blank to keep it. " + accounts.password_help(
-        g.settings["password_min_length"]
+        services.settings().password_min_length
     )
     if form.validate_on_submit():
         new_name = form.username.data
@@ -330,7 +329,7 @@ def _activity_page(
     filters: ActivityFilter, *, form: ActivityFilterForm | None = None, title: str = "", user=None
 ):
     page = _page_number()
-    time_zone = g.settings["time_zone"]
+    time_zone = services.settings().time_zone
     grouped = not (filters.address or filters.patient or filters.study)
     with services.engine().connect() as connection:
         if filters.listing is ActivityList.REFUSED and filters.user_id is None and grouped:
@@ -402,7 +401,7 @@ def spreadsheet_safe(cell: str) -> str:
 def activity_csv():
     """The rows the activity page shows for the same filters (all pages), as CSV."""
     _form, filters = _filters_from_request()
-    time_zone = g.settings["time_zone"]
+    time_zone = services.settings().time_zone
 
     def generate() -> Iterator[str]:
         buffer = io.StringIO()
@@ -477,7 +476,7 @@ def tokens():
         ).all()
         descriptions = {row.study_id: row.description for row in catalog_rows}
         # Tokens of the desktop viewer and of other viewers, newest first, to revoke from here.
-        viewer_listed = viewer_tokens.listing(connection, g.settings, patient_id=patient_id)
+        viewer_listed = viewer_tokens.listing(connection, services.settings(), patient_id=patient_id)
     today = dt.date.today()
     arguments = {"patient_id": patient_id} if patient_id else {}
     if held:
@@ -490,7 +489,7 @@ def tokens():
         page=page,
         pages=max(1, math.ceil(total / PAGE_SIZE)),
         patient_id=patient_id,
-        token_days=g.settings["token_days"],
+        token_days=services.settings().token_days,
         today=today,
         now=db.utcnow(),
         held=held,
@@ -528,7 +527,7 @@ def token(token_id: int):
                     "info",
                 )
             elif form.extend_until.data:
-                old = found.accessible_until(g.settings["token_days"])
+                old = found.accessible_until(services.settings().token_days)
                 store.extend(connection, token_id, form.extend_until.data)
                 record_activity(
                     TokenExtendedEvent(old=old.isoformat(), new=form.extend_until.data.isoformat()),
@@ -541,8 +540,8 @@ def token(token_id: int):
         "admin/token.html",
         token=found,
         form=form,
-        token_days=g.settings["token_days"],
-        state=found.state(g.settings["token_days"], dt.date.today()),
+        token_days=services.settings().token_days,
+        state=found.state(services.settings().token_days, dt.date.today()),
         now=db.utcnow(),
         lock_steps=len(store.IDENTITY_LOCKS),
     )

@@ -17,15 +17,16 @@ nothing answers browsers after it, so the page says how to turn web access back 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from flask import flash, g, make_response, redirect, render_template, request, url_for
+from flask import flash, make_response, redirect, render_template, request, url_for
 from werkzeug.datastructures import FileStorage
 
 from control import cookies, network, services, tls
 from control.admin import bp
 from control.runtime import apply, configs
-from control.settings import SETTINGS, Effect, Setting
+from control.settings import SETTINGS, Effect, Setting, SiteSettings
 from control.site import REPOSITORY
 
 # How the page groups the settings, as in the seed's dialog; anything not named here is listed
@@ -120,9 +121,9 @@ def _uploaded(name: str) -> bytes | None:
 
 @bp.route("/settings", methods=["GET", "POST"])
 def settings():
-    current = g.settings
+    current = services.settings()
     errors: dict[str, str] = {}
-    typed: dict[str, Any] = dict(current)
+    typed: dict[str, Any] = current.as_dict()
     confirm_web_off = False
     cuts: apply.TransfersInProgress | None = None
     clearing = bool(request.form.get("clear_ssl"))
@@ -139,7 +140,7 @@ def settings():
                 new_pair = apply.NewCertificate(certificate, key, tls.check_pair(certificate, key))
             except tls.CertificateError as error:
                 errors["certificate" if error.field == "certificate" else "key"] = str(error)
-        turns_web_off = texts.get("web_port", "").strip() == "0" and current["web_port"]
+        turns_web_off = texts.get("web_port", "").strip() == "0" and current.web_port
         confirm_web_off = bool(turns_web_off and request.form.get("confirm_web_off") != "yes")
         if not errors and not confirm_web_off:
             try:
@@ -178,7 +179,7 @@ def settings():
         saved=request.args.get("saved") and request.method == "GET",
         effect_notes={setting.name: EFFECT_NOTES[setting.effect] for setting in SETTINGS},
         confirm_web_off=confirm_web_off,
-        web_on_command=web_on_command(current["web_port"] or 3000),
+        web_on_command=web_on_command(current.web_port or 3000),
     ), (400 if errors else 409 if cuts else 200)
 
 
@@ -192,16 +193,16 @@ def _texts(form) -> dict[str, str]:
     }
 
 
-def _saved(current: dict[str, Any], applied: apply.Applied, cleared: bool):
+def _saved(current: SiteSettings, applied: apply.Applied, cleared: bool):
     """After a change: say what it did, and show the page again, from where the portal now is."""
-    values = current | _new(applied)
+    values = replace(current, **_new(applied))
     if cleared:
         flash("The certificate and key are cleared; SSL is off.", "info")
     else:
         for note in applied.notes:
             if note != apply.APPLIED:
                 flash(note, "info")
-        if values["web_port"]:
+        if values.web_port:
             flash(f"Saved. The portal is reachable at {network.public_origin(values)}/", "info")
     return _after_save(current, values)
 
@@ -225,15 +226,15 @@ def _split_host(host: str) -> tuple[str, str]:
     return name, port
 
 
-def _after_save(current: dict[str, Any], typed: dict[str, Any]):
+def _after_save(current: SiteSettings, typed: SiteSettings):
     """The answer to a saved change: this page again, at the address the portal now answers."""
-    if not typed["web_port"]:
-        return render_template("admin/web_off.html", web_on_command=web_on_command(current["web_port"]))
+    if not typed.web_port:
+        return render_template("admin/web_off.html", web_on_command=web_on_command(current.web_port))
     page = url_for("admin.settings", saved=1)
     host, port = _split_host(request.host)
-    scheme = "https" if typed["ssl_enabled"] else "http"
-    if typed["web_port"] != current["web_port"]:
-        port = str(typed["web_port"])
+    scheme = "https" if typed.ssl_enabled else "http"
+    if typed.web_port != current.web_port:
+        port = str(typed.web_port)
     target = f"{scheme}://{host}{':' + port if port else ''}"
     if target == f"{request.scheme}://{request.host}":
         return redirect(page)

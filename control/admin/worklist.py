@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import flash, g, redirect, render_template, request, url_for
+from flask import flash, redirect, render_template, request, url_for
 
 from control import formatting, services
 from control.activity import record_activity
@@ -45,7 +45,7 @@ def worklist_page():
     return render_template(
         "admin/worklist.html",
         entries=worklist.list_entries(services.site().worklists),
-        modalities=parse_modalities(g.settings["dicom_modalities"]),
+        modalities=parse_modalities(services.settings().dicom_modalities),
         registered=_registered_now(),
     )
 
@@ -78,7 +78,7 @@ def worklist_delete(entry_id: str):
 @_kept_address("/worklist/modalities", methods=["POST"])
 def worklist_modalities():
     """Add (``aet``, ``host``, ``port``) or remove (``remove``: an AE title) a registered modality."""
-    current = parse_modalities(g.settings["dicom_modalities"])
+    current = parse_modalities(services.settings().dicom_modalities)
     removing = request.form.get("remove", "").strip()
     if removing:
         return _save_modalities([modality for modality in current if modality.aet != removing])

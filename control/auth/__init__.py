@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from urllib.parse import urlsplit
 
-from flask import Blueprint, flash, g, redirect, render_template, request, session, url_for
+from flask import Blueprint, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_user, logout_user
 from flask_wtf import FlaskForm
 from wtforms import HiddenField
@@ -152,7 +152,7 @@ def own_password():
     return render_template(
         "auth/own_password.html",
         form=form,
-        password_help=accounts.password_help(g.settings["password_min_length"]),
+        password_help=accounts.password_help(services.settings().password_min_length),
     )
 
 

@@ -20,6 +20,7 @@ from flask_login import UserMixin
 
 from control import accounts, db, services
 from control.extensions import login_manager
+from control.settings import SiteSettings
 
 # Touching last_seen_at on every request would make every page view a write.
 LAST_SEEN_RESOLUTION = dt.timedelta(seconds=30)
@@ -70,7 +71,7 @@ def touch_due(row: sa.Row, now: dt.datetime) -> bool:
     return now - row.last_seen_at > LAST_SEEN_RESOLUTION
 
 
-def is_live(row: sa.Row | None, now: dt.datetime, settings: dict) -> bool:
+def is_live(row: sa.Row | None, now: dt.datetime, settings: SiteSettings) -> bool:
     """Whether the session of ``row`` lets its user in: not ended, not expired, user active."""
     return (
         row is not None
@@ -106,10 +107,12 @@ def end_session(session_id: str) -> None:
         )
 
 
-def expired(created_at: dt.datetime, last_seen_at: dt.datetime, now: dt.datetime, settings: dict) -> bool:
+def expired(
+    created_at: dt.datetime, last_seen_at: dt.datetime, now: dt.datetime, settings: SiteSettings
+) -> bool:
     """Whether a session is past the idle timeout or the absolute lifetime."""
-    idle = dt.timedelta(minutes=settings["session_idle_minutes"])
-    lifetime = dt.timedelta(hours=settings["session_lifetime_hours"])
+    idle = dt.timedelta(minutes=settings.session_idle_minutes)
+    lifetime = dt.timedelta(hours=settings.session_lifetime_hours)
     return now - last_seen_at > idle or now - created_at > lifetime
 
 

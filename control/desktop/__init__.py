@@ -25,7 +25,6 @@ from flask import (
     Blueprint,
     abort,
     flash,
-    g,
     jsonify,
     make_response,
     redirect,
@@ -66,7 +65,7 @@ bp.record_once(lambda state: state.app.jinja_env.globals.update(weasis_download=
 
 def dicomweb_url() -> str:
     """The portal's DICOMweb address as the outside world reaches it (links are for other machines)."""
-    return network.public_origin(g.settings) + "/dicom-web"
+    return network.public_origin(services.settings()) + "/dicom-web"
 
 
 def opened_resource(level: str, orthanc_id: str) -> Opened:
@@ -172,7 +171,7 @@ def patient_launch(token: study_links.StudyToken, study: StudyView):
     now = db.utcnow()
     client_address = request.remote_addr or ""
     link_ends = dt.datetime.combine(
-        token.accessible_until(g.settings["token_days"]) + dt.timedelta(days=1), dt.time()
+        token.accessible_until(services.settings().token_days) + dt.timedelta(days=1), dt.time()
     )
     opened = Opened(
         Scope.STUDY, (study.study_uid,), "", token.row.patient_name, token.row.patient_id, (study.orthanc_id,)
@@ -249,7 +248,9 @@ def study_access(orthanc_id: str):
             )
         made = {"token": token, "secret": secret}
     with services.engine().connect() as connection:
-        listed = credentials.listing(connection, g.settings, study_uid=opened.study_uids[0], kind=Kind.SHARED)
+        listed = credentials.listing(
+            connection, services.settings(), study_uid=opened.study_uids[0], kind=Kind.SHARED
+        )
     response = make_response(
         render_template(
             "desktop/access.html",

@@ -41,6 +41,7 @@ import sqlalchemy as sa
 from control import db, services
 from control.activity import record_activity
 from control.events import ViewerTokenUsedEvent
+from control.settings import SiteSettings
 from control.tokens import store
 
 DESKTOP_LIFETIME = dt.timedelta(minutes=30)
@@ -177,20 +178,20 @@ def get(connection: sa.Connection, token_id: int) -> ViewerToken | None:
 
 
 def state_of(
-    connection: sa.Connection, token: ViewerToken, settings: dict[str, Any], now: dt.datetime
+    connection: sa.Connection, token: ViewerToken, settings: SiteSettings, now: dt.datetime
 ) -> TokenState:
     """The token's state, counting the patient's link a patient's token came from."""
     own = token.state(now)
     if own is not TokenState.VALID or token.row.study_token_id is None:
         return own
     link = store.get(connection, token.row.study_token_id)
-    if link is None or link.state(settings["token_days"], now.date()) is not store.TokenState.VALID:
+    if link is None or link.state(settings.token_days, now.date()) is not store.TokenState.VALID:
         return TokenState.ENDED
     return TokenState.VALID
 
 
 def look_up(
-    connection: sa.Connection, secret: str, settings: dict[str, Any], now: dt.datetime
+    connection: sa.Connection, secret: str, settings: SiteSettings, now: dt.datetime
 ) -> tuple[ViewerToken | None, bool]:
     """The presented token (None when unknown) and whether it works now."""
     token = find(connection, secret)
@@ -307,7 +308,7 @@ def list_tokens(
 
 
 def listing(
-    connection: sa.Connection, settings: dict[str, Any], **filters: Any
+    connection: sa.Connection, settings: SiteSettings, **filters: Any
 ) -> list[tuple[ViewerToken, TokenState]]:
     """``list_tokens`` with each token's state now, for the pages that list them."""
     now = db.utcnow()

@@ -56,7 +56,7 @@ def valid_grants() -> list[grants.Grant]:
     if not presented:
         return []
     with services.engine().connect() as connection:
-        return grants.still_valid(connection, presented, g.settings["token_days"], db.utcnow().date())
+        return grants.still_valid(connection, presented, services.settings().token_days, db.utcnow().date())
 
 
 def token_visitor(token: viewer_tokens.ViewerToken) -> rules.Visitor:
@@ -73,7 +73,7 @@ def visitor() -> tuple[rules.Visitor, list[grants.Grant]]:
     if bearer is not None:
         # Judged as the token alone: a cookie beside it must not widen what it reads.
         with services.engine().connect() as connection:
-            token, works = viewer_tokens.look_up(connection, bearer, g.settings, db.utcnow())
+            token, works = viewer_tokens.look_up(connection, bearer, services.settings(), db.utcnow())
         g.viewer_token = token
         if token is None or not works:
             return rules.Visitor(credential=token.public_id if token else ""), []

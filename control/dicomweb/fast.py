@@ -163,7 +163,7 @@ class QuickGate:
                 if row is None or not sessions.is_live(row, now, settings) or sessions.touch_due(row, now):
                     return None
                 return rules.Visitor(signed_in=True, can_upload=row.can_upload)
-            held = grants.still_valid(connection, presented, settings["token_days"], now.date())
+            held = grants.still_valid(connection, presented, settings.token_days, now.date())
         return rules.Visitor(granted_studies=grants.granted_studies(held))
 
     def _token_visitor(self, bearer: str, environ: dict[str, Any]) -> rules.Visitor | None:

@@ -29,11 +29,11 @@ import datetime as dt
 import re
 import zoneinfo
 
-from flask import g
 from flask_wtf import FlaskForm
 from wtforms import SelectField, StringField
 from wtforms.validators import Length, Optional, Regexp, ValidationError
 
+from control import services
 from control.query import finder
 
 SEX_CHOICES = [("", "All"), ("M", "Male"), ("F", "Female"), ("O", "Other")]
@@ -54,7 +54,7 @@ PERIOD_CHOICES = [
 
 def site_today() -> dt.date:
     """Today where the site is (the ``time_zone`` setting), which is what "today" means to its users."""
-    return dt.datetime.now(zoneinfo.ZoneInfo(g.settings["time_zone"])).date()
+    return dt.datetime.now(zoneinfo.ZoneInfo(services.settings().time_zone)).date()
 
 
 def no_backslash(_form: FlaskForm, field: StringField) -> None:

@@ -24,7 +24,6 @@ from urllib.parse import quote
 from flask import (
     Response,
     current_app,
-    g,
     jsonify,
     render_template,
     request,
@@ -116,7 +115,7 @@ class Resource:
                 if self.patient["patient_id"]
                 else words
             )
-        shown_date = formatting.dicom_date(self.study.get("StudyDate"), g.settings["date_format"])
+        shown_date = formatting.dicom_date(self.study.get("StudyDate"), services.settings().date_format)
         words += f", study of {shown_date or 'unknown date'}"
         if self.study.get("StudyDescription"):
             words += f": {self.study['StudyDescription']}"
@@ -152,7 +151,7 @@ class Resource:
 def describe(level: str, orthanc_id: str) -> Resource:
     """The resource a download URL names (404 when Orthanc has no such thing)."""
     check_id(orthanc_id)
-    date_format = g.settings["date_format"]
+    date_format = services.settings().date_format
     series: dict[str, Any] = {}  # a study or a patient has no series of its own
     if level == "patients":
         patient = get_or_404(f"/patients/{orthanc_id}")
@@ -171,7 +170,7 @@ def describe(level: str, orthanc_id: str) -> Resource:
 
 def zip_content() -> str:
     """The ``zip_content`` setting: ``dicom`` (the files as stored) or ``jpeg-lossless``."""
-    return g.settings["zip_content"]
+    return services.settings().zip_content
 
 
 def statistics(level: str, orthanc_id: str) -> dict[str, int]:
@@ -367,7 +366,7 @@ def wants_compressed() -> bool:
 def wants_dicomdir() -> bool:
     """A DICOMDIR in the zip: the zip page's choice (``?dicomdir=yes|no``), else the site setting."""
     choice = request.args.get("dicomdir")
-    return choice == "yes" if choice in ("yes", "no") else bool(g.settings["zip_dicomdir"])
+    return choice == "yes" if choice in ("yes", "no") else bool(services.settings().zip_dicomdir)
 
 
 def zip_plan(

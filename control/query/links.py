@@ -6,9 +6,7 @@ recorded in the activity log. The first request for a study makes its token, lat
 
 from __future__ import annotations
 
-from typing import Any
-
-from flask import abort, g, jsonify, url_for
+from flask import abort, jsonify, url_for
 from flask_login import current_user
 
 from control import db, network, services
@@ -50,24 +48,23 @@ def study_link(orthanc_id: str):
                 study=facts.study_uid,
             )
         return error_response(409, SHARED_UID)
-    warning = unchecked_link_warning(g.settings, facts)
-    detail: dict[str, Any] = {"identity_check": NO_BIRTH_DATE} if warning else {}
+    warning = unchecked_link_warning(services.settings(), facts)
     with services.engine().begin() as connection:
         token, new = store.issue(connection, services.site().secrets.token_key, facts, db.utcnow())
         record_activity(
-            (TokenMadeEvent if new else TokenCopiedEvent)(**detail),
+            (TokenMadeEvent if new else TokenCopiedEvent)(identity_check=NO_BIRTH_DATE if warning else None),
             connection=connection,
             token_id=token.public_id,
             patient=facts.patient_name,
             study=facts.study_uid,
         )
-    period = LinkPeriod(token.accessible_until(g.settings["token_days"]), db.utcnow().date())
+    period = LinkPeriod(token.accessible_until(services.settings().token_days), db.utcnow().date())
     answer = {
-        "link": network.token_link(g.settings, token.token),
+        "link": network.token_link(services.settings(), token.token),
         "token_id": token.public_id,
         "accessible_until": period.until.isoformat(),
         "expired": period.expired,
-        "note": period.note(g.settings["date_format"]),
+        "note": period.note(services.settings().date_format),
         "extend_url": url_for("admin.token", token_id=token.id) if current_user.is_admin else None,
         "new": new,
     }

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
-from flask import abort, current_app, g, jsonify, redirect, render_template, request, url_for
+from flask import abort, current_app, jsonify, redirect, render_template, request, url_for
 
 from control import services
 from control.activity import record_activity
@@ -300,7 +300,7 @@ def patients():
     else:
         page = Finder(services.archive()).patients(search, paging.offset, paging.per_page)
     links = present.Links(back=this_page())
-    date_format = g.settings["date_format"]
+    date_format = services.settings().date_format
     rows = [
         present.patient_row(number, match, links, date_format)
         for number, match in enumerate(page.rows, page.first_number)
@@ -348,7 +348,7 @@ def studies():
         page = finder.studies(search, paging.offset, paging.per_page)
         found, modalities = page.rows, finder.modalities(search, page.rows)
     links = present.Links(back=this_page())
-    date_format = g.settings["date_format"]
+    date_format = services.settings().date_format
     rows = [
         present.study_row(number, study, modalities.get(study["ID"], []), links, date_format)
         for number, study in enumerate(found, page.first_number)
@@ -420,7 +420,7 @@ def patient_studies(orthanc_id: str):
         modalities = {study_id: sorted(names) for study_id, names in held.items()}
         page = page_of(every, paging)
         found, heading = page.rows, every[0]
-    date_format = g.settings["date_format"]
+    date_format = services.settings().date_format
     patient = present.patient_fields(heading.get("PatientMainDicomTags", {}), date_format)
     links = present.Links(back=this_page())
     rows = [
@@ -499,7 +499,7 @@ def study_series(orthanc_id: str):
     )
     paging = Paging.from_request()
     page = page_of(found, paging)
-    date_format = g.settings["date_format"]
+    date_format = services.settings().date_format
     links = present.Links(back=this_page())
     rows = [
         present.series_row(number, series, study, links, date_format)

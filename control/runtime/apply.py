@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from control.activity import Outcome, record_activity
 from control.events import SettingsChangedEvent
 from control.orthanc import Orthanc, OrthancError, OrthancUnavailable
 from control.runtime import configs, files, unixhttp
-from control.settings import BY_NAME, Effect, Modality, parse_modalities
+from control.settings import BY_NAME, Effect, Modality, SiteSettings, parse_modalities
 from control.site import Site, write_private
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,14 @@ def change_settings(
     """
     current = site.load_settings()
     new = _validated(site, current, texts, certificate)
-    changed = {name: (current[name], value) for name, value in new.items() if current[name] != value}
+    before = current.as_dict()
+    changed = {name: (before[name], value) for name, value in new.items() if before[name] != value}
     if not changed and not certificate and not clear_certificate:
         return Applied()
-    wanted = {**current, **new}
+    wanted = replace(current, **new)
     effects = {BY_NAME[name].effect for name in changed}
     # A new certificate under the same file names: Caddy must be made to read it, if it serves TLS.
-    new_certificate_served = bool(certificate) and bool(wanted["ssl_enabled"])
+    new_certificate_served = bool(certificate) and wanted.ssl_enabled
     if new_certificate_served:
         effects.add(Effect.WEB_FRONT)
     plan = _Plan.make(site, wanted, changed, effects, certificate_changed=new_certificate_served)
@@ -164,7 +165,7 @@ def change_settings(
 
 
 def _validated(
-    site: Site, current: dict[str, Any], texts: Mapping[str, str], certificate: NewCertificate | None
+    site: Site, current: SiteSettings, texts: Mapping[str, str], certificate: NewCertificate | None
 ) -> dict[str, Any]:
     """The typed values of ``texts``, or SettingsRefused with every problem found."""
     errors: dict[str, str] = {}
@@ -178,17 +179,18 @@ def _validated(
             new[name] = setting.parse(text)
         except ValueError as error:
             errors[name] = str(error)
-    wanted = {**current, **new}
+    wanted = replace(current, **new)
+    before = current.as_dict()
     fixed = configs.Topology.from_environment(site).ports_fixed
     for name, value in new.items():
         setting = BY_NAME[name]
-        if not setting.listening_port or name in errors or value == current[name]:
+        if not setting.listening_port or name in errors or value == before[name]:
             continue
         if fixed:
             errors[name] = "Fixed by this installation's compose.yaml: change the port mapping there."
         elif value and not network.port_is_free(value):
             errors[name] = f"Port {value} is used by another program."
-    if wanted["ssl_enabled"] and not certificate and tls.stored_facts(site.secrets_dir / "tls") is None:
+    if wanted.ssl_enabled and not certificate and tls.stored_facts(site.secrets_dir / "tls") is None:
         errors.setdefault(
             "ssl_enabled",
             "SSL needs the site's certificate and private key first "
@@ -203,7 +205,7 @@ def _validated(
 class _Plan:
     """What a change needs done to the running processes, worked out before anything is stored."""
 
-    live: dict[str, Any]  # the values the generated files will hold: NEXT_START ones stay as running
+    live: SiteSettings  # the values the generated files will hold: NEXT_START ones stay as running
     effects: set[Effect]
     running: bool  # the stack was prepared: files in run/ to keep current
     caddyfile: str | None = None  # the web front's new configuration, when its text changes
@@ -216,7 +218,7 @@ class _Plan:
     def make(
         cls,
         site: Site,
-        wanted: dict[str, Any],
+        wanted: SiteSettings,
         changed: dict[str, tuple[Any, Any]],
         effects: set[Effect],
         *,
@@ -226,10 +228,11 @@ class _Plan:
         if running is None:
             # Never started: the first start renders everything from the stored settings.
             return cls(live=wanted, effects=effects, running=False)
-        live = {**wanted}
+        kept = {}
         for name in BY_NAME:
             if BY_NAME[name].effect is Effect.NEXT_START and name in running:
-                live[name] = running[name]
+                kept[name] = running[name]
+        live = replace(wanted, **kept)
         plan = cls(live=live, effects=effects, running=True)
         reasons = []
         if Effect.WEB_FRONT in effects:
@@ -282,7 +285,7 @@ class _Plan:
                 try:
                     for setting, tell in TOLD_TO_THE_ARCHIVE.items():
                         if setting in changed:
-                            tell(orthanc, self.live[setting])
+                            tell(orthanc, self.live.as_dict()[setting])
                 except (OrthancUnavailable, OrthancError) as error:
                     log.warning("Settings saved but not told to the archive now on %s: %s", name, error)
                 else:

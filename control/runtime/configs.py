@@ -34,7 +34,7 @@ import sqlalchemy as sa
 
 from control import dicomweb_routes
 from control.runtime import files, logs
-from control.settings import SETTINGS, parse_modalities
+from control.settings import SETTINGS, SiteSettings, parse_modalities
 from control.site import REPOSITORY, Site, write_private
 
 ORTHANC_TEMPLATE = REPOSITORY / "orthanc" / "orthanc.json"
@@ -124,13 +124,13 @@ class Topology:
         )
 
 
-def archive_nodes(settings: dict[str, Any], topology: Topology) -> list[ArchiveNode]:
+def archive_nodes(settings: SiteSettings, topology: Topology) -> list[ArchiveNode]:
     """Every archive node, the first (the writer while it answers) first.
 
     Nodes of one machine take the archive's ports and the ports after them: node 2 listens on
     ``orthanc_http_port`` + 1 and ``dicom_port`` + 1, and so on.
     """
-    http_port, dicom_port = settings["orthanc_http_port"], settings["dicom_port"]
+    http_port, dicom_port = settings.orthanc_http_port, settings.dicom_port
     if topology.orthanc_hosts:
         return [
             ArchiveNode(number, host, http_port, dicom_port)
@@ -160,8 +160,8 @@ def viewer_directory(site: Site) -> Path:
     return site.cache / f"ohif-{OHIF_PIN['version']}" / "dist"
 
 
-def orthanc_url(settings: dict[str, Any], topology: Topology) -> str:
-    return f"http://{topology.orthanc_host}:{settings['orthanc_http_port']}"
+def orthanc_url(settings: SiteSettings, topology: Topology) -> str:
+    return f"http://{topology.orthanc_host}:{settings.orthanc_http_port}"
 
 
 # Content security policies. The portal's pages load nothing but their own files: no inline script
@@ -204,11 +204,9 @@ def _fill(node: Any, values: dict[str, Any]) -> Any:
     return node
 
 
-def orthanc_modalities(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def orthanc_modalities(settings: SiteSettings) -> dict[str, dict[str, Any]]:
     """Orthanc's ``DicomModalities`` from the ``dicom_modalities`` setting, named by AE title."""
-    return {
-        modality.aet: modality.as_orthanc() for modality in parse_modalities(settings["dicom_modalities"])
-    }
+    return {modality.aet: modality.as_orthanc() for modality in parse_modalities(settings.dicom_modalities)}
 
 
 # Orthanc's PostgreSQL index plugin (Debian's orthanc-postgresql 4.0). Every node of the archive
@@ -257,13 +255,13 @@ def libpq_url(url: sa.URL) -> str:
 
 
 def render_orthanc(
-    site: Site, settings: dict[str, Any], topology: Topology, node: ArchiveNode | None = None
+    site: Site, settings: SiteSettings, topology: Topology, node: ArchiveNode | None = None
 ) -> str:
     """Orthanc's configuration for ``node`` (the first by default)."""
     node = node or archive_nodes(settings, topology)[0]
     template = json.loads(ORTHANC_TEMPLATE.read_text())
     values = {
-        "dicom_aet": settings["dicom_aet"],
+        "dicom_aet": settings.dicom_aet,
         "dicom_port": node.dicom_port,
         "orthanc_http_port": node.http_port,
         "remote_access": topology.orthanc_remote_access,
@@ -272,10 +270,10 @@ def render_orthanc(
         "storage": str(site.orthanc_storage),
         "worklists": str(site.worklists),
         "dicom_modalities": orthanc_modalities(settings),
-        "default_encoding": settings["default_encoding"],
+        "default_encoding": settings.default_encoding,
         # Registered modalities store under their own registration (AE title and address, as
         # DicomCheckModalityHost checks them); this opens storing to any caller besides.
-        "always_allow_store": settings["dicom_store_from"] == "any",
+        "always_allow_store": settings.dicom_store_from == "any",
     }
     configuration = _fill(template, values)
     if topology.archive_index == "postgresql":
@@ -303,13 +301,13 @@ def orthanc_configuration_file(site: Site, node: ArchiveNode) -> Path:
     return site.run / f"{node.name}.json"
 
 
-def write_orthanc_configurations(site: Site, settings: dict[str, Any], topology: Topology) -> None:
+def write_orthanc_configurations(site: Site, settings: SiteSettings, topology: Topology) -> None:
     """Render every archive node's configuration into ``run/``."""
     for node in archive_nodes(settings, topology):
         write_private(orthanc_configuration_file(site, node), render_orthanc(site, settings, topology, node))
 
 
-def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> str:
+def render_caddy(site: Site, settings: SiteSettings, topology: Topology) -> str:
     environment = jinja2.Environment(
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
@@ -323,9 +321,9 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
             f"{node.host}:{node.http_port}" for node in archive_nodes(settings, topology)
         ),
         orthanc_authorization="Basic " + base64.b64encode(credentials).decode(),
-        ssl=bool(settings["ssl_enabled"]),
-        hsts_include_subdomains=bool(settings["hsts_include_subdomains"]),
-        web_server_name=settings["web_server_name"],
+        ssl=bool(settings.ssl_enabled),
+        hsts_include_subdomains=bool(settings.hsts_include_subdomains),
+        web_server_name=settings.web_server_name,
         certificate=certificate,
         certificate_fingerprint=(
             hashlib.sha256(certificate.read_bytes()).hexdigest()[:16] if certificate.exists() else "none"
@@ -339,7 +337,7 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
         log_to_journal=logs.to_journal(),
         log_roll_mb=logs.max_bytes() // logs.MB,
         log_keep=logs.keep(),
-        web_port=settings["web_port"],
+        web_port=settings.web_port,
         ohif_root=topology.ohif_root,
         control_upstreams=" ".join(topology.control_upstreams),
         balanced=len(topology.control_upstreams) > 1 or topology.nodes > 1,
@@ -350,17 +348,17 @@ def render_caddy(site: Site, settings: dict[str, Any], topology: Topology) -> st
     )
 
 
-def render_unavailable(settings: dict[str, Any]) -> tuple[str, str]:
+def render_unavailable(settings: SiteSettings) -> tuple[str, str]:
     """The page (HTML) and the JSON answer Caddy gives while the control plane does not answer."""
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=True)
     page = environment.from_string(UNAVAILABLE_TEMPLATE.read_text()).render(
-        institution=settings["institution"], department=settings["department"], message=UNAVAILABLE_MESSAGE
+        institution=settings.institution, department=settings.department, message=UNAVAILABLE_MESSAGE
     )
     answer = {"error": "The portal is restarting", "message": UNAVAILABLE_MESSAGE, "status": 503}
     return page, json.dumps(answer) + "\n"
 
 
-def write_unavailable(site: Site, settings: dict[str, Any]) -> None:
+def write_unavailable(site: Site, settings: SiteSettings) -> None:
     page, answer = render_unavailable(settings)
     write_private(site.run / "unavailable.html", page)
     write_private(site.run / "unavailable.json", answer)
@@ -374,11 +372,13 @@ def running_settings(site: Site) -> dict[str, Any] | None:
         return None
 
 
-def write_running_settings(site: Site, settings: dict[str, Any]) -> None:
-    write_private(site.run / RUNNING_SETTINGS, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+def write_running_settings(site: Site, settings: SiteSettings) -> None:
+    write_private(
+        site.run / RUNNING_SETTINGS, json.dumps(settings.as_dict(), indent=2, sort_keys=True) + "\n"
+    )
 
 
-def write_all(site: Site, settings: dict[str, Any], topology: Topology) -> None:
+def write_all(site: Site, settings: SiteSettings, topology: Topology) -> None:
     """Render every generated file into ``run/``, and say which settings they hold."""
     write_orthanc_configurations(site, settings, topology)
     write_running_topology(site, topology)

@@ -57,7 +57,7 @@ class StackError(RuntimeError):
 class Prepared:
     """What ``prepare`` found or made."""
 
-    settings: dict[str, Any]
+    settings: site_settings.SiteSettings
     topology: configs.Topology
     admin_password: str | None = None
 
@@ -73,7 +73,7 @@ def prepare(site: Site, *, fetch_viewer: bool = True, say: Callable[..., None] =
     with site.engine.begin() as connection:
         stored = db.get_settings(connection)
         first_run = site_settings.first_run_values()
-        missing = {name: value for name, value in first_run.items() if name not in stored}
+        missing = {name: value for name, value in first_run.as_dict().items() if name not in stored}
         if missing:
             db.put_settings(connection, missing)
     topology = configs.Topology.from_environment(site)
@@ -119,10 +119,10 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def check_ports(values: dict[str, Any], topology: configs.Topology | None = None) -> None:
+def check_ports(values: site_settings.SiteSettings, topology: configs.Topology | None = None) -> None:
     """Refuse to start when a port the stack needs is taken, naming the port and its setting."""
     for setting in site_settings.SETTINGS:
-        port = values[setting.name] if setting.listening_port else 0
+        port = values.as_dict()[setting.name] if setting.listening_port else 0
         if port and not network.port_is_free(port):
             # "Web port" -> "web port", "DICOM port" stays.
             what = (
@@ -255,8 +255,8 @@ def processes(site: Site, prepared: Prepared) -> list[Process]:
         return lambda: unixhttp.request(socket_path, "GET", "/healthz")[0] in (200, 503)
 
     def caddy_ready() -> bool:
-        if values["web_port"]:
-            with socket.create_connection(("127.0.0.1", values["web_port"]), timeout=1):
+        if values.web_port:
+            with socket.create_connection(("127.0.0.1", values.web_port), timeout=1):
                 return True
         return admin_socket.exists()
 

@@ -31,7 +31,6 @@ from flask import (
     Response,
     current_app,
     flash,
-    g,
     jsonify,
     redirect,
     render_template,
@@ -70,11 +69,11 @@ NOT_COMPLETED = "not completed (still storing, or the portal stopped while stori
 
 
 def _limit_bytes() -> int:
-    return g.settings["upload_max_mb"] * store.MB
+    return services.settings().upload_max_mb * store.MB
 
 
 def _disk() -> store.DiskGuard:
-    return store.DiskGuard(services.site().orthanc_storage, g.settings["disk_reserve_mb"] * store.MB)
+    return store.DiskGuard(services.site().orthanc_storage, services.settings().disk_reserve_mb * store.MB)
 
 
 @gate.route("/internal/gate/upload")
@@ -208,7 +207,7 @@ def body_too_large(_error: RequestEntityTooLarge):
 
 
 def _too_large(length: int | None):
-    limit_mb = g.settings["upload_max_mb"]
+    limit_mb = services.settings().upload_max_mb
     record_activity(
         UploadEvent(reason="too large", bytes=length, limit_mb=limit_mb),
         Outcome.REFUSED,
@@ -266,10 +265,10 @@ def upload_files():
     upload = store.Upload(
         orthanc=services.archive(),
         worklists=services.site().worklists,
-        zip_limits=archive.ZipLimits(max_unpacked=g.settings["upload_max_unpacked_mb"] * store.MB),
+        zip_limits=archive.ZipLimits(max_unpacked=services.settings().upload_max_unpacked_mb * store.MB),
         disk=_disk(),
         on_progress=progress,
-        date_format=g.settings["date_format"],
+        date_format=services.settings().date_format,
     )
     try:
         for file in files:
@@ -324,7 +323,7 @@ def study_summaries(results: list[store.FileResult]) -> list[dict[str, Any]]:
     them (as the files said, for a study none of whose files was stored), how many of its files
     were stored, already there or refused, and the link to its series. Files of no study (HL7
     orders, files refused before their study was known) have none."""
-    date_format = g.settings["date_format"]
+    date_format = services.settings().date_format
     by_study: dict[str, dict[str, Any]] = {}
     for result in results:
         if not result.study:

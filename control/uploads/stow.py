@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from flask import Response, g, request
+from flask import Response, request
 from python_multipart.multipart import MultipartParser
 from werkzeug.http import parse_options_header
 
@@ -262,16 +262,16 @@ def _failure_reason(result: store.FileResult) -> int:
 
 def receive(study_uid: str) -> Response:
     """Answer the STOW request in flight (whose sender the gate has let through; see the module)."""
-    settings = g.settings
-    limit = settings["upload_max_mb"] * store.MB
+    settings = services.settings()
+    limit = settings.upload_max_mb * store.MB
     declared = request.content_length
     site = services.site()
-    disk = store.DiskGuard(site.orthanc_storage, settings["disk_reserve_mb"] * store.MB)
+    disk = store.DiskGuard(site.orthanc_storage, settings.disk_reserve_mb * store.MB)
     try:
         if declared is not None and declared > limit:
             discard_small_body()
             raise StowRefused(
-                413, f"This request is larger than the {settings['upload_max_mb']} MB this server accepts."
+                413, f"This request is larger than the {settings.upload_max_mb} MB this server accepts."
             )
         problem = disk.problem(declared or 0)
         if problem:
@@ -284,7 +284,7 @@ def receive(study_uid: str) -> Response:
     upload = store.Upload(
         orthanc=services.archive(),
         worklists=site.worklists,
-        zip_limits=archive.ZipLimits(max_unpacked=settings["upload_max_unpacked_mb"] * store.MB),
+        zip_limits=archive.ZipLimits(max_unpacked=settings.upload_max_unpacked_mb * store.MB),
         disk=disk,
         only_study=study_uid,
     )
