@@ -3,11 +3,11 @@
 ``./pacs backup DEST`` writes a snapshot into ``DEST/snapshots/<UTC time>/``: the control plane's
 database (SQLite's online backup API, or ``pg_dump`` on PostgreSQL), the archive's index (a copy
 of Orthanc's SQLite file, or ``pg_dump`` of its PostgreSQL database), the worklist, the settings'
-secrets and the activity log's exported files, each one file with its SHA-256 in the snapshot's
-``manifest.json``. The stored files themselves go to ``DEST/files/``,
-shared by every snapshot: Orthanc never changes a stored file once written, so each backup copies
-only the files that are not there yet. Every stored file is checked against the MD5 Orthanc keeps
-for it in its index, when it is copied and again when it is restored.
+secrets, the activity log's exported files and how many nodes run (``run/topology.json``), each
+one file with its SHA-256 in the snapshot's ``manifest.json``. The stored files themselves go to
+``DEST/files/``, shared by every snapshot: Orthanc never changes a stored file once written, so
+each backup copies only the files that are not there yet. Every stored file is checked against
+the MD5 Orthanc keeps for it in its index, when it is copied and again when it is restored.
 
 Order is what makes the copy consistent while modalities store. Orthanc writes a file, then
 commits it to its index, then acknowledges the store: so the index is copied first, and then
@@ -63,6 +63,8 @@ from control.site import Site
 
 # Format 2 says where the archive's index is ("archive_index"); format 1 had it in SQLite always.
 FORMAT = 2
+# A part a backup may lack: one made before it was backed up, or of a portal never started.
+TOPOLOGY_PART = "topology.json"
 READABLE_FORMATS = (1, 2)
 CHUNK = 1024 * 1024
 # Orthanc is held still for at most this long; the watchdog wakes it after that whatever happens.
@@ -411,6 +413,12 @@ def _backup(site: Site, destination: Path, keep: int, say: Callable[[str], None]
     ):
         _tar_folder(folder, incoming / file_name)
         parts.append((part, file_name))
+    # How many archive nodes and control planes run (run/topology.json): a restored site starts
+    # as many again. A portal that was never started has none: it starts with one.
+    topology = site.run / configs.RUNNING_TOPOLOGY
+    if topology.is_file():
+        shutil.copyfile(topology, incoming / TOPOLOGY_PART)
+        parts.append(("topology", TOPOLOGY_PART))
 
     manifest = {
         "format": FORMAT,
@@ -744,6 +752,11 @@ def _restore_into(
         target = staging / folder.relative_to(site.data)
         (_private_directory if private else lambda path: path.mkdir(parents=True, exist_ok=True))(target)
         _untar(snapshot.part(part), target)
+    if any(part["name"] == "topology" for part in snapshot.manifest["parts"]):
+        run = staging / site.run.relative_to(site.data)
+        _private_directory(run)
+        shutil.copyfile(snapshot.part("topology"), run / configs.RUNNING_TOPOLOGY)
+        (run / configs.RUNNING_TOPOLOGY).chmod(0o600)
     # Each database is restored in one transaction: one that fails is left empty.
     if index_url is not None:
         _pg_restore(index_url, index, "the archive index")

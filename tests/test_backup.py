@@ -188,6 +188,7 @@ def test_a_restored_portal_holds_everything_acknowledged_before_the_backup(backe
     assert second.web_port != backed_up["source"].web_port
     second.start()
     try:
+        assert (target / "run" / "orthanc-2.pid").exists() and (target / "run" / "control-2.pid").exists()
         held = stored_md5s(second)
         expected = backed_up["expected"]
         # Every store acknowledged before the backup began is in the restore: also those acknowledged
@@ -485,7 +486,9 @@ def test_a_postgresql_index_is_restored_into_a_new_data_directory_and_database(
     assert PASSWORD not in restored.stdout + restored.stderr
     assert "archive index restored" in restored.stdout
     assert "attachedfiles" in tables_in(postgres.url("pacs_restored_archive"))
+    # The backed-up portal ran two nodes: the restored one starts two again, on ports of its own.
     second = make_stack(target, PACS_DATABASE_URL=target_url)
+    second.dicom_port, second.orthanc_port = free_ports(2), free_ports(2)
     for name, port in (
         ("web_port", second.web_port),
         ("dicom_port", second.dicom_port),
@@ -495,6 +498,7 @@ def test_a_postgresql_index_is_restored_into_a_new_data_directory_and_database(
         assert moved.returncode == 0, moved.stderr
     second.start()
     try:
+        assert (target / "run" / "orthanc-2.pid").exists() and (target / "run" / "control-2.pid").exists()
         held = stored_md5s(second)
         # Every store acknowledged before the backup began is there, with every instance of the
         # studies stored before, byte for byte.
