@@ -662,14 +662,17 @@ def restore(source: Path, site: Site, say: Callable[[str], None] = print) -> Sna
     check_parts(snapshot)
     if made_with == "postgresql":
         _refuse_unless_empty_database(site.database_url, "the database PACS_DATABASE_URL names")
-    if index_url is not None:
-        _ensure_empty_archive_database(index_url)
+    # A database the restore creates is dropped again if the restore fails: a refused restore
+    # leaves nothing of its own behind.
+    created = index_url is not None and _ensure_empty_archive_database(index_url)
     staging = site.data.with_name(f".{site.data.name}.restoring")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _restore_into(snapshot, site, staging, index_url, say)
+        _restore_into(snapshot, site, staging, index_url, say, index_created=created)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and index_url is not None:
+            _drop_created_database(index_url, say)
         raise
     if site.data.exists():
         site.data.rmdir()
@@ -699,13 +702,26 @@ def _archive_database_url_to_restore(site: Site) -> str:
     return url
 
 
-def _ensure_empty_archive_database(url: str) -> None:
-    """The archive's database created if missing (as ``./pacs up`` does); BackupError if it holds anything."""
+def _ensure_empty_archive_database(url: str) -> bool:
+    """The archive's database created if missing (as ``./pacs up`` does; True: it was);
+    BackupError if it holds anything."""
     try:
-        archive_index.ensure_database(url)
+        created = archive_index.ensure_database(url)
     except archive_index.ArchiveIndexError as error:
         raise BackupError(str(error)) from None
     _refuse_unless_empty_database(url, _archive_database_named(url))
+    return created
+
+
+def _drop_created_database(url: str, say: Callable[[str], None]) -> None:
+    try:
+        archive_index.drop_database(url)
+    except psycopg.Error as error:
+        # The restore's own error is the one to read; this one only says what is left behind.
+        say(
+            f"  {_archive_database_named(url)}, created by this restore, could not be dropped "
+            f"({str(error).strip().splitlines()[0]}): drop it before restoring again"
+        )
 
 
 def _archive_database_named(url: str) -> str:
@@ -731,7 +747,12 @@ def _refuse_unless_empty_database(url: str, named: str) -> None:
 
 
 def _restore_into(
-    snapshot: Snapshot, site: Site, staging: Path, index_url: str | None, say: Callable[[str], None]
+    snapshot: Snapshot,
+    site: Site,
+    staging: Path,
+    index_url: str | None,
+    say: Callable[[str], None],
+    index_created: bool = False,
 ) -> None:
     staging.mkdir(parents=True)
     storage = staging / site.orthanc_storage.relative_to(site.data)
@@ -769,7 +790,7 @@ def _restore_into(
         try:
             _pg_restore(site.database_url, snapshot.part("control database"), "the control database")
         except BackupError as error:
-            if index_url is None:
+            if index_url is None or index_created:
                 raise
             raise BackupError(
                 f"{error}. {_archive_database_named(index_url)} holds the restored index now: "
