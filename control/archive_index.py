@@ -97,12 +97,13 @@ def database_url(site: Site) -> str:
         raise ArchiveIndexError(str(error)) from None
 
 
-def ensure_database(url: str) -> None:
-    """Create the archive's PostgreSQL database if it is missing; ArchiveIndexError if it cannot be."""
+def ensure_database(url: str) -> bool:
+    """Create the archive's PostgreSQL database if it is missing (True: it was); ArchiveIndexError
+    if it cannot be."""
     wanted = sa.engine.make_url(url)
     try:
         psycopg.connect(url, connect_timeout=10).close()
-        return
+        return False
     except psycopg.OperationalError as error:
         if "does not exist" not in str(error):
             raise ArchiveIndexError(f"the archive's database does not answer: {_first_line(error)}") from None
@@ -118,6 +119,17 @@ def ensure_database(url: str) -> None:
             f"({_first_line(error)}). Create it, owned by {wanted.username!r}: "
             f"sudo -u postgres createdb -O {wanted.username} {wanted.database}"
         ) from None
+    return True
+
+
+def drop_database(url: str) -> None:
+    """Drop the archive's database that ``ensure_database`` created for work that then failed."""
+    wanted = sa.engine.make_url(url)
+    if not wanted.database:
+        return  # ensure_database creates none without a name
+    server = configs.libpq_url(wanted.set(database="postgres"))
+    with psycopg.connect(server, connect_timeout=10, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(wanted.database)))
 
 
 def _first_line(error: Exception) -> str:

@@ -3,11 +3,11 @@
 ``./pacs backup DEST`` writes a snapshot into ``DEST/snapshots/<UTC time>/``: the control plane's
 database (SQLite's online backup API, or ``pg_dump`` on PostgreSQL), the archive's index (a copy
 of Orthanc's SQLite file, or ``pg_dump`` of its PostgreSQL database), the worklist, the settings'
-secrets and the activity log's exported files, each one file with its SHA-256 in the snapshot's
-``manifest.json``. The stored files themselves go to ``DEST/files/``,
-shared by every snapshot: Orthanc never changes a stored file once written, so each backup copies
-only the files that are not there yet. Every stored file is checked against the MD5 Orthanc keeps
-for it in its index, when it is copied and again when it is restored.
+secrets, the activity log's exported files and how many nodes run (``run/topology.json``), each
+one file with its SHA-256 in the snapshot's ``manifest.json``. The stored files themselves go to
+``DEST/files/``, shared by every snapshot: Orthanc never changes a stored file once written, so
+each backup copies only the files that are not there yet. Every stored file is checked against
+the MD5 Orthanc keeps for it in its index, when it is copied and again when it is restored.
 
 Order is what makes the copy consistent while modalities store. Orthanc writes a file, then
 commits it to its index, then acknowledges the store: so the index is copied first, and then
@@ -63,6 +63,8 @@ from control.site import Site
 
 # Format 2 says where the archive's index is ("archive_index"); format 1 had it in SQLite always.
 FORMAT = 2
+# A part a backup may lack: one made before it was backed up, or of a portal never started.
+TOPOLOGY_PART = "topology.json"
 READABLE_FORMATS = (1, 2)
 CHUNK = 1024 * 1024
 # Orthanc is held still for at most this long; the watchdog wakes it after that whatever happens.
@@ -411,6 +413,12 @@ def _backup(site: Site, destination: Path, keep: int, say: Callable[[str], None]
     ):
         _tar_folder(folder, incoming / file_name)
         parts.append((part, file_name))
+    # How many archive nodes and control planes run (run/topology.json): a restored site starts
+    # as many again. A portal that was never started has none: it starts with one.
+    topology = site.run / configs.RUNNING_TOPOLOGY
+    if topology.is_file():
+        shutil.copyfile(topology, incoming / TOPOLOGY_PART)
+        parts.append(("topology", TOPOLOGY_PART))
 
     manifest = {
         "format": FORMAT,
@@ -654,14 +662,17 @@ def restore(source: Path, site: Site, say: Callable[[str], None] = print) -> Sna
     check_parts(snapshot)
     if made_with == "postgresql":
         _refuse_unless_empty_database(site.database_url, "the database PACS_DATABASE_URL names")
-    if index_url is not None:
-        _ensure_empty_archive_database(index_url)
+    # A database the restore creates is dropped again if the restore fails: a refused restore
+    # leaves nothing of its own behind.
+    created = index_url is not None and _ensure_empty_archive_database(index_url)
     staging = site.data.with_name(f".{site.data.name}.restoring")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _restore_into(snapshot, site, staging, index_url, say)
+        _restore_into(snapshot, site, staging, index_url, say, index_created=created)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and index_url is not None:
+            _drop_created_database(index_url, say)
         raise
     if site.data.exists():
         site.data.rmdir()
@@ -691,13 +702,26 @@ def _archive_database_url_to_restore(site: Site) -> str:
     return url
 
 
-def _ensure_empty_archive_database(url: str) -> None:
-    """The archive's database created if missing (as ``./pacs up`` does); BackupError if it holds anything."""
+def _ensure_empty_archive_database(url: str) -> bool:
+    """The archive's database created if missing (as ``./pacs up`` does; True: it was);
+    BackupError if it holds anything."""
     try:
-        archive_index.ensure_database(url)
+        created = archive_index.ensure_database(url)
     except archive_index.ArchiveIndexError as error:
         raise BackupError(str(error)) from None
     _refuse_unless_empty_database(url, _archive_database_named(url))
+    return created
+
+
+def _drop_created_database(url: str, say: Callable[[str], None]) -> None:
+    try:
+        archive_index.drop_database(url)
+    except psycopg.Error as error:
+        # The restore's own error is the one to read; this one only says what is left behind.
+        say(
+            f"  {_archive_database_named(url)}, created by this restore, could not be dropped "
+            f"({str(error).strip().splitlines()[0]}): drop it before restoring again"
+        )
 
 
 def _archive_database_named(url: str) -> str:
@@ -723,7 +747,12 @@ def _refuse_unless_empty_database(url: str, named: str) -> None:
 
 
 def _restore_into(
-    snapshot: Snapshot, site: Site, staging: Path, index_url: str | None, say: Callable[[str], None]
+    snapshot: Snapshot,
+    site: Site,
+    staging: Path,
+    index_url: str | None,
+    say: Callable[[str], None],
+    index_created: bool = False,
 ) -> None:
     staging.mkdir(parents=True)
     storage = staging / site.orthanc_storage.relative_to(site.data)
@@ -744,6 +773,11 @@ def _restore_into(
         target = staging / folder.relative_to(site.data)
         (_private_directory if private else lambda path: path.mkdir(parents=True, exist_ok=True))(target)
         _untar(snapshot.part(part), target)
+    if any(part["name"] == "topology" for part in snapshot.manifest["parts"]):
+        run = staging / site.run.relative_to(site.data)
+        _private_directory(run)
+        shutil.copyfile(snapshot.part("topology"), run / configs.RUNNING_TOPOLOGY)
+        (run / configs.RUNNING_TOPOLOGY).chmod(0o600)
     # Each database is restored in one transaction: one that fails is left empty.
     if index_url is not None:
         _pg_restore(index_url, index, "the archive index")
@@ -756,7 +790,7 @@ def _restore_into(
         try:
             _pg_restore(site.database_url, snapshot.part("control database"), "the control database")
         except BackupError as error:
-            if index_url is None:
+            if index_url is None or index_created:
                 raise
             raise BackupError(
                 f"{error}. {_archive_database_named(index_url)} holds the restored index now: "

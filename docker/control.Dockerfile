@@ -8,10 +8,12 @@
 ARG DEBIAN_RELEASE=trixie
 FROM debian:${DEBIAN_RELEASE}-slim
 
-# dpkg's force-unsafe-io: see orthanc.Dockerfile.
+# dpkg's force-unsafe-io: see orthanc.Dockerfile. postgresql-client: pg_dump and pg_restore, with
+# which `backup` and `restore` copy databases on PostgreSQL (compose.nodes.yaml's), of the same
+# release as the postgresql image's server.
 RUN apt-get update \
 	&& DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-		-o Dpkg::Options::=--force-unsafe-io ca-certificates python3 python3-venv \
+		-o Dpkg::Options::=--force-unsafe-io ca-certificates python3 python3-venv postgresql-client \
 	&& rm -rf /var/lib/apt/lists/*
 
 # The same unprivileged user, uid 10001, in all three images: they share the data volume.

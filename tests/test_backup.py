@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 import sqlalchemy as sa
@@ -485,7 +486,9 @@ def test_a_postgresql_index_is_restored_into_a_new_data_directory_and_database(
     assert PASSWORD not in restored.stdout + restored.stderr
     assert "archive index restored" in restored.stdout
     assert "attachedfiles" in tables_in(postgres.url("pacs_restored_archive"))
+    # The backed-up portal ran two nodes: the restored one starts two again, on ports of its own.
     second = make_stack(target, PACS_DATABASE_URL=target_url)
+    second.dicom_port, second.orthanc_port = free_ports(2), free_ports(2)
     for name, port in (
         ("web_port", second.web_port),
         ("dicom_port", second.dicom_port),
@@ -495,6 +498,7 @@ def test_a_postgresql_index_is_restored_into_a_new_data_directory_and_database(
         assert moved.returncode == 0, moved.stderr
     second.start()
     try:
+        assert (target / "run" / "orthanc-2.pid").exists() and (target / "run" / "control-2.pid").exists()
         held = stored_md5s(second)
         # Every store acknowledged before the backup began is there, with every instance of the
         # studies stored before, byte for byte.
@@ -561,3 +565,33 @@ def test_restoring_a_postgresql_index_says_which_databases_to_set(
     assert "the database PACS_ARCHIVE_DATABASE_URL names is not empty" in refused.stderr
     assert PASSWORD not in refused.stderr + refused.stdout
     assert tables_in(control_url) == [] and not (tmp_path / "restored").exists()
+
+
+def databases_on(postgres) -> set[str]:
+    with psycopg.connect(postgres.url("postgres", driver=False)) as connection:
+        return {name for (name,) in connection.execute("SELECT datname FROM pg_database")}
+
+
+def test_a_refused_restore_leaves_no_archive_database_it_created(
+    backed_up_on_postgresql, postgres, tmp_path: Path
+) -> None:
+    copy = tmp_path / "backup"
+    shutil.copytree(backed_up_on_postgresql["backup"], copy)
+    # A stored file damaged on the backup's disk: found only once the restore copies it, after the
+    # archive's database was made for the index.
+    victim = next((copy / "files").glob("*/*/*"))
+    content = bytearray(victim.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    victim.write_bytes(bytes(content))
+    target_url = postgres.create_database("pacs_refused")
+    assert "pacs_refused_archive" not in databases_on(postgres)
+    refused = restore_on_postgresql(tmp_path / "restored", copy, PACS_DATABASE_URL=target_url)
+    assert refused.returncode == 1
+    assert "damaged" in refused.stderr and "nothing was restored" in refused.stderr, refused.stderr
+    assert "pacs_refused_archive" not in databases_on(postgres)
+    assert tables_in(target_url) == [] and not (tmp_path / "restored").exists()
+    # A database the admin made beforehand is theirs: it stays, as empty as it was.
+    made = postgres.create_database("pacs_refused_archive")
+    refused = restore_on_postgresql(tmp_path / "restored", copy, PACS_DATABASE_URL=target_url)
+    assert refused.returncode == 1
+    assert "pacs_refused_archive" in databases_on(postgres) and tables_in(made) == []

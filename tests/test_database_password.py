@@ -58,3 +58,16 @@ def test_a_url_without_a_separate_password_is_taken_as_it_is(
     archive = psycopg.conninfo.conninfo_to_dict(configs.archive_database_url(site))
     assert archive["password"] == "pass word" and archive["sslmode"] == "require"
     assert archive["dbname"] == "pacs_archive"
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql+psycopg://pacs@db.example:5433", "postgresql+psycopg://pacs@db/"]
+)
+def test_a_control_database_url_that_names_no_database_gives_no_archive_name(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PACS_DATABASE_URL", url)
+    monkeypatch.delenv("PACS_ARCHIVE_DATABASE_URL", raising=False)
+    with pytest.raises(ValueError, match="PACS_DATABASE_URL names no database") as refused:
+        configs.archive_database_url(Site(tmp_path))
+    assert "None" not in str(refused.value)

@@ -231,6 +231,12 @@ def archive_database_url(site: Site) -> str:
             "PACS_ARCHIVE_DATABASE_URL"
         )
     if not chosen:
+        if not url.database:
+            raise ValueError(
+                "PACS_DATABASE_URL names no database (nothing after the server's address): the "
+                "archive's index goes into the database of that name followed by _archive, so name "
+                "the control plane's database there (.../pacs), or set PACS_ARCHIVE_DATABASE_URL"
+            )
         url = url.set(database=f"{url.database}_archive")
     return libpq_url(url)
 
