@@ -52,7 +52,7 @@ from conftest import (
     orthanc_id,
     wait_until,
 )
-from postgres import PostgresServer, binaries
+from postgres import PostgresServer
 from samples import make_study, store_study
 
 pytestmark = pytest.mark.stack
@@ -504,16 +504,6 @@ def test_a_locked_database_answers_503_and_loses_no_activity(faulty: Stack) -> N
     assert session.get(search, params={"patient_id": "LOCKED"}).status_code == 200
     # The refused search left no row; the answered one has its row.
     assert len(events(faulty, "search")) == before + 1
-
-
-@pytest.fixture
-def postgres() -> Iterator[PostgresServer]:
-    if binaries() is None:
-        pytest.skip("PostgreSQL is not installed")
-    server = PostgresServer(free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_postgresql_restarted_during_searches(postgres: PostgresServer, tmp_path: Path) -> None:
