@@ -566,13 +566,12 @@ def run_catch_up(bench: Bench) -> None:
     ]
     bench.stack.wait_for_catalog()
     (feeder,) = bench.stack.processes().pids["catalog"]
+    orthanc = bench.orthanc  # one session for every store (the property makes a new one each time)
     os.kill(feeder, signal.SIGSTOP)
     try:
         with ThreadPoolExecutor(8) as pool:
             for answer in pool.map(
-                lambda body: bench.orthanc.post(
-                    f"{bench.stack.orthanc_url}/instances", data=body, timeout=120
-                ),
+                lambda body: orthanc.post(f"{bench.stack.orthanc_url}/instances", data=body, timeout=120),
                 bodies,
             ):
                 expect(answer)
